@@ -1,0 +1,427 @@
+"""Data: the grid file-name format, questions and answers, the training set, the holdout split,
+the grouped batch sampler, the collator, and COCO-Spatial rows.
+
+File-name format of a grid image (written by make_grid_data.py)::
+
+    {obj1}__c{col1}r{row1}__{obj2}__c{col2}r{row2}__s{size}[__v{variant}].png
+
+Spaces in object names are written as "_" (so names may not contain "_" themselves), columns
+and rows count from 0 at the top-left, `size` is the object size in pixels at the paper's 224 px
+cell (74, 124, 174 or 224) whatever the cell size drawn, and `variant` tells apart several
+renders of the same layout (local variation, backgrounds). The original code's form
+`{obj1}_{x1}-{y1}_{obj2}_{x2}-{y2}.png` (x = column, y = row) is read too; it carries no size,
+so its samples get size 224, as the original assumed.
+"""
+import json
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REFERENCE_CELL = 224
+OBJECT_SIZES = (74, 124, 174, 224)  # object sizes in px at a 224 px cell, as in the paper
+GRID = 4
+
+# Built-in procedurally drawn objects (make_grid_data.py draws them): plain English names.
+BUILTIN_OBJECT_NAMES = (
+    "red circle", "blue square", "green triangle", "yellow star", "purple diamond",
+    "orange cross", "pink heart", "cyan hexagon", "brown ring", "gray arrow",
+    "black pentagon", "white moon",
+)
+# Object names of the COCO-Spatial two-object set (so the tiny tokenizer covers them).
+COCO_OBJECT_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "bus", "truck", "dog", "cat", "horse", "cow",
+    "chair", "couch", "bed", "dining table", "potted plant", "tv", "laptop", "bottle", "cup",
+    "bowl", "umbrella", "handbag", "suitcase", "bench", "bird", "sheep", "elephant", "giraffe",
+    "teddy bear", "clock", "vase", "sink", "oven", "refrigerator", "toilet", "book", "banana",
+    "apple", "pizza", "cake", "traffic light", "fire hydrant", "stop sign", "skateboard",
+    "surfboard", "kite", "sports ball", "frisbee", "backpack", "tie", "keyboard", "mouse",
+)
+
+ANSWER_WORDS = ("left", "right", "above", "below")
+OPTIONS = {"lr": ("left", "right"), "ab": ("above", "below")}
+RELATION_TYPE = {"left": "lr", "right": "lr", "above": "ab", "below": "ab"}
+
+# The original code's templates. Objects are referred to as "the {name}" in training and in
+# evaluation alike (ARTICLE below), so the model sees one convention.
+QUESTION_TEMPLATES = {
+    "lr": 'Is {obj1} to the left or right of {obj2}? Answer with "left" or "right" only.',
+    "ab": 'Is {obj1} above or below {obj2}? Answer with "above" or "below" only.',
+}
+ARTICLE = "the"
+
+
+def refer(name):
+    return f"{ARTICLE} {name}"
+
+
+def make_question(qtype, obj1, obj2):
+    """(question, (start, end) character span of obj2's reference inside the question)."""
+    ref1, ref2 = refer(obj1), refer(obj2)
+    before, after = QUESTION_TEMPLATES[qtype].split("{obj2}")
+    before = before.format(obj1=ref1)
+    question = before + ref2 + after
+    return question, (len(before), len(before) + len(ref2))
+
+
+# ---------------------------------------------------------------------------------------------
+# File names
+# ---------------------------------------------------------------------------------------------
+
+_NAME_RE = r"[^_/\\]+(?:_[^_/\\]+)*"
+_OURS_RE = re.compile(
+    rf"^(?P<obj1>{_NAME_RE})__c(?P<col1>\d+)r(?P<row1>\d+)__(?P<obj2>{_NAME_RE})"
+    rf"__c(?P<col2>\d+)r(?P<row2>\d+)__s(?P<size>\d+)(?:__v(?P<variant>\d+))?$"
+)
+_ORIGINAL_RE = re.compile(r"^(?P<obj1>.+?)_(?P<col1>\d+)-(?P<row1>\d+)_(?P<obj2>.+)_(?P<col2>\d+)-(?P<row2>\d+)$")
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    obj1: str
+    cell1: tuple  # (col, row)
+    obj2: str
+    cell2: tuple
+    size: int = REFERENCE_CELL
+    variant: int = 0
+
+
+def check_object_name(name):
+    if not name or name != name.strip() or "  " in name or "_" in name or "/" in name or "\\" in name:
+        raise ValueError(
+            f"object name {name!r}: names must be non-empty, without '_', '/', leading/trailing or double spaces"
+        )
+    return name
+
+
+def format_grid_name(layout):
+    """File name for a layout; `parse_grid_name` reads it back exactly."""
+    parts = []
+    for name, (col, row) in ((layout.obj1, layout.cell1), (layout.obj2, layout.cell2)):
+        parts.append(check_object_name(name).replace(" ", "_"))
+        parts.append(f"c{col}r{row}")
+    parts.append(f"s{layout.size}")
+    if layout.variant:
+        parts.append(f"v{layout.variant}")
+    return "__".join(parts) + ".png"
+
+
+def parse_grid_name(filename):
+    """GridLayout from either file-name form, or None if the name is neither."""
+    path = Path(filename)
+    if path.suffix.lower() != ".png":
+        return None
+    stem = path.stem
+    m = _OURS_RE.match(stem)
+    if m:
+        return GridLayout(
+            obj1=m["obj1"].replace("_", " "), cell1=(int(m["col1"]), int(m["row1"])),
+            obj2=m["obj2"].replace("_", " "), cell2=(int(m["col2"]), int(m["row2"])),
+            size=int(m["size"]), variant=int(m["variant"] or 0),
+        )
+    if "__" in stem:
+        return None
+    m = _ORIGINAL_RE.match(stem)
+    if m:
+        return GridLayout(
+            obj1=m["obj1"].strip(), cell1=(int(m["col1"]), int(m["row1"])),
+            obj2=m["obj2"].strip(), cell2=(int(m["col2"]), int(m["row2"])),
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Training set
+# ---------------------------------------------------------------------------------------------
+
+def questions_for_layout(layout):
+    """[(qtype, answer)]: left/right when the columns differ, above/below when the rows differ.
+    The answer says where obj1 is relative to obj2; a smaller row is higher in the image."""
+    (c1, r1), (c2, r2) = layout.cell1, layout.cell2
+    out = []
+    if c1 != c2:
+        out.append(("lr", "left" if c1 < c2 else "right"))
+    if r1 != r2:
+        out.append(("ab", "above" if r1 < r2 else "below"))
+    return out
+
+
+def sample_record(image_path, qtype, answer, obj1, obj2, **extra):
+    question, obj2_span = make_question(qtype, obj1, obj2)
+    return dict(image_path=str(image_path), qtype=qtype, question=question, answer=answer,
+                options=OPTIONS[qtype], obj1=obj1, obj2=obj2, obj2_span=obj2_span, **extra)
+
+
+class GridDataset(torch.utils.data.Dataset):
+    """Question/answer samples from a folder of grid images (both file-name forms)."""
+
+    def __init__(self, folder):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"training image folder not found: {folder}")
+        self.folder = folder
+        self.samples = []
+        self.unparseable = []
+        n_images = 0
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() != ".png":
+                continue
+            layout = parse_grid_name(path.name)
+            if layout is None:
+                self.unparseable.append(path.name)
+                continue
+            n_images += 1
+            for qtype, answer in questions_for_layout(layout):
+                self.samples.append(sample_record(
+                    path, qtype, answer, layout.obj1, layout.obj2,
+                    cell1=layout.cell1, cell2=layout.cell2, size=layout.size,
+                ))
+        self.n_images = n_images
+        if not self.samples:
+            raise ValueError(
+                f"{folder}: no usable grid images ({len(self.unparseable)} unparseable .png names). "
+                "Make some with: python make_grid_data.py --out_dir " + str(folder)
+            )
+
+    def report(self):
+        msg = f"{self.folder}: {self.n_images} images -> {len(self.samples)} questions"
+        if self.unparseable:
+            shown = ", ".join(self.unparseable[:5])
+            msg += f"; skipped {len(self.unparseable)} unparseable file names (first: {shown})"
+        return msg
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+
+def split_holdout(samples, holdout_frac=0.15, seed=0):
+    """(train_indices, holdout_indices), split by unordered object pair so that (a, b) and (b, a)
+    always fall on the same side."""
+    pairs = sorted({frozenset((s["obj1"], s["obj2"])) for s in samples}, key=lambda p: sorted(p))
+    rng = random.Random(seed)
+    rng.shuffle(pairs)
+    n_holdout = int(round(len(pairs) * holdout_frac)) if holdout_frac > 0 else 0
+    if holdout_frac > 0 and len(pairs) > 1:
+        n_holdout = min(max(1, n_holdout), len(pairs) - 1)
+    holdout_pairs = set(pairs[:n_holdout])
+    train, holdout = [], []
+    for i, s in enumerate(samples):
+        (holdout if frozenset((s["obj1"], s["obj2"])) in holdout_pairs else train).append(i)
+    return train, holdout
+
+
+class GroupedBatchSampler(torch.utils.data.Sampler):
+    """Batches whose samples share obj1, obj1's cell, the object size and the question type while
+    obj2 moves: the setting in which centring over the batch isolates obj2's position.
+
+    Groups are split into batches of at most `batch_size`; a leftover of one sample is dropped
+    (centring one state leaves nothing). Both the baseline and the spatial-loss runs use it, so
+    they differ only by the loss. Reshuffled each epoch from `seed + epoch`."""
+
+    def __init__(self, samples, indices, batch_size, seed=0, min_batch_size=2):
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.min_batch_size = min_batch_size
+        groups = defaultdict(list)
+        for i in indices:
+            s = samples[i]
+            groups[(s["obj1"], s["cell1"], s["size"], s["qtype"])].append(i)
+        self.groups = [groups[k] for k in sorted(groups, key=str)]
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def _batches(self):
+        rng = random.Random(self.seed + self.epoch)
+        batches = []
+        for group in self.groups:
+            group = list(group)
+            rng.shuffle(group)
+            for start in range(0, len(group), self.batch_size):
+                chunk = group[start:start + self.batch_size]
+                if len(chunk) >= self.min_batch_size:
+                    batches.append(chunk)
+        rng.shuffle(batches)
+        return batches
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self):
+        return len(self._batches())
+
+
+class RandomBatchSampler(torch.utils.data.Sampler):
+    """The original's plain shuffle (`--sampler random`)."""
+
+    def __init__(self, indices, batch_size, seed=0):
+        self.indices, self.batch_size, self.seed, self.epoch = list(indices), batch_size, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = list(self.indices)
+        random.Random(self.seed + self.epoch).shuffle(order)
+        return iter([order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)])
+
+    def __len__(self):
+        return (len(self.indices) + self.batch_size - 1) // self.batch_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Collator
+# ---------------------------------------------------------------------------------------------
+
+def load_image(path):
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def user_messages(question):
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+class VLMCollator:
+    """Chat template with the image; labels on the answer and end-of-turn token only; for each
+    sample, the position of the last sub-token of obj2's name (for the spatial loss).
+
+    `with_answer=False` builds generation prompts (evaluation)."""
+
+    def __init__(self, processor, end_of_turn, with_answer=True):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.end_of_turn = end_of_turn
+        self.with_answer = with_answer
+
+    def __call__(self, samples):
+        prompts = [self.processor.apply_chat_template(user_messages(s["question"]), tokenize=False,
+                                                      add_generation_prompt=True) for s in samples]
+        suffixes = [s["answer"] + self.end_of_turn if self.with_answer else "" for s in samples]
+        texts = [p + a for p, a in zip(prompts, suffixes)]
+        images = [load_image(s["image_path"]) for s in samples]
+        batch = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        input_ids, attention = batch["input_ids"], batch["attention_mask"]
+        # Index of each row's last real token, whichever side the padding is on.
+        seq_len = input_ids.shape[1]
+        positions = torch.arange(seq_len).expand_as(input_ids)
+        last_real = torch.where(attention.bool(), positions, -1).max(dim=1).values
+
+        # Text after obj2's name: its token count locates obj2's last sub-token from the end.
+        # Names end in a letter and punctuation follows, so this is a token boundary.
+        tails = []
+        for s, text, suffix in zip(samples, texts, suffixes):
+            q_start = text.rindex(s["question"])
+            tails.append(text[q_start + s["obj2_span"][1]:])
+        tail_lens = [len(ids) for ids in self.tokenizer(tails, add_special_tokens=False)["input_ids"]]
+        batch["target_positions"] = last_real - torch.tensor(tail_lens)
+
+        if self.with_answer:
+            labels = torch.full_like(input_ids, -100)
+            answer_lens = [len(ids) for ids in self.tokenizer(suffixes, add_special_tokens=False)["input_ids"]]
+            for i, n in enumerate(answer_lens):
+                end = int(last_real[i]) + 1
+                labels[i, end - n:end] = input_ids[i, end - n:end]
+            batch["labels"] = labels
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO-Spatial (What'sUp, COCO two-object subset)
+# ---------------------------------------------------------------------------------------------
+
+_CAPTION_RE = re.compile(
+    r"^\s*a photo of (?P<art1>an?|the) (?P<x>.+?) (?P<rel>to the left of|to the right of|above|below) "
+    r"(?P<art2>an?|the) (?P<y>.+?)\s*\.?\s*$",
+    re.IGNORECASE,
+)
+_REL_WORD = {"to the left of": "left", "to the right of": "right", "above": "above", "below": "below"}
+
+
+def parse_caption(caption):
+    """(obj1, relation, obj2, article1, article2) of 'A photo of a/an X <relation> a/an Y'."""
+    m = _CAPTION_RE.match(caption)
+    if not m:
+        raise ValueError(f"caption not in the COCO-Spatial template: {caption!r}")
+    return m["x"].strip(), _REL_WORD[m["rel"].lower()], m["y"].strip(), m["art1"], m["art2"]
+
+
+def original_question(caption):
+    """The original code's exact wording: the caption's article kept on obj1, and on obj2 for
+    left/right; for above/below its pattern dropped a leading 'a ' or 'the ' from obj2."""
+    x, rel, y, a1, a2 = parse_caption(caption)
+    ref1 = f"{a1} {x}"
+    ref2 = f"{a2} {y}" if rel in ("left", "right") or a2.lower() not in ("a", "the") else y
+    qtype = RELATION_TYPE[rel]
+    before, after = QUESTION_TEMPLATES[qtype].split("{obj2}")
+    before = before.format(obj1=ref1)
+    return before + ref2 + after, (len(before), len(before) + len(ref2))
+
+
+def coco_image_path(root, image_id):
+    root = Path(root)
+    name = f"{int(image_id):012d}.jpg"
+    direct = root / name
+    if direct.is_file() or not (root / "val2017" / name).is_file():
+        return direct
+    return root / "val2017" / name
+
+
+def load_coco_spatial(json_path, image_root, question_style="ours", max_samples=None):
+    """COCO-Spatial rows [image_id, true_caption, false_caption] -> evaluation samples.
+
+    The gold answer is the relation of the first caption. Missing images are an error that
+    counts them and names the first five, before any model is loaded."""
+    json_path = Path(json_path)
+    if not json_path.is_file():
+        raise FileNotFoundError(
+            f"COCO-Spatial file not found: {json_path}. Get coco_qa_two_obj.json from the What'sUp "
+            "benchmark, or make the offline stand-in: python make_grid_data.py --coco_standin DIR"
+        )
+    rows = json.loads(json_path.read_text())
+    if not isinstance(rows, list):
+        raise ValueError(f"{json_path}: expected a JSON list of [image_id, true_caption, false_caption] rows")
+    if max_samples:
+        rows = rows[:max_samples]
+    samples, missing = [], []
+    for index, row in enumerate(rows):
+        if not (isinstance(row, (list, tuple)) and len(row) >= 2 and isinstance(row[1], str)):
+            raise ValueError(f"{json_path}: row {index} is malformed: {row!r} (want [image_id, true_caption, false_caption])")
+        image_id = row[0]
+        if isinstance(image_id, str) and image_id.strip().isdigit():
+            image_id = int(image_id)
+        if not isinstance(image_id, int) or isinstance(image_id, bool):
+            raise ValueError(f"{json_path}: row {index} has a bad image id {row[0]!r}")
+        try:
+            obj1, rel, obj2, _, _ = parse_caption(row[1])
+        except ValueError as err:
+            raise ValueError(f"{json_path}: row {index}: {err}") from None
+        qtype = RELATION_TYPE[rel]
+        path = coco_image_path(image_root, image_id)
+        if not path.is_file():
+            missing.append(str(path))
+        sample = sample_record(path, qtype, rel, obj1, obj2, image_id=image_id, row=index)
+        if question_style == "original":
+            sample["question"], sample["obj2_span"] = original_question(row[1])
+        elif question_style != "ours":
+            raise ValueError(f"question_style must be 'ours' or 'original', not {question_style!r}")
+        samples.append(sample)
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(samples)} COCO-Spatial images missing under {image_root} "
+            f"(first: {', '.join(missing[:5])}). Put COCO val2017 images there as {{id:012d}}.jpg."
+        )
+    return samples
+
+
+def relation_counts(samples):
+    return Counter(s["answer"] for s in samples)
