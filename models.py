@@ -354,5 +354,29 @@ def ensure_tiny_model(cache_dir=None):
     return target
 
 
+# Architectures of real checkpoints, for meta-device checks and benchmarks without weights.
+FULL_SIZE_CONFIGS = {
+    "qwen2-2b": dict(
+        vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        text_config=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         max_position_embeddings=32768, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                          "mrope_section": [16, 24, 24]}),
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def full_size_model(alias="qwen2-2b", device="meta"):
+    """The real architecture with no weights (meta device): for selection checks and shapes."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    config = Qwen2VLConfig(**FULL_SIZE_CONFIGS[alias])
+    with torch.device(device):
+        return Qwen2VLForConditionalGeneration(config)
+
+
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
