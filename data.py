@@ -217,8 +217,9 @@ def split_holdout(samples, holdout_frac=0.15, seed=0):
 
 
 class GroupedBatchSampler(torch.utils.data.Sampler):
-    """Batches whose samples share obj1, obj1's cell, the object size and the question type while
-    obj2 moves: the setting in which centring over the batch isolates obj2's position.
+    """Batches whose samples share the object pair, obj1's cell, the object size and the question
+    type while obj2 moves: centring over such a batch leaves only obj2's position (as the
+    original's fixed-obj1 groups of one pair).
 
     Groups are split into batches of at most `batch_size`; a leftover of one sample is dropped
     (centring one state leaves nothing). Both the baseline and the spatial-loss runs use it, so
@@ -232,7 +233,7 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         groups = defaultdict(list)
         for i in indices:
             s = samples[i]
-            groups[(s["obj1"], s["cell1"], s["size"], s["qtype"])].append(i)
+            groups[(s["obj1"], s["obj2"], s["cell1"], s["size"], s["qtype"])].append(i)
         self.groups = [groups[k] for k in sorted(groups, key=str)]
 
     def set_epoch(self, epoch):
@@ -293,7 +294,8 @@ def user_messages(question):
 
 class VLMCollator:
     """Chat template with the image; labels on the answer and end-of-turn token only; for each
-    sample, the position of the last sub-token of obj2's name (for the spatial loss).
+    sample, the position of the last sub-token of obj2's name and, for grid samples, obj2's
+    (col, row, size) as `target_cells` (both for the spatial loss; pop them before the forward).
 
     `with_answer=False` builds generation prompts (evaluation)."""
 
@@ -324,6 +326,8 @@ class VLMCollator:
             tails.append(text[q_start + s["obj2_span"][1]:])
         tail_lens = [len(ids) for ids in self.tokenizer(tails, add_special_tokens=False)["input_ids"]]
         batch["target_positions"] = last_real - torch.tensor(tail_lens)
+        if all("cell2" in s for s in samples):  # grid samples: where obj2 is, for the spatial loss
+            batch["target_cells"] = torch.tensor([(*s["cell2"], s["size"]) for s in samples])
 
         if self.with_answer:
             labels = torch.full_like(input_ids, -100)
