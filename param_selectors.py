@@ -1,0 +1,292 @@
+"""Which parameters to finetune: structural selectors over a VLM's blocks, under a parameter budget.
+
+A selector names a kind of tensor (MLP, attention, norms) in one stack of blocks (the vision
+encoder or the language model), or just the LM head. Candidates are that kind of tensor in the
+last k blocks of the stack (by position in `adapter.vision_blocks(model)` /
+`adapter.lm_layers(model)`); then, as in the original code, a greedy pass sorts the candidates by
+size (largest first; ties keep model order) and takes each one that still fits under the budget,
+`max(1, int(total_params * param_budget_frac))`, where total_params counts every (deduplicated)
+parameter of the model.
+
+Everything is found through the model's structure via the family adapter (`models.py`), never by
+substrings of parameter names: MLP tensors are the parameters of `block_parts(block)["mlp"]`,
+attention those of `["attn"]`, norms those of `["norms"]` (so `post_attention_layernorm` is a norm,
+not attention), the projector is `adapter.projector(model)` (Qwen's `visual.merger`, which the
+original name patterns never matched). Names come from `model.named_parameters()`, matched by
+tensor identity. Only `numel()` and `requires_grad` are touched, so a meta-device model works.
+
+Which tensors of a chosen module are candidates:
+  * default: weights only (every parameter whose own name is not `bias`), as the original;
+  * `train_biases=True`: weights and biases;
+  * `bitfit_bias_only=True`: biases only (it wins over `train_biases`);
+  * norm selectors: a norm's scale and shift are its whole parameterisation, so norm selectors take
+    norm weights AND biases by default (LM RMSNorms have weights only); with `bitfit_bias_only`
+    they take only the biases.
+The same rule applies to the projector (`train_projector=True`, vision selectors only) and to the
+LM head (`include_lm_head=True`, LM selectors): those tensors join the same greedy pool.
+
+A tied LM head (its weight IS the input embedding weight, as on Qwen2-VL-2B) is never selected
+silently-as-nothing: LM selectors add a note and skip it, `lm_head_only` raises.
+"""
+import argparse
+from dataclasses import dataclass, field
+
+VISION_SELECTORS = {
+    "vision_mlp_lastk": "mlp",
+    "vision_attn_lastk": "attn",
+    "vision_norms_lastk": "norms",
+}
+LM_SELECTORS = {
+    "lm_mlp_lastk": "mlp",
+    "lm_attn_lastk": "attn",
+    "lm_norms_lastk": "norms",
+}
+SELECTORS = tuple(VISION_SELECTORS) + tuple(LM_SELECTORS) + ("lm_head_only",)
+DEFAULT_SELECTOR = "vision_mlp_lastk"
+
+
+def format_count(n):
+    """2208985600 -> '2.21B', 6553600 -> '6.55M', 8192 -> '8.19K', 96 -> '96'."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(int(n))
+
+
+@dataclass
+class _Candidate:
+    param: object
+    name: str  # full name in model.named_parameters()
+    group: str  # e.g. "vision block 26", "lm layer 3", "projector", "lm_head"
+    local_name: str  # name inside its group, e.g. "mlp.fc1.weight"
+    order: int  # position in model.named_parameters()
+
+    @property
+    def numel(self):
+        return self.param.numel()
+
+
+@dataclass
+class Selection:
+    """What `select_parameters` chose. `names` are in model order."""
+
+    selector: str
+    last_k_blocks: int
+    param_budget_frac: float
+    total_params: int
+    budget: int
+    selected_params: int
+    names: list
+    notes: list = field(default_factory=list)
+    # (group, [(local_name, numel), ...]) in model order, for the summary.
+    groups: list = field(default_factory=list)
+
+    @property
+    def share(self):
+        """Selected parameters as a fraction of all model parameters."""
+        return self.selected_params / self.total_params if self.total_params else 0.0
+
+    @property
+    def num_tensors(self):
+        return len(self.names)
+
+    def summary(self):
+        lines = [
+            f"parameter selection: selector={self.selector} last_k_blocks={self.last_k_blocks} "
+            f"param_budget_frac={self.param_budget_frac:g}",
+            f"total params: {self.total_params:,} ({format_count(self.total_params)})",
+            f"budget: {self.budget:,} ({format_count(self.budget)})",
+            f"selected: {self.selected_params:,} ({format_count(self.selected_params)}) params in "
+            f"{self.num_tensors} tensors = {100 * self.share:.2f}% of the model",
+        ]
+        for group, items in self.groups:
+            parts = ", ".join(f"{local} ({format_count(n)})" for local, n in items)
+            lines.append(f"  {group}: {parts}")
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def _is_bias(local_name):
+    return local_name.rsplit(".", 1)[-1] == "bias"
+
+
+def _keep(local_name, kind, bitfit_bias_only, train_biases):
+    if bitfit_bias_only:
+        return _is_bias(local_name)
+    if kind == "norms" or train_biases:
+        return True
+    return not _is_bias(local_name)
+
+
+def _module_params(modules):
+    """ids of the parameters of a module or a list of modules."""
+    if not isinstance(modules, (list, tuple)):
+        modules = [modules]
+    return {id(p) for m in modules for p in m.parameters()}
+
+
+def _validate(selector, last_k_blocks, param_budget_frac):
+    if selector not in SELECTORS:
+        raise ValueError(f"unknown selector {selector!r}; valid selectors: {', '.join(SELECTORS)}")
+    if isinstance(last_k_blocks, bool) or not isinstance(last_k_blocks, int) or last_k_blocks < 1:
+        raise ValueError(f"last_k_blocks must be an integer >= 1, got {last_k_blocks!r}")
+    if not (0 < param_budget_frac <= 1):
+        raise ValueError(f"param_budget_frac must be in (0, 1], got {param_budget_frac!r}")
+
+
+def select_parameters(model, adapter, selector=DEFAULT_SELECTOR, last_k_blocks=6, param_budget_frac=0.3,
+                      bitfit_bias_only=False, train_biases=False, train_projector=False,
+                      include_lm_head=True):
+    """Freeze the whole model, then set requires_grad=True exactly on the chosen tensors.
+
+    Returns a `Selection`. Raises ValueError on an unknown selector, an out-of-range k or budget
+    fraction, a tied LM head for `lm_head_only`, or when nothing at all would be selected."""
+    _validate(selector, last_k_blocks, param_budget_frac)
+
+    named = list(model.named_parameters())  # deduplicated: a tied tensor appears once
+    name_of = {id(p): n for n, p in named}
+    order_of = {id(p): i for i, (_, p) in enumerate(named)}
+    total = sum(p.numel() for _, p in named)
+    budget = max(1, int(total * param_budget_frac))
+    notes = []
+    candidates = []
+    seen = set()
+
+    def add(module, group, kind, only=None):
+        """Candidates among `module`'s parameters (restricted to ids in `only` if given)."""
+        for local, p in module.named_parameters():
+            if only is not None and id(p) not in only:
+                continue
+            if id(p) in seen or not _keep(local, kind, bitfit_bias_only, train_biases):
+                continue
+            seen.add(id(p))
+            candidates.append(_Candidate(p, name_of[id(p)], group, local, order_of[id(p)]))
+
+    def add_blocks(blocks, label, kind):
+        if last_k_blocks > len(blocks):
+            raise ValueError(f"last_k_blocks={last_k_blocks} but the model has only {len(blocks)} "
+                             f"{label}s (selector {selector})")
+        start = len(blocks) - last_k_blocks
+        for i in range(start, len(blocks)):
+            block = blocks[i]
+            add(block, f"{label} {i}", kind, only=_module_params(adapter.block_parts(block)[kind]))
+
+    def lm_head_tied():
+        head = adapter.lm_head(model)
+        emb = adapter.lm_embeddings(model)
+        weight = getattr(head, "weight", None)
+        return weight is not None and emb is not None and weight is getattr(emb, "weight", None)
+
+    def embedding_name():
+        return name_of.get(id(getattr(adapter.lm_embeddings(model), "weight", None)), "the embedding weight")
+
+    if selector in VISION_SELECTORS:
+        kind = VISION_SELECTORS[selector]
+        add_blocks(adapter.vision_blocks(model), "vision block", kind)
+        if train_projector:
+            add(adapter.projector(model), "projector", "projector")
+    elif selector in LM_SELECTORS:
+        kind = LM_SELECTORS[selector]
+        add_blocks(adapter.lm_layers(model), "lm layer", kind)
+        if train_projector:
+            notes.append(f"train_projector ignored: it applies to vision selectors, not {selector}")
+        if include_lm_head:
+            if lm_head_tied():
+                notes.append(f"lm_head is tied to the input embeddings (lm_head.weight is {embedding_name()}): "
+                             "not selected; untie or use another selector")
+            else:
+                add(adapter.lm_head(model), "lm_head", "lm_head")
+    else:  # lm_head_only
+        if lm_head_tied():
+            raise ValueError(f"selector lm_head_only: lm_head is tied to the input embeddings "
+                             f"(lm_head.weight is {embedding_name()}), so training it would also train the "
+                             "embeddings; untie the weights or use another selector")
+        add(adapter.lm_head(model), "lm_head", "lm_head")
+
+    # Greedy, as the original: largest first (stable: ties keep model order), take if it fits.
+    chosen = []
+    used = 0
+    for cand in sorted(candidates, key=lambda c: (-c.numel, c.order)):
+        if used + cand.numel <= budget:
+            chosen.append(cand)
+            used += cand.numel
+
+    if not chosen:
+        if candidates:
+            detail = f"smallest candidate has {min(c.numel for c in candidates):,} params"
+        else:
+            detail = "no candidate tensors of that kind"
+            if bitfit_bias_only:
+                detail += " (bitfit_bias_only: the chosen modules have no biases)"
+        raise ValueError(f"selector {selector} selected no parameters: budget {budget:,} params "
+                         f"(param_budget_frac={param_budget_frac:g} of {total:,}), "
+                         f"last_k_blocks={last_k_blocks}; {detail}")
+    skipped = len(candidates) - len(chosen)
+    if skipped:
+        skipped_params = sum(c.numel for c in candidates) - used
+        notes.append(f"{skipped} of {len(candidates)} candidate tensors ({format_count(skipped_params)} params) "
+                     "did not fit the budget and stay frozen")
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for cand in chosen:
+        cand.param.requires_grad_(True)
+
+    chosen.sort(key=lambda c: c.order)
+    groups = []
+    for cand in chosen:
+        if not groups or groups[-1][0] != cand.group:
+            groups.append((cand.group, []))
+        groups[-1][1].append((cand.local_name, cand.numel))
+    return Selection(selector=selector, last_k_blocks=last_k_blocks, param_budget_frac=param_budget_frac,
+                     total_params=total, budget=budget, selected_params=used,
+                     names=[c.name for c in chosen], notes=notes, groups=groups)
+
+
+def add_selector_args(parser):
+    """The parameter-selection flags of the training CLI."""
+    group = parser.add_argument_group("parameter selection")
+    group.add_argument("--selector", choices=SELECTORS, default=DEFAULT_SELECTOR,
+                       help="which tensors to train (default: %(default)s)")
+    group.add_argument("--last_k_blocks", type=int, default=6,
+                       help="candidates come from the last k blocks of the chosen stack (default: %(default)s)")
+    group.add_argument("--param_budget_frac", type=float, default=0.3,
+                       help="budget as a fraction of ALL model parameters, in (0, 1] (default: %(default)s)")
+    group.add_argument("--bitfit_bias_only", action="store_true",
+                       help="train only the biases of the chosen modules (BitFit)")
+    group.add_argument("--train_biases", action="store_true",
+                       help="train the chosen modules' biases as well as their weights")
+    proj = group.add_mutually_exclusive_group()
+    proj.add_argument("--train_projector", action="store_true",
+                      help="vision selectors: also train the projector (Qwen: visual.merger)")
+    proj.add_argument("--no_projector", action="store_true",
+                      help="do not train the projector (the default; kept for the original CLI)")
+    group.add_argument("--no_lm_head", action="store_true",
+                       help="LM selectors: leave lm_head out of the candidates")
+    return parser
+
+
+def select_from_args(model, adapter, args):
+    """`select_parameters` with the flags added by `add_selector_args`."""
+    if getattr(args, "train_projector", False) and getattr(args, "no_projector", False):
+        raise ValueError("--train_projector and --no_projector contradict each other")
+    return select_parameters(
+        model, adapter,
+        selector=args.selector,
+        last_k_blocks=args.last_k_blocks,
+        param_budget_frac=args.param_budget_frac,
+        bitfit_bias_only=args.bitfit_bias_only,
+        train_biases=args.train_biases,
+        train_projector=args.train_projector and not args.no_projector,
+        include_lm_head=not args.no_lm_head,
+    )
+
+
+if __name__ == "__main__":  # print a selection for the meta-device Qwen2-VL-2B, e.g. to check a flag set
+    import models
+
+    ap = add_selector_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    ap.add_argument("--arch", default="qwen2-2b", choices=sorted(models.FULL_SIZE_CONFIGS))
+    cli = ap.parse_args()
+    meta_model = models.full_size_model(cli.arch)
+    print(select_from_args(meta_model, models.adapter_for(meta_model), cli).summary())
