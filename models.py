@@ -87,6 +87,10 @@ class QwenVLAdapter:
     def lm_layers(self, model):
         return list(_first_attr(model, ["model.language_model.layers", "model.layers"]))
 
+    def lm_final_norm(self, model):
+        """The norm after the last LM layer (its output is `hidden_states[num_layers]`)."""
+        return _first_attr(model, ["model.language_model.norm", "model.norm"])
+
     def lm_embeddings(self, model):
         return model.get_input_embeddings()
 

@@ -1,0 +1,345 @@
+"""The spatial-ID auxiliary loss: file I/O of the universal spatial IDs, the loss module, and a
+one-hook capture of one LM layer's hidden states.
+
+The loss (Kang et al., spatial finetuning): at LM layer L take the hidden state at obj2's last
+name token for every sample of a batch in which obj1 stays put and obj2 moves, centre those states
+over the batch, and ask each centred state to point along the universal spatial ID of obj2's cell:
+
+    loss = 1 - mean_i cos(h_i - mean_j h_j, ID[cell_i])
+
+IDs file format (compatible with the original code)::
+
+    torch.save({layer_int: {"universal": {(col, row, size): tensor[hidden]}}}, path)
+
+Layer numbering follows HF `output_hidden_states`: 0 = the LM's input embeddings (image features
+merged in), 1..N-1 = output of decoder layer L-1, N = output after the LM's final norm.
+
+Unlike the original, nothing here ever falls back to a zero loss: a missing layer, cell or a
+wrong hidden size is an error that names it.
+"""
+import contextlib
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DERIVE_HINT = "python derive_spatial_ids.py --model M --images DIR --out PATH"
+HEADS = ("none", "linear")
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys and file I/O
+# ---------------------------------------------------------------------------------------------
+
+def cell_key(cell):
+    """(col, row, size) as a tuple of plain ints (accepts lists, tuples, 0-d tensors)."""
+    try:
+        key = tuple(int(v) for v in cell)
+    except (TypeError, ValueError):
+        raise ValueError(f"cell {cell!r} is not a (col, row, size) triple of integers") from None
+    if len(key) != 3:
+        raise ValueError(f"cell {cell!r} is not a (col, row, size) triple")
+    return key
+
+
+def obj2_cells(samples):
+    """[(col, row, size)] of obj2 for samples of data.GridDataset (keys of the IDs)."""
+    return [cell_key((s["cell2"][0], s["cell2"][1], s["size"])) for s in samples]
+
+
+def _layer_int(key):
+    if isinstance(key, bool):
+        return None
+    if isinstance(key, int):
+        return key
+    if isinstance(key, str) and key.strip().isdigit():
+        return int(key.strip())
+    return None
+
+
+def _format_keys(keys, limit=10):
+    keys = sorted(keys)
+    shown = ", ".join(str(k) for k in keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def _torch_load(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"universal spatial IDs file not found: {path}. Derive it with: {DERIVE_HINT}"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if m:
+            raise ValueError(
+                f"{path}: the file contains non-tensor objects ({m.group(1)}), and it won't be "
+                "unpickled: only tensors, dicts, lists, tuples, strings and numbers are loaded "
+                f"(weights_only=True). Re-save it as plain tensors or re-derive it with: {DERIVE_HINT}"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        raise ValueError(f"{path}: not a readable torch.save file "
+                         f"({detail.group(1).strip() if detail else text.splitlines()[0]})") from None
+    except (RuntimeError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable torch.save file ({str(err).splitlines()[0]})") from None
+
+
+def load_universal_ids(path, layer, hidden_size, needed_keys=None):
+    """{(col, row, size): float32 tensor[hidden_size]} of one layer from an IDs file.
+
+    Always loads with `weights_only=True`. Raises with a message naming the file and layer when
+    the layer is absent, a vector has the wrong size or is not finite/non-zero, or one of
+    `needed_keys` (the cells the training data uses) has no ID."""
+    path = Path(path)
+    data = _torch_load(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected {{layer: {{'universal': {{(col, row, size): tensor}}}}}}, "
+                         f"found a {type(data).__name__}")
+    layers = {}
+    for key, value in data.items():
+        n = _layer_int(key)
+        if n is None:
+            continue  # other entries (metadata) are allowed
+        if n in layers:
+            raise ValueError(f"{path}: layer {n} appears twice (as int and str keys)")
+        layers[n] = value
+    layer = int(layer)
+    if layer not in layers:
+        raise ValueError(
+            f"{path}: no universal spatial IDs for layer {layer}; available layers: "
+            f"{sorted(layers) if layers else 'none'}. Derive them for this layer with: {DERIVE_HINT}"
+        )
+    entry = layers[layer]
+    if not isinstance(entry, dict) or not isinstance(entry.get("universal"), dict):
+        raise ValueError(f"{path}: layer {layer} has no 'universal' dict of IDs")
+    ids = {}
+    for raw_key, vec in entry["universal"].items():
+        try:
+            key = cell_key(raw_key)
+        except ValueError as err:
+            raise ValueError(f"{path}: layer {layer}: {err}") from None
+        if not isinstance(vec, torch.Tensor):
+            raise ValueError(f"{path}: layer {layer}, cell {key}: expected a tensor, found {type(vec).__name__}")
+        vec = vec.detach().reshape(-1) if vec.dim() == 2 and 1 in vec.shape else vec.detach()
+        if vec.dim() != 1 or vec.shape[0] != hidden_size:
+            raise ValueError(
+                f"{path}: layer {layer}, cell {key}: ID has {vec.shape[-1] if vec.dim() else 0} dims "
+                f"(shape {tuple(vec.shape)}) but the model's hidden size is {hidden_size}; the IDs "
+                "were derived from another model"
+            )
+        vec = vec.float()
+        if not torch.isfinite(vec).all() or not vec.abs().sum() > 0:
+            raise ValueError(f"{path}: layer {layer}, cell {key}: ID is zero or not finite")
+        ids[key] = vec
+    if not ids:
+        raise ValueError(f"{path}: layer {layer} holds no IDs")
+    if needed_keys is not None:
+        missing = {cell_key(k) for k in needed_keys} - set(ids)
+        if missing:
+            raise ValueError(
+                f"{path}: layer {layer} has no universal spatial ID for {len(missing)} cell(s) the "
+                f"training data uses: {_format_keys(missing)} (col, row, size). Available: "
+                f"{_format_keys(ids, limit=5)}. Derive IDs covering these cells/sizes with: {DERIVE_HINT}"
+            )
+    return ids
+
+
+def _atomic_save(obj, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def axis_paths(path):
+    """(x_axis_path, y_axis_path) written next to an IDs file."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_x_axis.pt"), path.with_name(f"{path.stem}_y_axis.pt")
+
+
+def save_universal_ids(path, ids_per_layer, x_axis=None, y_axis=None):
+    """Write {layer: {"universal": {(col, row, size): tensor}}} to `path` (parents created) and,
+    if given, `<stem>_x_axis.pt` / `<stem>_y_axis.pt` each {layer: tensor[hidden]} next to it.
+
+    `ids_per_layer` is {layer: {(col, row, size): tensor}}; layer keys may be int or str digits.
+    Returns the list of paths written."""
+    def layer_of(key):
+        n = _layer_int(key)
+        if n is None:
+            raise ValueError(f"layer key {key!r} is not an integer")
+        return n
+
+    def cpu(t, what):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{what}: expected a tensor, found {type(t).__name__}")
+        return t.detach().to("cpu").reshape(-1).clone()
+
+    out = {}
+    for layer, ids in ids_per_layer.items():
+        n = layer_of(layer)
+        if n in out:
+            raise ValueError(f"layer {n} given twice")
+        out[n] = {"universal": {cell_key(k): cpu(v, f"layer {n}, cell {k}") for k, v in ids.items()}}
+        sizes = {v.shape[0] for v in out[n]["universal"].values()}
+        if len(sizes) > 1:
+            raise ValueError(f"layer {n}: IDs of different sizes {sorted(sizes)}")
+    written = [_atomic_save(out, path)]
+    for axis, axis_path in zip((x_axis, y_axis), axis_paths(path)):
+        if axis is not None:
+            written.append(_atomic_save({layer_of(k): cpu(v, f"axis of layer {k}") for k, v in axis.items()},
+                                        axis_path))
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss
+# ---------------------------------------------------------------------------------------------
+
+class SpatialIDLoss(nn.Module):
+    """1 - mean cosine between batch-centred states and the universal IDs of obj2's cells.
+
+    `head="none"`: the paper's loss. `head="linear"`: a learned H->H projection (no bias,
+    initialised to identity) applied to the centred states before the cosine (regression-head
+    variant). Always computed in float32."""
+
+    def __init__(self, ids, head="none"):
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, not {head!r}")
+        if not ids:
+            raise ValueError("no universal spatial IDs given")
+        keys = [cell_key(k) for k in ids]
+        if len(set(keys)) != len(keys):
+            raise ValueError("duplicate cells among the IDs")
+        vecs = [torch.as_tensor(ids[k]).detach().float().reshape(-1) for k in ids]
+        sizes = {v.shape[0] for v in vecs}
+        if len(sizes) != 1:
+            raise ValueError(f"IDs of different sizes: {sorted(sizes)}")
+        self.hidden_size = sizes.pop()
+        self.index = {k: i for i, k in enumerate(keys)}
+        self.register_buffer("ids", torch.stack(vecs))
+        self.head_type = head
+        if head == "linear":
+            self.head = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
+            with torch.no_grad():
+                self.head.weight.copy_(torch.eye(self.hidden_size))
+        else:
+            self.head = None
+
+    @classmethod
+    def from_file(cls, path, layer, hidden_size, needed_keys=None, head="none"):
+        return cls(load_universal_ids(path, layer, hidden_size, needed_keys), head=head)
+
+    def rows(self, cells):
+        out = []
+        for cell in cells:
+            key = cell_key(cell)
+            if key not in self.index:
+                raise KeyError(f"no universal spatial ID for cell {key} (col, row, size); "
+                               f"the IDs cover {len(self.index)} cells")
+            out.append(self.index[key])
+        return torch.tensor(out, dtype=torch.long, device=self.ids.device)
+
+    def forward(self, states, cells):
+        """states [B, H] (any float dtype), cells: B (col, row, size) -> float32 scalar."""
+        if states.dim() != 2 or states.shape[1] != self.hidden_size:
+            raise ValueError(f"states must be [B, {self.hidden_size}], got {tuple(states.shape)}")
+        if states.shape[0] != len(cells):
+            raise ValueError(f"{states.shape[0]} states but {len(cells)} cells")
+        if states.shape[0] < 2:
+            raise ValueError("the spatial loss needs a batch of at least 2 (centring one state leaves nothing)")
+        targets = self.ids.index_select(0, self.rows(cells).to(self.ids.device)).float()
+        x = states.float()
+        x = x - x.mean(dim=0, keepdim=True)
+        if self.head is not None:
+            x = F.linear(x, self.head.weight.float())
+        cos = F.cosine_similarity(x, targets.to(x.device), dim=-1, eps=1e-8)
+        return 1.0 - cos.mean()
+
+    def extra_repr(self):
+        return f"cells={len(self.index)}, hidden={self.hidden_size}, head={self.head_type}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Capturing one layer's hidden states
+# ---------------------------------------------------------------------------------------------
+
+def _in_backward():
+    """True while autograd runs a backward pass (e.g. gradient-checkpoint recomputation)."""
+    fn = getattr(torch._C, "_current_graph_task_id", None)
+    return fn is not None and fn() != -1
+
+
+class LayerCapture:
+    """What `capture_layer` yields: `.states` is the last captured [B, T, H] tensor (or None)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.states = None
+
+    def _record(self, tensor):
+        # Gradient checkpointing re-runs layers during backward; keep the forward's tensor.
+        if not _in_backward():
+            self.states = tensor
+
+
+@contextlib.contextmanager
+def capture_layer(model, adapter, layer):
+    """Record HF's `hidden_states[layer]` during forward passes with a single hook.
+
+    0: input of the first decoder layer; 1..N-1: output of decoder layer `layer - 1`;
+    N: output of the LM's final norm. The hook is removed on exit, even on error."""
+    layers = adapter.lm_layers(model)
+    n = len(layers)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n:
+        raise ValueError(f"layer {layer!r} out of range: the LM has {n} layers, so 0..{n} "
+                         "(0 = input embeddings, N = after the final norm)")
+    capture = LayerCapture(layer)
+
+    def first(output):
+        return output[0] if isinstance(output, (tuple, list)) else output
+
+    if layer == 0:
+        def pre_hook(module, args, kwargs):
+            if args:
+                capture._record(args[0])
+            elif "hidden_states" in kwargs:
+                capture._record(kwargs["hidden_states"])
+            else:
+                raise RuntimeError("first decoder layer called without hidden_states")
+        handle = layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        module = layers[layer - 1] if layer < n else adapter.lm_final_norm(model)
+
+        def hook(module, args, output):
+            capture._record(first(output))
+        handle = module.register_forward_hook(hook)
+    try:
+        yield capture
+    finally:
+        handle.remove()
+
+
+def gather_target_states(hidden, target_positions):
+    """hidden [B, T, H], target_positions [B] -> [B, H] (the state at each row's position)."""
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [B, T, H], got {tuple(hidden.shape)}")
+    pos = torch.as_tensor(target_positions, device=hidden.device).long().reshape(-1)
+    if pos.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{pos.shape[0]} target positions for a batch of {hidden.shape[0]}")
+    if (pos < 0).any() or (pos >= hidden.shape[1]).any():
+        raise ValueError(f"target positions {pos.tolist()} outside 0..{hidden.shape[1] - 1}")
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
