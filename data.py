@@ -161,7 +161,11 @@ class GridDataset(torch.utils.data.Dataset):
     def __init__(self, folder):
         folder = Path(folder)
         if not folder.is_dir():
-            raise FileNotFoundError(f"training image folder not found: {folder}")
+            raise FileNotFoundError(
+                f"training image folder not found: {folder}. Make grid images with "
+                f"`python make_grid_data.py --out_dir {folder}` (built-in objects, or --objects_dir DIR "
+                "of {object}.png renders)"
+            )
         self.folder = folder
         self.samples = []
         self.unparseable = []
@@ -216,6 +220,19 @@ def split_holdout(samples, holdout_frac=0.15, seed=0):
     return train, holdout
 
 
+def group_key(sample):
+    """What a batch shares in the grouped setting: the pair, obj1's cell, the size, the question."""
+    return (sample["obj1"], sample["obj2"], sample["cell1"], sample["size"], sample["qtype"])
+
+
+def group_indices(samples, indices):
+    """{group key: [sample index, ...]} in a deterministic order."""
+    groups = defaultdict(list)
+    for i in indices:
+        groups[group_key(samples[i])].append(i)
+    return {k: groups[k] for k in sorted(groups, key=str)}
+
+
 class GroupedBatchSampler(torch.utils.data.Sampler):
     """Batches whose samples share the object pair, obj1's cell, the object size and the question
     type while obj2 moves: centring over such a batch leaves only obj2's position (as the
@@ -230,11 +247,7 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         self.seed = seed
         self.epoch = 0
         self.min_batch_size = min_batch_size
-        groups = defaultdict(list)
-        for i in indices:
-            s = samples[i]
-            groups[(s["obj1"], s["obj2"], s["cell1"], s["size"], s["qtype"])].append(i)
-        self.groups = [groups[k] for k in sorted(groups, key=str)]
+        self.groups = list(group_indices(samples, indices).values())
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -348,7 +361,18 @@ _CAPTION_RE = re.compile(
     r"(?P<art2>an?|the) (?P<y>.+?)\s*\.?\s*$",
     re.IGNORECASE,
 )
-_REL_WORD = {"to the left of": "left", "to the right of": "right", "above": "above", "below": "below"}
+RELATION_PHRASE = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
+_REL_WORD = {phrase: rel for rel, phrase in RELATION_PHRASE.items()}
+
+
+def indefinite_article(name):
+    return "an" if name[:1].lower() in "aeiou" else "a"
+
+
+def make_caption(obj1, relation, obj2):
+    """The What'sUp COCO-Spatial caption: 'A photo of a red circle to the left of an apple'."""
+    return (f"A photo of {indefinite_article(obj1)} {obj1} {RELATION_PHRASE[relation]} "
+            f"{indefinite_article(obj2)} {obj2}")
 
 
 def parse_caption(caption):

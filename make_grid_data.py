@@ -1,0 +1,481 @@
+"""Make the synthetic training data: objects tiled on a 4x4 grid, one PNG per layout, named in
+the format data.py reads (`data.format_grid_name`). Optionally also write a small offline
+stand-in for the COCO-Spatial evaluation set (for smoke runs without the real data).
+
+    python make_grid_data.py --out_dir data/grid                      # built-in objects
+    python make_grid_data.py --objects_dir renders/ --local_variation   # your RGBA renders
+    python make_grid_data.py --coco_standin data/coco_standin --standin_only
+
+Everything random comes from `random.Random` seeded by the seed and the image's own name (or
+id), so the same arguments give byte-identical files, and an image's content does not depend on
+which other images were written (--max_pairs / --max_images only choose which are written).
+"""
+import argparse
+import json
+import math
+import random
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
+
+import data
+from data import GRID, OBJECT_SIZES, REFERENCE_CELL, GridLayout
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# Fixed options and no pnginfo, so nothing in the file varies between runs. Level 1: about 3x
+# faster than the default for ~1.5x the bytes (the full default set is ~127k images).
+PNG_OPTIONS = dict(format="PNG", compress_level=1, optimize=False)
+JPEG_OPTIONS = dict(format="JPEG", quality=92, subsampling=0, optimize=False)
+STANDIN_JSON = "coco_qa_two_obj_standin.json"
+
+# ---------------------------------------------------------------------------------------------
+# Objects
+# ---------------------------------------------------------------------------------------------
+
+COLOURS = {
+    "red": (220, 30, 30), "blue": (30, 70, 220), "green": (30, 160, 60),
+    "yellow": (240, 210, 20), "purple": (130, 50, 170), "orange": (245, 140, 20),
+    "pink": (245, 130, 190), "cyan": (20, 200, 210), "brown": (130, 80, 35),
+    "gray": (128, 128, 128), "black": (20, 20, 20), "white": (255, 255, 255),
+}
+
+
+def _regular_polygon(n, rotation_deg=-90.0, inner_ratio=None):
+    """Vertices of a regular n-gon (or an n-pointed star when inner_ratio is given), unit radius.
+    The default rotation puts a vertex at the top."""
+    points = []
+    steps = 2 * n if inner_ratio else n
+    for k in range(steps):
+        angle = math.radians(rotation_deg + 360.0 * k / steps)
+        r = inner_ratio if inner_ratio and k % 2 else 1.0
+        points.append((r * math.cos(angle), r * math.sin(angle)))
+    return points
+
+
+def _heart_points(n=240):
+    # The classic parametric heart; y is negated because image y grows downwards.
+    points = []
+    for k in range(n):
+        t = 2 * math.pi * k / n
+        x = 16 * math.sin(t) ** 3
+        y = -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t))
+        points.append((x, y))
+    return points
+
+
+# Polygon shapes, in any coordinates: `_fit` scales them to fill the drawing box.
+_POLYGONS = {
+    "square": [(0, 0), (1, 0), (1, 1), (0, 1)],
+    "triangle": _regular_polygon(3),
+    "star": _regular_polygon(5, inner_ratio=0.45),
+    "diamond": [(0.4, 0), (0.8, 0.5), (0.4, 1), (0, 0.5)],  # narrower than tall: not a tilted square
+    "cross": [(0.32, 0), (0.68, 0), (0.68, 0.32), (1, 0.32), (1, 0.68), (0.68, 0.68),
+              (0.68, 1), (0.32, 1), (0.32, 0.68), (0, 0.68), (0, 0.32), (0.32, 0.32)],
+    "heart": _heart_points(),
+    "hexagon": _regular_polygon(6, rotation_deg=0),
+    "arrow": [(0, 0.32), (0.55, 0.32), (0.55, 0), (1, 0.5), (0.55, 1), (0.55, 0.68), (0, 0.68)],
+    "pentagon": _regular_polygon(5),
+}
+
+
+def _fit(points, box):
+    """Scale and translate points (keeping their aspect) so they fill `box` and are centred in it."""
+    x0, y0, x1, y1 = box
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    w, h = max(xs) - min(xs), max(ys) - min(ys)
+    scale = min((x1 - x0) / w, (y1 - y0) / h)
+    ox = x0 + ((x1 - x0) - w * scale) / 2 - min(xs) * scale
+    oy = y0 + ((y1 - y0) - h * scale) / 2 - min(ys) * scale
+    return [(ox + x * scale, oy + y * scale) for x, y in points]
+
+
+def _shape_mask(shape, size):
+    """Binary mask (mode L, 0/255) of a shape filling a size x size square, with a small margin."""
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    m = size * 0.03
+    box = (m, m, size - m, size - m)
+    if shape in _POLYGONS:
+        draw.polygon(_fit(_POLYGONS[shape], box), fill=255)
+    elif shape == "circle":
+        draw.ellipse(box, fill=255)
+    elif shape in ("ring", "moon"):
+        draw.ellipse(box, fill=255)
+        r = (size - 2 * m) / 2
+        c = size / 2
+        if shape == "ring":  # a hole in the middle
+            hole = 0.55 * r
+            draw.ellipse((c - hole, c - hole, c + hole, c + hole), fill=0)
+        else:  # a crescent: cut by a circle shifted right
+            cut, dx = 0.85 * r, 0.45 * r
+            draw.ellipse((c + dx - cut, c - cut, c + dx + cut, c + cut), fill=0)
+    else:
+        raise KeyError(shape)
+    # Centre the drawn pixels (the crescent's bounding box is off-centre): an object's render is
+    # centred in its cell, so its visible part should be centred in the render.
+    x0, y0, x1, y1 = mask.getbbox()
+    dx, dy = (size - x0 - x1) // 2, (size - y0 - y1) // 2
+    if dx or dy:
+        centred = Image.new("L", (size, size), 0)
+        centred.paste(mask, (dx, dy))
+        mask = centred
+    return mask
+
+
+def draw_object(colour, shape, render_size=224, supersample=4):
+    """RGBA render of one shape in one colour on a transparent background.
+
+    Drawn at `supersample` times the size and scaled down, for smooth edges. A thin outline in a
+    darker shade keeps light objects (the white moon) visible on a white background."""
+    big = render_size * supersample
+    mask = _shape_mask(shape, big)
+    # Erode the mask with a box blur + threshold (fast, integer arithmetic, deterministic):
+    # the eroded mask is the fill, the rest of the mask is the outline.
+    border = max(1, round(big / 45))
+    inner = mask.filter(ImageFilter.BoxBlur(border)).point(lambda v: 255 if v >= 250 else 0)
+    fill = COLOURS[colour]
+    outline = tuple(int(c * 0.6) for c in fill)
+    img = Image.new("RGBA", (big, big), (0, 0, 0, 0))
+    img.paste(outline + (255,), (0, 0, big, big), mask)
+    img.paste(fill + (255,), (0, 0, big, big), inner)
+    return img.resize((render_size, render_size), Image.Resampling.LANCZOS)
+
+
+def builtin_objects(render_size=224):
+    """{name: RGBA render} for every name in data.BUILTIN_OBJECT_NAMES ("red circle", ...)."""
+    objects = {}
+    for name in data.BUILTIN_OBJECT_NAMES:
+        colour, shape = name.split(" ", 1)
+        if colour not in COLOURS or (shape not in _POLYGONS and shape not in ("circle", "ring", "moon")):
+            raise ValueError(f"built-in object {name!r}: no drawing for colour {colour!r} / shape {shape!r}")
+        objects[name] = draw_object(colour, shape, render_size)
+    return objects
+
+
+def load_objects_dir(path):
+    """{name: RGBA render} from a folder of `{object}.png` renders; "teddy_bear.png" -> "teddy bear"."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"objects folder not found: {folder}")
+    objects = {}
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png")
+    for file in files:
+        name = file.stem.replace("_", " ")
+        try:
+            data.check_object_name(name)
+        except ValueError as err:
+            raise ValueError(f"{file}: bad object name from the file name: {err}") from None
+        if name in objects:
+            raise ValueError(f"{file}: object name {name!r} appears twice in {folder}")
+        try:
+            with Image.open(file) as img:
+                objects[name] = img.convert("RGBA")  # convert() loads the pixels, so a broken file fails here
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ValueError(f"{file}: not a readable image ({err})") from None
+    if len(objects) < 2:
+        raise ValueError(f"{folder}: need at least 2 object renders ({{object}}.png), found {len(objects)}")
+    return objects
+
+
+def fit_object(render, size):
+    """The render scaled so its longer side is `size` px (the whole render, as in the paper's
+    pasting of Objaverse renders; the built-in objects fill most of theirs)."""
+    w, h = render.size
+    scale = size / max(w, h)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return render if new == render.size else render.resize(new, Image.Resampling.LANCZOS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grid images
+# ---------------------------------------------------------------------------------------------
+
+def drawn_size(size, cell):
+    """Pixel size of an object of reference size `size` (at a 224 px cell) in a `cell` px cell."""
+    return max(1, round(size * cell / REFERENCE_CELL))
+
+
+def grid_cells():
+    """All cells as (col, row), row by row from the top-left."""
+    return [(col, row) for row in range(GRID) for col in range(GRID)]
+
+
+def cell_pairs(no_same_row_or_col=False):
+    """Ordered pairs of distinct cells; with no_same_row_or_col, only those differing in both
+    column and row (so every image has both a left/right and an above/below question)."""
+    return [(a, b) for a in grid_cells() for b in grid_cells()
+            if a != b and (not no_same_row_or_col or (a[0] != b[0] and a[1] != b[1]))]
+
+
+def select_pairs(names, max_pairs=None, seed=0):
+    """Ordered pairs of distinct objects in a seeded shuffled order, the first max_pairs of them.
+    Shuffled even without max_pairs, so that --max_images alone still covers varied pairs."""
+    pairs = [(a, b) for a in names for b in names if a != b]
+    random.Random(f"pairs:{seed}").shuffle(pairs)
+    return pairs[:max_pairs] if max_pairs else pairs
+
+
+def grid_layouts(names, sizes=OBJECT_SIZES, no_same_row_or_col=False, max_pairs=None, seed=0):
+    """Every layout to draw, in the order drawn: pair -> size -> cell1 -> cell2, so each group
+    "obj1 fixed at a cell and size, obj2 moving over the cells" is contiguous."""
+    pairs = select_pairs(list(names), max_pairs, seed)
+    cells = cell_pairs(no_same_row_or_col)
+    return [GridLayout(obj1, cell1, obj2, cell2, size)
+            for obj1, obj2 in pairs for size in sizes for cell1, cell2 in cells]
+
+
+def list_images(folder, what):
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{what} folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+@lru_cache(maxsize=32)
+def _background(path, size):
+    with Image.open(path) as img:
+        return img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+
+
+def render_grid_image(layout, objects, cell=224, local_variation=False, backgrounds=None, seed=0,
+                      _fitted=None):
+    """One grid image (RGB) for a layout. Its random choices come from the seed and its file name
+    only, so it is the same whatever else is drawn in the run."""
+    rng = random.Random(f"grid:{seed}:{data.format_grid_name(layout)}")
+    side = GRID * cell
+    if backgrounds:
+        canvas = _background(str(rng.choice(backgrounds)), side).copy()
+    else:
+        canvas = Image.new("RGB", (side, side), (255, 255, 255))
+    base = drawn_size(layout.size, cell)
+    for name, (col, row) in ((layout.obj1, layout.cell1), (layout.obj2, layout.cell2)):
+        if local_variation:
+            # Jitter the size by about +-10% (never past the cell) and rotate within +-15 degrees;
+            # expand=True keeps the corners, and the paste below still centres it in its cell.
+            size = min(cell, max(1, round(base * rng.uniform(0.9, 1.1))))
+            obj = fit_object(objects[name], size)
+            obj = obj.rotate(rng.uniform(-15.0, 15.0), resample=Image.Resampling.BICUBIC, expand=True)
+        elif _fitted is not None:
+            key = (name, base)
+            if key not in _fitted:
+                _fitted[key] = fit_object(objects[name], base)
+            obj = _fitted[key]
+        else:
+            obj = fit_object(objects[name], base)
+        x = col * cell + (cell - obj.width) // 2
+        y = row * cell + (cell - obj.height) // 2
+        canvas.paste(obj, (x, y), obj)
+    return canvas
+
+
+def check_grid_args(cell, sizes):
+    """Argument errors, raised before anything is drawn."""
+    if not isinstance(cell, int) or cell < 8:
+        raise ValueError(f"cell must be an integer >= 8 px, not {cell!r}")
+    if not sizes:
+        raise ValueError("sizes: need at least one object size")
+    for s in sizes:
+        if not isinstance(s, int) or not 0 < s <= REFERENCE_CELL:
+            raise ValueError(
+                f"sizes: {s!r} is not a size in 1..{REFERENCE_CELL} (px at a {REFERENCE_CELL} px cell; "
+                "an object larger than its cell would spill into its neighbours)"
+            )
+
+
+def make_grid_images(out_dir, objects, cell=224, sizes=OBJECT_SIZES, no_same_row_or_col=False,
+                     local_variation=False, bg_dir=None, max_pairs=None, max_images=None, seed=0,
+                     progress=True):
+    """Draw every layout (see grid_layouts) into out_dir as PNGs; returns the written paths."""
+    check_grid_args(cell, sizes)
+    if len(objects) < 2:
+        raise ValueError(f"need at least 2 objects, got {len(objects)}")
+    for value, what in ((max_pairs, "max_pairs"), (max_images, "max_images")):
+        if value is not None and value < 1:
+            raise ValueError(f"{what} must be >= 1, not {value}")
+    for name in objects:
+        data.check_object_name(name)
+    backgrounds = [str(p) for p in list_images(bg_dir, "background")] if bg_dir is not None else None
+
+    sizes = list(dict.fromkeys(sizes))  # a repeated size would only overwrite the same files
+    layouts = grid_layouts(objects, sizes, no_same_row_or_col, max_pairs, seed)
+    if max_images is not None:
+        layouts = layouts[:max_images]  # whole groups, except perhaps the last one
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fitted = {}  # objects scaled to each size, reused when there is no per-image variation
+    written = []
+    for layout in tqdm(layouts, desc=f"grid images -> {out_dir}", disable=not progress, unit="img"):
+        img = render_grid_image(layout, objects, cell, local_variation, backgrounds, seed, fitted)
+        path = out_dir / data.format_grid_name(layout)
+        img.save(path, **PNG_OPTIONS)
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO-Spatial stand-in
+# ---------------------------------------------------------------------------------------------
+
+OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+
+
+def standin_positions(relation, s1, s2, image_size, rng):
+    """Centres (x1, y1), (x2, y2) of obj1 and obj2 (sizes s1, s2) so that `relation` (obj1
+    relative to obj2) is unambiguous: a clear gap on its axis and a small offset on the other."""
+    margin = image_size * 0.02
+    gap = image_size * 0.06
+    lower_first = relation in ("left", "above")  # obj1 has the lower coordinate on the axis
+    h_low, h_high = (s1 / 2, s2 / 2) if lower_first else (s2 / 2, s1 / 2)
+    # Main axis: the distance between centres leaves at least `gap` between the objects.
+    d = rng.uniform(h_low + h_high + gap, image_size - 2 * margin - h_low - h_high)
+    c_low = rng.uniform(margin + h_low, image_size - margin - h_high - d)
+    c_high = c_low + d
+    a1, a2 = (c_low, c_high) if lower_first else (c_high, c_low)
+    # Other axis: both near a shared line, offsets within 10% of the smaller object.
+    half = max(s1, s2) / 2
+    offset = 0.1 * min(s1, s2)
+    line = rng.uniform(margin + half + offset, image_size - margin - half - offset)
+    b1, b2 = line + rng.uniform(-offset, offset), line + rng.uniform(-offset, offset)
+    if relation in ("left", "right"):
+        return (a1, b1), (a2, b2)
+    return (b1, a1), (b2, a2)
+
+
+def standin_background(image_size, rng):
+    """A light plain background, or the same with mild pixel noise."""
+    base = [rng.randint(200, 245) for _ in range(3)]
+    if rng.random() < 0.5:
+        return Image.new("RGB", (image_size, image_size), tuple(base))
+    noise = np.random.default_rng(rng.getrandbits(32)).integers(-12, 13, (image_size, image_size, 3))
+    pixels = np.clip(np.array(base, dtype=np.int32) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def make_coco_standin(out_dir, objects, n=40, image_size=224, seed=0):
+    """Write out_dir/coco_qa_two_obj_standin.json (rows [image_id, true_caption, false_caption])
+    and out_dir/{id:012d}.jpg for ids 1..n. Relations cycle left, right, above, below.
+
+    A synthetic stand-in for offline smoke runs only: it is not COCO-Spatial."""
+    if n < 1:
+        raise ValueError(f"standin size must be >= 1, not {n}")
+    if image_size < 32:
+        raise ValueError(f"standin image size must be >= 32 px, not {image_size}")
+    names = list(objects)
+    if len(names) < 2:
+        raise ValueError(f"need at least 2 objects, got {len(names)}")
+    for name in names:
+        data.check_object_name(name)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for image_id in range(1, n + 1):
+        relation = data.ANSWER_WORDS[(image_id - 1) % len(data.ANSWER_WORDS)]
+        rng = random.Random(f"standin:{seed}:{image_id}")
+        obj1, obj2 = rng.sample(names, 2)
+        img = standin_background(image_size, rng)
+        s1, s2 = (round(image_size * rng.uniform(0.22, 0.32)) for _ in range(2))
+        for name, s, (cx, cy) in zip((obj1, obj2), (s1, s2), standin_positions(relation, s1, s2, image_size, rng)):
+            obj = fit_object(objects[name], s)
+            img.paste(obj, (round(cx - obj.width / 2), round(cy - obj.height / 2)), obj)
+        img.save(data.coco_image_path(out_dir, image_id), **JPEG_OPTIONS)
+        rows.append([image_id, data.make_caption(obj1, relation, obj2), data.make_caption(obj1, OPPOSITE[relation], obj2)])
+    json_path = out_dir / STANDIN_JSON
+    json_path.write_text("[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n")  # a row per line
+    data.load_coco_spatial(json_path, out_dir)  # the evaluation loader must accept it
+    return json_path
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", default="data/grid", help="folder for the grid images")
+    p.add_argument("--objects_dir", default=None,
+                   help="folder of {object}.png RGBA renders ('_' in a file name = space); default: built-in shapes")
+    p.add_argument("--cell", type=int, default=REFERENCE_CELL, help="cell size in px (image = 4 cells square)")
+    p.add_argument("--sizes", type=int, nargs="+", default=list(OBJECT_SIZES),
+                   help=f"object sizes in px at a {REFERENCE_CELL} px cell (scaled with --cell)")
+    p.add_argument("--no_same_row_or_col", action="store_true",
+                   help="only cell pairs that differ in both column and row")
+    p.add_argument("--local_variation", action="store_true",
+                   help="per-object size jitter (~10%%) and rotation (within 15 degrees)")
+    p.add_argument("--bg_dir", default=None, help="folder of background images (default: white)")
+    p.add_argument("--max_pairs", type=int, default=None, help="keep this many ordered object pairs (seeded)")
+    p.add_argument("--max_images", type=int, default=None, help="stop after this many images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--coco_standin", default=None, metavar="DIR",
+                   help="also write the synthetic COCO-Spatial stand-in (offline smoke runs) into DIR")
+    p.add_argument("--standin_size", type=int, default=40, help="number of stand-in images")
+    p.add_argument("--standin_only", action="store_true", help="write only the stand-in, no grid images")
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    # Argument errors first, before anything is drawn.
+    if args.cell < 8:
+        parser.error(f"argument --cell: must be >= 8 px, not {args.cell}")
+    bad = [s for s in args.sizes if not 0 < s <= REFERENCE_CELL]
+    if bad:
+        parser.error(f"argument --sizes: {bad} not in 1..{REFERENCE_CELL} (px at a {REFERENCE_CELL} px cell)")
+    for flag in ("max_pairs", "max_images", "standin_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"argument --{flag}: must be >= 1, not {value}")
+    if args.standin_only and not args.coco_standin:
+        parser.error("argument --standin_only: needs --coco_standin DIR")
+    if args.bg_dir is not None and not args.standin_only:
+        try:
+            list_images(args.bg_dir, "background")
+        except (OSError, ValueError) as err:
+            parser.error(f"argument --bg_dir: {err}")
+
+    if args.objects_dir:
+        try:
+            objects = load_objects_dir(args.objects_dir)
+        except (OSError, ValueError) as err:
+            parser.error(f"argument --objects_dir: {err}")
+        source = str(args.objects_dir)
+    else:
+        # Render at least as large as the largest drawn object, so nothing is scaled up.
+        objects = builtin_objects(max(REFERENCE_CELL, drawn_size(max(args.sizes), args.cell)))
+        source = "built-in shapes"
+
+    if not args.standin_only:
+        paths = make_grid_images(
+            args.out_dir, objects, cell=args.cell, sizes=args.sizes,
+            no_same_row_or_col=args.no_same_row_or_col, local_variation=args.local_variation,
+            bg_dir=args.bg_dir, max_pairs=args.max_pairs, max_images=args.max_images, seed=args.seed,
+        )
+        layouts = [data.parse_grid_name(p.name) for p in paths]
+        pairs = {(lay.obj1, lay.obj2) for lay in layouts}
+        sizes = sorted({lay.size for lay in layouts})
+        written = {p.name for p in paths}
+        stale = [p for p in Path(args.out_dir).glob("*.png") if p.name not in written]
+        print(f"wrote {len(paths)} grid images ({GRID * args.cell} px, cell {args.cell}) to {args.out_dir}: "
+              f"{len(pairs)} ordered pairs of {len(objects)} objects ({source}), sizes {sizes}, "
+              f"{len(cell_pairs(args.no_same_row_or_col))} cell pairs per pair and size")
+        if stale:
+            print(f"note: {args.out_dir} also holds {len(stale)} other .png files from earlier runs "
+                  "(not removed; the training set reads every .png there)")
+
+    if args.coco_standin:
+        json_path = make_coco_standin(args.coco_standin, objects, n=args.standin_size, seed=args.seed)
+        print(f"wrote {args.standin_size} stand-in images and {json_path}. This is a synthetic STAND-IN for "
+              "offline smoke runs, NOT COCO-Spatial: its scores say nothing about the paper's results.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
