@@ -1,0 +1,29 @@
+# make demo : offline end-to-end demo on the built-in tiny model (no GPU, no downloads)
+# make test : the test suite
+# Both create (or reuse) .venv and install what they need.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install test demo clean
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU machine.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt pytest
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest tests -q
+
+demo: install
+	PYTHON=$(PY) bash demo.sh
+
+clean:
+	rm -rf .cache data/grid data/grid_holdout data/coco_standin runs/demo_*

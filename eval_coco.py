@@ -1,0 +1,203 @@
+"""COCO-Spatial evaluation: generate (or score) answers to two-option spatial questions.
+
+    python eval_coco.py --ckpt runs/baseline/checkpoint-200
+    python eval_coco.py --ckpt qwen2-2b --mode score --eval_max_samples 100
+
+`--mode generate` (the original's metric) decodes at most 5 new tokens greedily, batched with
+left padding and the KV cache, and parses the answer as the original did. `--mode score` compares
+the log-probabilities of the two option words in one forward pass per batch, and also runs
+`generate` to report how often the two agree. train.py calls `evaluate` from here.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import data
+from models import load_model_and_processor
+
+
+def parse_answer(text, options):
+    """The original's parsing: the first option (in the options' order) found as a whole word,
+    else an option the answer starts with, else "" (counted wrong)."""
+    text = text.strip().lower()
+    for option in options:
+        if re.search(rf"\b{re.escape(option)}\b", text):
+            return option
+    for option in options:
+        if text.startswith(option):
+            return option
+    return ""
+
+
+def _batches(items, size):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _to_device(batch, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def generate_answers(model, processor, adapter, samples, batch_size=8, max_new_tokens=5, progress=True, desc="eval"):
+    """Greedy answers for `samples`, batched with left padding and the KV cache."""
+    tokenizer = processor.tokenizer
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    collate = data.VLMCollator(processor, adapter.end_of_turn, with_answer=False)
+    device = next(model.parameters()).device
+    texts = []
+    try:
+        for chunk in tqdm(list(_batches(samples, batch_size)), desc=desc, disable=not progress, leave=False):
+            batch = collate(chunk)
+            batch.pop("target_positions"), batch.pop("target_cells", None)
+            batch = _to_device(batch, device)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            new_tokens = out[:, batch["input_ids"].shape[1]:]
+            texts += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return texts
+
+
+def _option_token_ids(tokenizer, options):
+    ids = [tokenizer(o, add_special_tokens=False)["input_ids"][0] for o in options]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"options {options} share their first token; score mode cannot tell them apart")
+    return ids
+
+
+@torch.no_grad()
+def score_answers(model, processor, adapter, samples, batch_size=8, progress=True, desc="score"):
+    """The option whose first token has the higher log-probability at the answer position."""
+    tokenizer = processor.tokenizer
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # the answer position is then the last column for every row
+    collate = data.VLMCollator(processor, adapter.end_of_turn, with_answer=False)
+    device = next(model.parameters()).device
+    answers = []
+    try:
+        for chunk in tqdm(list(_batches(samples, batch_size)), desc=desc, disable=not progress, leave=False):
+            batch = collate(chunk)
+            batch.pop("target_positions"), batch.pop("target_cells", None)
+            logits = model(**_to_device(batch, device)).logits[:, -1].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            for row, sample in zip(logprobs, chunk):
+                ids = _option_token_ids(tokenizer, sample["options"])
+                answers.append(sample["options"][int(torch.argmax(row[ids]))])
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def accuracy_report(samples, predictions):
+    """Accuracy overall and per relation, with counts."""
+    per = defaultdict(lambda: [0, 0])
+    for s, p in zip(samples, predictions):
+        per[s["answer"]][0] += int(p == s["answer"])
+        per[s["answer"]][1] += 1
+    correct = sum(c for c, _ in per.values())
+    n = sum(t for _, t in per.values())
+    return {
+        "accuracy": correct / n if n else float("nan"),
+        "correct": correct,
+        "n": n,
+        "per_relation": {rel: {"accuracy": c / t, "correct": c, "n": t}
+                         for rel, (c, t) in sorted(per.items())},
+    }
+
+
+def evaluate(model, processor, adapter, samples, batch_size=8, mode="generate", max_new_tokens=5, progress=True, desc="eval"):
+    """(report, prediction rows) for `samples`. The model is left in eval mode; callers that
+    train switch it back."""
+    model.eval()
+    texts = generate_answers(model, processor, adapter, samples, batch_size, max_new_tokens, progress, desc)
+    parsed = [parse_answer(t, s["options"]) for t, s in zip(texts, samples)]
+    if mode == "generate":
+        predictions = parsed
+    elif mode == "score":
+        predictions = score_answers(model, processor, adapter, samples, batch_size, progress, desc + " (score)")
+    else:
+        raise ValueError(f"mode must be 'generate' or 'score', not {mode!r}")
+    report = accuracy_report(samples, predictions)
+    if mode == "score":
+        agree = sum(a == b for a, b in zip(predictions, parsed))
+        report["agreement_with_generate"] = agree / len(samples) if samples else float("nan")
+        report["generate_accuracy"] = accuracy_report(samples, parsed)["accuracy"]
+    rows = []
+    for s, text, pred in zip(samples, texts, predictions):
+        rows.append({k: s[k] for k in ("row", "image_id", "image_path") if k in s} | {
+            "question": s["question"], "answer": s["answer"], "generated": text,
+            "prediction": pred, "correct": pred == s["answer"],
+        })
+    return report, rows
+
+
+def write_jsonl(path, rows):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def format_report(report, name="COCO-Spatial"):
+    parts = [f"{rel} {r['correct']}/{r['n']}" for rel, r in report["per_relation"].items()]
+    line = f"{name}: accuracy {report['accuracy']:.4f} ({report['correct']}/{report['n']}); " + ", ".join(parts)
+    if "agreement_with_generate" in report:
+        line += (f"; score vs generate agreement {report['agreement_with_generate']:.4f}"
+                 f" (generate accuracy {report['generate_accuracy']:.4f})")
+    return line
+
+
+def add_data_args(parser):
+    """COCO-Spatial flags shared with train.py."""
+    parser.add_argument("--val_json", default="data/coco_qa_two_obj.json",
+                        help="COCO-Spatial rows [image_id, true_caption, false_caption]")
+    parser.add_argument("--coco_val_dir", default="data/coco", help="folder of COCO val2017 {id:012d}.jpg images")
+    parser.add_argument("--eval_max_samples", type=int, default=None, help="evaluate the first N questions only")
+    parser.add_argument("--question_style", choices=["ours", "original"], default="ours",
+                        help="'original' reproduces the original code's exact COCO wording")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="checkpoint folder, hub id or alias (e.g. tiny, qwen2-2b)")
+    add_data_args(parser)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--mode", choices=["generate", "score"], default="generate")
+    parser.add_argument("--max_new_tokens", type=int, default=5)
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 weights (CUDA only; float32 on CPU)")
+    parser.add_argument("--output", default=None, help="predictions JSONL (default: next to the checkpoint)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch_size must be >= 1")
+
+    # Data first: a missing image or a malformed row stops us before the model loads.
+    samples = data.load_coco_spatial(args.val_json, args.coco_val_dir, args.question_style, args.eval_max_samples)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if args.bf16 and device == "cuda" else torch.float32
+    if args.bf16 and device != "cuda":
+        print("--bf16 ignored: no CUDA device, evaluating in float32", file=sys.stderr)
+    model, processor, adapter = load_model_and_processor(args.ckpt, dtype=dtype, device=device)
+    report, rows = evaluate(model, processor, adapter, samples, args.batch_size, args.mode, args.max_new_tokens)
+    print(format_report(report))
+    output = args.output
+    if output is None:
+        base = Path(args.ckpt) if os.path.isdir(args.ckpt) else Path("eval_outputs") / args.ckpt.replace("/", "--")
+        output = base / f"coco_predictions_{args.mode}.jsonl"
+    write_jsonl(output, rows)
+    print(f"predictions: {output}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
