@@ -46,11 +46,6 @@ def cell_key(cell):
     return key
 
 
-def obj2_cells(samples):
-    """[(col, row, size)] of obj2 for samples of data.GridDataset (keys of the IDs)."""
-    return [cell_key((s["cell2"][0], s["cell2"][1], s["size"])) for s in samples]
-
-
 def _layer_int(key):
     if isinstance(key, bool):
         return None
