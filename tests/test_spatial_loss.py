@@ -316,7 +316,7 @@ def test_gradients_reach_vision_mlp_through_the_loss(tiny, tmp_path):
     samples, batch = grid_batch(processor, adapter, tmp_path, cells2)
     positions = batch.pop("target_positions")
     torch.manual_seed(5)
-    cells = sl.obj2_cells(samples)
+    cells = [tuple(c) for c in batch.pop("target_cells").tolist()]
     assert cells == [(c, r, SIZE) for c, r in cells2]
     loss_fn = sl.SpatialIDLoss({c: torch.randn(adapter.lm_hidden_size(model)) for c in cells})
     with sl.capture_layer(model, adapter, LAYER) as cap:
