@@ -39,7 +39,8 @@ def axis_directions(ids):
 
 @torch.no_grad()
 def derive(model, processor, adapter, samples, batch_size=16, max_groups=None, seed=0, progress=True):
-    """({layer: {(col, row, size): mean centred state}}, stats)."""
+    """({layer: {(col, row, size): mean centred state}}, stats); stats["counts"] is
+    {(col, row, size): number of centred states averaged into that ID}."""
     groups = [g for g in data.group_indices(samples, range(len(samples))).values() if len(g) >= 2]
     if not groups:
         raise ValueError("no group of >= 2 questions with obj1 fixed and obj2 moving; "
@@ -72,7 +73,7 @@ def derive(model, processor, adapter, samples, batch_size=16, max_groups=None, s
     pairs = {(samples[g[0]]["obj1"], samples[g[0]]["obj2"]) for g in groups}
     stats = {"groups": len(groups), "questions": sum(len(g) for g in groups), "pairs": len(pairs),
              "cells": len(sums), "layers": n_layers, "hidden_size": int(states.shape[-1]),
-             "min_count": min(counts.values())}
+             "min_count": min(counts.values()), "counts": {key: counts[key] for key in sorted(counts)}}
     return per_layer, stats
 
 

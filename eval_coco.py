@@ -118,15 +118,15 @@ def accuracy_report(samples, predictions):
 def evaluate(model, processor, adapter, samples, batch_size=8, mode="generate", max_new_tokens=5, progress=True, desc="eval"):
     """(report, prediction rows) for `samples`. The model is left in eval mode; callers that
     train switch it back."""
+    if mode not in ("generate", "score"):
+        raise ValueError(f"mode must be 'generate' or 'score', not {mode!r}")
     model.eval()
     texts = generate_answers(model, processor, adapter, samples, batch_size, max_new_tokens, progress, desc)
     parsed = [parse_answer(t, s["options"]) for t, s in zip(texts, samples)]
     if mode == "generate":
         predictions = parsed
-    elif mode == "score":
-        predictions = score_answers(model, processor, adapter, samples, batch_size, progress, desc + " (score)")
     else:
-        raise ValueError(f"mode must be 'generate' or 'score', not {mode!r}")
+        predictions = score_answers(model, processor, adapter, samples, batch_size, progress, desc + " (score)")
     report = accuracy_report(samples, predictions)
     if mode == "score":
         agree = sum(a == b for a, b in zip(predictions, parsed))
