@@ -233,26 +233,43 @@ def group_indices(samples, indices):
     return {k: groups[k] for k in sorted(groups, key=str)}
 
 
-class GroupedBatchSampler(torch.utils.data.Sampler):
+class _EpochBatchSampler(torch.utils.data.Sampler):
+    """Batches drawn afresh each epoch from `seed + epoch`; `set_epoch(epoch, skip=n)` starts the
+    epoch after its first n batches (resuming a run mid-epoch). `__len__` is what it yields."""
+
+    seed = 0
+    epoch = 0
+    skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def epoch_batches(self):
+        raise NotImplementedError
+
+    def __iter__(self):
+        return iter(self.epoch_batches()[self.skip:])
+
+    def __len__(self):
+        return max(0, len(self.epoch_batches()) - self.skip)
+
+
+class GroupedBatchSampler(_EpochBatchSampler):
     """Batches whose samples share the object pair, obj1's cell, the object size and the question
     type while obj2 moves: centring over such a batch leaves only obj2's position (as the
     original's fixed-obj1 groups of one pair).
 
     Groups are split into batches of at most `batch_size`; a leftover of one sample is dropped
     (centring one state leaves nothing). Both the baseline and the spatial-loss runs use it, so
-    they differ only by the loss. Reshuffled each epoch from `seed + epoch`."""
+    they differ only by the loss."""
 
     def __init__(self, samples, indices, batch_size, seed=0, min_batch_size=2):
         self.batch_size = batch_size
         self.seed = seed
-        self.epoch = 0
         self.min_batch_size = min_batch_size
         self.groups = list(group_indices(samples, indices).values())
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def _batches(self):
+    def epoch_batches(self):
         rng = random.Random(self.seed + self.epoch)
         batches = []
         for group in self.groups:
@@ -265,29 +282,17 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         rng.shuffle(batches)
         return batches
 
-    def __iter__(self):
-        return iter(self._batches())
 
-    def __len__(self):
-        return len(self._batches())
-
-
-class RandomBatchSampler(torch.utils.data.Sampler):
+class RandomBatchSampler(_EpochBatchSampler):
     """The original's plain shuffle (`--sampler random`)."""
 
     def __init__(self, indices, batch_size, seed=0):
-        self.indices, self.batch_size, self.seed, self.epoch = list(indices), batch_size, seed, 0
+        self.indices, self.batch_size, self.seed = list(indices), batch_size, seed
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __iter__(self):
+    def epoch_batches(self):
         order = list(self.indices)
         random.Random(self.seed + self.epoch).shuffle(order)
-        return iter([order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)])
-
-    def __len__(self):
-        return (len(self.indices) + self.batch_size - 1) // self.batch_size
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
 
 # ---------------------------------------------------------------------------------------------

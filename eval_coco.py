@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 import data
-from models import load_model_and_processor
+from models import ModelUnavailableError, load_model_and_processor
 
 
 def parse_answer(text, options):
@@ -200,4 +200,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ModelUnavailableError) as err:  # user-facing: no traceback
+        sys.exit(f"error: {err}")

@@ -204,7 +204,7 @@ def load_model_and_processor(name, dtype=torch.float32, device="cpu"):
             + (", HF_HUB_OFFLINE=1" if offline else "")
             + f"): {str(err).splitlines()[0]}\n"
             "Known aliases: " + ", ".join(sorted(MODEL_ALIASES)) + ". Without a GPU or hub access, "
-            "use the built-in offline model: --model_name tiny"
+            "use the built-in offline model: --model_name tiny (train.py) or --ckpt tiny (eval_coco.py)"
         ) from err
     adapter = adapter_for(config)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 import data
 import param_selectors
 from eval_coco import add_data_args, evaluate, format_report, write_jsonl
-from models import load_model_and_processor
+from models import ModelUnavailableError, load_model_and_processor
 
 REPO = Path(__file__).resolve().parent
 
@@ -36,6 +36,8 @@ def parse_args(argv=None):
     add_data_args(p)
     p.add_argument("--output_dir", default=None, help="run folder (default runs/<model>_<baseline|spatial>_seed<seed>)")
     p.add_argument("--overwrite_output_dir", action="store_true", help="allow writing into a run folder that has metrics")
+    p.add_argument("--resume_from_checkpoint", default=None,
+                   help="continue a run from one of its checkpoint-N folders, or 'latest' in --output_dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=15)
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -116,6 +118,25 @@ def load_data(args):
     return grid, coco, train_idx, holdout_idx
 
 
+# Arguments that may change when a run is resumed without changing what it trains.
+RESUME_FREE_ARGS = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "num_workers",
+                    "eval_batch_size", "eval_max_samples", "holdout_max_samples", "log_every"}
+
+
+def find_checkpoint(out, spec):
+    """The checkpoint folder to resume from: `spec` itself, or the newest checkpoint-N in `out`."""
+    if spec == "latest":
+        found = sorted((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*")
+                       if p.name.split("-")[1].isdigit() and (p / "training_state.pt").is_file())
+        if not found:
+            raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint-N with training_state.pt in {out}")
+        return found[-1][1]
+    path = Path(spec)
+    if not (path / "training_state.pt").is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a train.py checkpoint (no training_state.pt)")
+    return path
+
+
 def main(argv=None):
     args = parse_args(argv)
     from accelerate import Accelerator
@@ -125,8 +146,20 @@ def main(argv=None):
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(args.seed)
     out = Path(args.output_dir)
-    if (out / "metrics.jsonl").exists() and not args.overwrite_output_dir:
-        sys.exit(f"{out} already holds a run (metrics.jsonl); choose another --output_dir or pass --overwrite_output_dir")
+    resume_dir, state = None, None
+    if args.resume_from_checkpoint:
+        try:
+            resume_dir = find_checkpoint(out, args.resume_from_checkpoint)
+        except FileNotFoundError as err:
+            sys.exit(f"error: {err}")
+        state = torch.load(resume_dir / "training_state.pt", map_location="cpu", weights_only=True)
+        changed = {k: (state["args"].get(k), v) for k, v in vars(args).items()
+                   if k not in RESUME_FREE_ARGS and state["args"].get(k) != v}
+        if changed:
+            print(f"warning: resuming {resume_dir} with different arguments (then, now): {changed}")
+    elif (out / "metrics.jsonl").exists() and not args.overwrite_output_dir:
+        sys.exit(f"{out} already holds a run (metrics.jsonl); choose another --output_dir, pass "
+                 "--resume_from_checkpoint latest to continue it, or --overwrite_output_dir")
 
     # --- data: every file problem surfaces here, before the (slow) model load -----------------
     try:
@@ -157,7 +190,8 @@ def main(argv=None):
     if args.bf16 and not cuda:
         print("--bf16: no CUDA device here, training in float32 (bf16 on a CPU is slow)")
     dtype = torch.bfloat16 if args.bf16 and cuda else torch.float32
-    model, processor, adapter = load_model_and_processor(args.model_name, dtype=dtype, device=accelerator.device)
+    model, processor, adapter = load_model_and_processor(str(resume_dir) if resume_dir else args.model_name,
+                                                         dtype=dtype, device=accelerator.device)
     selection = param_selectors.select_from_args(model, adapter, args)
     print(selection.summary())
     if args.grad_checkpointing:
@@ -186,6 +220,12 @@ def main(argv=None):
         params += [p for p in spatial_loss.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_frac * total_steps), total_steps)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if spatial_loss is not None and state["spatial_loss"] is not None:
+            spatial_loss.load_state_dict(state["spatial_loss"])
+        torch.set_rng_state(state["torch_rng"])
     loader = torch.utils.data.DataLoader(
         grid, batch_sampler=batch_sampler, num_workers=args.num_workers,
         collate_fn=data.VLMCollator(processor, adapter.end_of_turn),
@@ -199,14 +239,27 @@ def main(argv=None):
               "selected_count": selection.selected_params, "total_parameters": selection.total_params,
               "train_questions": len(train_idx), "holdout_questions": len(holdout_idx),
               "holdout_pairs": sorted({" | ".join(sorted((s["obj1"], s["obj2"]))) for s in holdout})}
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    metrics = (out / "metrics.jsonl").open("w")
+    if state is None:
+        (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        metrics = (out / "metrics.jsonl").open("w")
+    else:
+        # Keep the history up to the checkpoint; what came after it is about to be redone.
+        source = out if (out / "metrics.jsonl").exists() else resume_dir.parent
+        history = [line for line in (source / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        kept = [line for line in history
+                if json.loads(line)["event"] != "end" and json.loads(line)["step"] <= state["step"]]
+        if (out / "config.json").exists():
+            config = json.loads((out / "config.json").read_text())
+        config.setdefault("resumed", []).append({"from": str(resume_dir), "step": state["step"], **run_metadata()})
+        (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        metrics = (out / "metrics.jsonl").open("w")
+        metrics.write("".join(line + "\n" for line in kept))
 
     def log(event):
         metrics.write(json.dumps(event) + "\n")
         metrics.flush()
 
-    def evaluate_and_save(step):
+    def evaluate_and_save(step, epoch, batches_done):
         coco_report, coco_rows = evaluate(model, processor, adapter, coco, args.eval_batch_size, args.eval_mode,
                                           desc=f"COCO-Spatial @{step}")
         event = {"event": "eval", "step": step, "coco": coco_report}
@@ -223,21 +276,40 @@ def main(argv=None):
         model.save_pretrained(checkpoint)
         processor.save_pretrained(checkpoint)
         event["checkpoint"] = str(checkpoint)
+        # Everything needed to continue exactly from here (--resume_from_checkpoint).
+        torch.save({"step": step, "epoch": epoch, "batches_done": batches_done, "args": vars(args),
+                    "counters": [optimizer_steps, skipped_steps, nonfinite_losses],
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "spatial_loss": spatial_loss.state_dict() if spatial_loss is not None else None,
+                    "torch_rng": torch.get_rng_state(), "eval_event": json.dumps(event)},
+                   checkpoint / "training_state.pt")
         log(event)
         model.train()
         return event
 
     # --- train -----------------------------------------------------------------------------------
-    last_eval = evaluate_and_save(0)
+    if state is None:
+        step = optimizer_steps = skipped_steps = nonfinite_losses = 0
+        position = (0, 0)
+        last_eval = evaluate_and_save(0, *position)
+    else:
+        step = state["step"]
+        optimizer_steps, skipped_steps, nonfinite_losses = state["counters"]
+        position = (state["epoch"], state["batches_done"])
+        last_eval = json.loads(state["eval_event"])
+        print(f"resuming from {resume_dir}: step {step}, epoch {position[0]}, {position[1]} batches into it")
     model.train()
-    step = optimizer_steps = skipped_steps = nonfinite_losses = 0
     window = {"loss": [], "lm_loss": [], "spatial_loss": []}
-    bar = tqdm(total=total_steps, desc="train")
+    bar = tqdm(total=total_steps, initial=step, desc="train")
     micro, finite_micro, accum_n = 0, 0, args.grad_accum
-    for epoch in range(args.epochs):
-        batch_sampler.set_epoch(epoch)
-        n_batches = len(batch_sampler)
-        for b, batch in enumerate(loader):
+    for epoch in range(position[0], args.epochs):
+        if step >= total_steps:
+            break
+        # A resumed run skips the batches its epoch had already trained on.
+        first = position[1] if epoch == position[0] else 0
+        batch_sampler.set_epoch(epoch, skip=first)
+        n_batches = first + len(batch_sampler)
+        for b, batch in enumerate(loader, start=first):
             if micro == 0:  # the epoch's last step may gather fewer micro-batches
                 accum_n = min(args.grad_accum, n_batches - b)
             target_positions = batch.pop("target_positions").to(accelerator.device)
@@ -276,6 +348,7 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             micro = finite_micro = 0
             step += 1
+            position = (epoch, b + 1)
             bar.update(1)
             if window["loss"]:
                 bar.set_postfix(loss=f"{window['loss'][-1]:.4f}")
@@ -287,16 +360,14 @@ def main(argv=None):
                 log(event)
                 window = {k: [] for k in window}
             if step % args.eval_save_steps == 0 and step < total_steps:
-                last_eval = evaluate_and_save(step)
+                last_eval = evaluate_and_save(step, *position)
             if step >= total_steps:
                 break
-        if step >= total_steps:
-            break
     bar.close()
 
     # --- final evaluation and model --------------------------------------------------------------
     if last_eval["step"] != step:
-        last_eval = evaluate_and_save(step)
+        last_eval = evaluate_and_save(step, *position)
     model.save_pretrained(out / "final")
     processor.save_pretrained(out / "final")
     summary = {"event": "end", "step": step, "optimizer_steps": optimizer_steps, "skipped_steps": skipped_steps,
@@ -311,4 +382,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ModelUnavailableError) as err:  # user-facing: no traceback
+        sys.exit(f"error: {err}")

@@ -122,8 +122,15 @@ def test_grouped_sampler_batches_share_obj1_cell_size_and_question_type():
         assert len({samples[i]["cell2"] for i in batch}) == len(batch)  # obj2 moves
     sampler.set_epoch(1)
     assert list(sampler) != batches and len(sampler) == len(list(sampler))
+    sampler.set_epoch(1, skip=3)
+    fresh = data.GroupedBatchSampler(samples, range(len(samples)), 5, seed=3)
+    fresh.set_epoch(1)
+    assert list(sampler) == list(fresh)[3:] and len(sampler) == len(fresh) - 3
     random_sampler = data.RandomBatchSampler(range(11), 4)
     assert len(random_sampler) == len(list(random_sampler)) == 3
+    first = list(random_sampler)
+    random_sampler.set_epoch(0, skip=1)
+    assert list(random_sampler) == first[1:] and len(random_sampler) == 2
 
 
 # --- collator --------------------------------------------------------------------------------

@@ -178,3 +178,37 @@ def test_bad_arguments_and_data_are_reported_before_the_model_loads(dataset, tmp
         train.main(_args(dataset, tmp_path / "r", "--coco_val_dir", str(tmp_path)))
     with pytest.raises(SystemExit):
         train.main(_args(dataset, tmp_path / "r", "--universal_id_path", "x.pt", "--sampler", "random"))
+
+
+def _comparable(run):
+    """metrics.jsonl events without the fields that name the run folder."""
+    events = [json.loads(l) for l in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in e.items() if k != "checkpoint"} for e in events]
+
+
+def test_resume_from_checkpoint_continues_exactly(dataset, tmp_path):
+    import shutil
+
+    common = ["--max_steps", "8", "--eval_save_steps", "3", "--grad_accum", "2", "--epochs", "3",
+              "--log_every", "1", "--eval_max_samples", "2", "--holdout_max_samples", "2"]
+    straight = tmp_path / "straight"
+    train.main(_args(dataset, straight, *common))
+    # An interrupted copy: only the history up to checkpoint-3 survived.
+    cut = tmp_path / "cut"
+    shutil.copytree(straight, cut, ignore=shutil.ignore_patterns("checkpoint-6", "checkpoint-8", "final"))
+    train.main(_args(dataset, cut, *common, "--resume_from_checkpoint", "latest"))
+    assert _comparable(cut) == _comparable(straight)
+    config = json.loads((cut / "config.json").read_text())
+    assert config["resumed"][0]["step"] == 3 and config["resumed"][0]["from"].endswith("checkpoint-3")
+    a = dict(models.load_model_and_processor(str(straight / "final"))[0].named_parameters())
+    b = dict(models.load_model_and_processor(str(cut / "final"))[0].named_parameters())
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    # Forking from a checkpoint into a new folder gives the same run again.
+    fork = tmp_path / "fork"
+    train.main(_args(dataset, fork, *common, "--resume_from_checkpoint", str(straight / "checkpoint-6")))
+    assert _comparable(fork) == _comparable(straight)
+
+
+def test_resume_needs_a_checkpoint(dataset, tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint-N with training_state.pt"):
+        train.main(_args(dataset, tmp_path / "empty", "--resume_from_checkpoint", "latest"))
