@@ -45,26 +45,32 @@ def _to_device(batch, device):
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-@torch.no_grad()
-def generate_answers(model, processor, adapter, samples, batch_size=8, max_new_tokens=5, progress=True, desc="eval"):
-    """Greedy answers for `samples`, batched with left padding and the KV cache."""
+def _left_padded_batches(model, processor, adapter, samples, batch_size, progress, desc):
+    """(samples, model inputs on the model's device) for each batch of generation prompts, padded
+    on the left so every row's answer position is the last column; the tokenizer's padding side
+    is restored afterwards."""
     tokenizer = processor.tokenizer
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     collate = data.VLMCollator(processor, adapter.end_of_turn, with_answer=False)
     device = next(model.parameters()).device
-    texts = []
     try:
         for chunk in tqdm(list(_batches(samples, batch_size)), desc=desc, disable=not progress, leave=False):
             batch = collate(chunk)
             batch.pop("target_positions"), batch.pop("target_cells", None)
-            batch = _to_device(batch, device)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            new_tokens = out[:, batch["input_ids"].shape[1]:]
-            texts += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            yield chunk, _to_device(batch, device)
     finally:
         tokenizer.padding_side = side
+
+
+@torch.no_grad()
+def generate_answers(model, processor, adapter, samples, batch_size=8, max_new_tokens=5, progress=True, desc="eval"):
+    """Greedy answers for `samples`, batched with left padding and the KV cache."""
+    tokenizer = processor.tokenizer
+    texts = []
+    for _, batch in _left_padded_batches(model, processor, adapter, samples, batch_size, progress, desc):
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        texts += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return texts
 
 
@@ -78,23 +84,12 @@ def _option_token_ids(tokenizer, options):
 @torch.no_grad()
 def score_answers(model, processor, adapter, samples, batch_size=8, progress=True, desc="score"):
     """The option whose first token has the higher log-probability at the answer position."""
-    tokenizer = processor.tokenizer
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # the answer position is then the last column for every row
-    collate = data.VLMCollator(processor, adapter.end_of_turn, with_answer=False)
-    device = next(model.parameters()).device
     answers = []
-    try:
-        for chunk in tqdm(list(_batches(samples, batch_size)), desc=desc, disable=not progress, leave=False):
-            batch = collate(chunk)
-            batch.pop("target_positions"), batch.pop("target_cells", None)
-            logits = model(**_to_device(batch, device)).logits[:, -1].float()
-            logprobs = torch.log_softmax(logits, dim=-1)
-            for row, sample in zip(logprobs, chunk):
-                ids = _option_token_ids(tokenizer, sample["options"])
-                answers.append(sample["options"][int(torch.argmax(row[ids]))])
-    finally:
-        tokenizer.padding_side = side
+    for chunk, batch in _left_padded_batches(model, processor, adapter, samples, batch_size, progress, desc):
+        logprobs = torch.log_softmax(model(**batch).logits[:, -1].float(), dim=-1)
+        for row, sample in zip(logprobs, chunk):
+            ids = _option_token_ids(processor.tokenizer, sample["options"])
+            answers.append(sample["options"][int(torch.argmax(row[ids]))])
     return answers
 
 
