@@ -62,7 +62,7 @@ def _format_keys(keys, limit=10):
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def _torch_load(path):
+def _read_ids_file(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -93,7 +93,7 @@ def load_universal_ids(path, layer, hidden_size, needed_keys=None):
     the layer is absent, a vector has the wrong size or is not finite/non-zero, or one of
     `needed_keys` (the cells the training data uses) has no ID."""
     path = Path(path)
-    data = _torch_load(path)
+    data = _read_ids_file(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected {{layer: {{'universal': {{(col, row, size): tensor}}}}}}, "
                          f"found a {type(data).__name__}")
