@@ -238,7 +238,8 @@ def main(argv=None):
               "steps_per_epoch": steps_per_epoch, "selected_parameters": selection.names,
               "selected_count": selection.selected_params, "total_parameters": selection.total_params,
               "train_questions": len(train_idx), "holdout_questions": len(holdout_idx),
-              "holdout_pairs": sorted({" | ".join(sorted((s["obj1"], s["obj2"]))) for s in holdout})}
+              "holdout_pairs": sorted({" | ".join(sorted((grid.samples[i]["obj1"], grid.samples[i]["obj2"])))
+                                       for i in holdout_idx})}
     if state is None:
         (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
         metrics = (out / "metrics.jsonl").open("w")
