@@ -144,6 +144,8 @@ def main(argv=None):
     from transformers import get_linear_schedule_with_warmup
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.num_processes > 1:  # the loop neither shards batches nor syncs gradients yet
+        sys.exit("train.py runs as a single process for now; launch it with plain `python`, not multi-process")
     set_seed(args.seed)
     out = Path(args.output_dir)
     resume_dir, state = None, None
