@@ -357,6 +357,16 @@ class VLMCollator:
         return batch
 
 
+def split_batch(batch, device):
+    """(model inputs, target_positions, target_cells) of a collated batch, moved to `device`.
+    target_cells is a list of (col, row, size) tuples, or None for samples without grid cells."""
+    batch = dict(batch)
+    positions = batch.pop("target_positions").to(device)
+    cells = batch.pop("target_cells", None)
+    cells = [tuple(c) for c in cells.tolist()] if cells is not None else None
+    return {k: v.to(device) for k, v in batch.items()}, positions, cells
+
+
 # ---------------------------------------------------------------------------------------------
 # COCO-Spatial (What'sUp, COCO two-object subset)
 # ---------------------------------------------------------------------------------------------

@@ -54,14 +54,11 @@ def derive(model, processor, adapter, samples, batch_size=16, max_groups=None, s
         states, keys = [], []
         for start in range(0, len(group), batch_size):
             chunk = [samples[i] for i in group[start:start + batch_size]]
-            batch = collate(chunk)
-            positions = batch.pop("target_positions").to(device)
-            cells = batch.pop("target_cells").tolist()
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch, positions, cells = data.split_batch(collate(chunk), device)
             hidden = model(**batch, output_hidden_states=True).hidden_states
             # [n, layers + 1, H] at obj2's token, in float32 whatever the model dtype
             states.append(torch.stack([gather_target_states(h, positions) for h in hidden], 1).float().cpu())
-            keys += [tuple(c) for c in cells]
+            keys += cells
         states = torch.cat(states)
         states = states - states.mean(0, keepdim=True)
         for key, state in zip(keys, states):

@@ -41,10 +41,6 @@ def _batches(items, size):
         yield items[start:start + size]
 
 
-def _to_device(batch, device):
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def _left_padded_batches(model, processor, adapter, samples, batch_size, progress, desc):
     """(samples, model inputs on the model's device) for each batch of generation prompts, padded
     on the left so every row's answer position is the last column; the tokenizer's padding side
@@ -55,9 +51,7 @@ def _left_padded_batches(model, processor, adapter, samples, batch_size, progres
     device = next(model.parameters()).device
     try:
         for chunk in tqdm(list(_batches(samples, batch_size)), desc=desc, disable=not progress, leave=False):
-            batch = collate(chunk)
-            batch.pop("target_positions"), batch.pop("target_cells", None)
-            yield chunk, _to_device(batch, device)
+            yield chunk, data.split_batch(collate(chunk), device)[0]
     finally:
         tokenizer.padding_side = side
 
@@ -85,11 +79,14 @@ def _option_token_ids(tokenizer, options):
 def score_answers(model, processor, adapter, samples, batch_size=8, progress=True, desc="score"):
     """The option whose first token has the higher log-probability at the answer position."""
     answers = []
+    option_ids = {}  # tokenise each option pair once, not once per question
     for chunk, batch in _left_padded_batches(model, processor, adapter, samples, batch_size, progress, desc):
         logprobs = torch.log_softmax(model(**batch).logits[:, -1].float(), dim=-1)
         for row, sample in zip(logprobs, chunk):
-            ids = _option_token_ids(processor.tokenizer, sample["options"])
-            answers.append(sample["options"][int(torch.argmax(row[ids]))])
+            options = tuple(sample["options"])
+            if options not in option_ids:
+                option_ids[options] = _option_token_ids(processor.tokenizer, options)
+            answers.append(options[int(torch.argmax(row[option_ids[options]]))])
     return answers
 
 

@@ -101,8 +101,8 @@ class QwenVLAdapter:
         cfg = model.config
         return getattr(cfg, "text_config", cfg).hidden_size
 
-    def build_processor(self, path, **kwargs):
-        return _build_qwen_processor(path, **kwargs)
+    def build_processor(self, path):
+        return _build_qwen_processor(path)
 
 
 ADAPTERS = {
@@ -156,15 +156,10 @@ def _read_chat_template(path, tokenizer):
     return None
 
 
-def _build_qwen_processor(path, min_pixels=None, max_pixels=None):
+def _build_qwen_processor(path):
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
-    image_kwargs = {}
-    if min_pixels is not None:
-        image_kwargs["min_pixels"] = min_pixels
-    if max_pixels is not None:
-        image_kwargs["max_pixels"] = max_pixels
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path), **image_kwargs)
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     chat_template = _read_chat_template(path, tokenizer)
     if chat_template is None and os.path.isdir(path):

@@ -234,10 +234,6 @@ class SpatialIDLoss(nn.Module):
         else:
             self.head = None
 
-    @classmethod
-    def from_file(cls, path, layer, hidden_size, needed_keys=None, head="none"):
-        return cls(load_universal_ids(path, layer, hidden_size, needed_keys), head=head)
-
     def rows(self, cells):
         out = []
         for cell in cells:

@@ -315,9 +315,7 @@ def main(argv=None):
         for b, batch in enumerate(loader, start=first):
             if micro == 0:  # the epoch's last step may gather fewer micro-batches
                 accum_n = min(args.grad_accum, n_batches - b)
-            target_positions = batch.pop("target_positions").to(accelerator.device)
-            cells = [tuple(c) for c in batch.pop("target_cells").tolist()]
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch, target_positions, cells = data.split_batch(batch, accelerator.device)
             aux = None
             if spatial_loss is not None:
                 with sl.capture_layer(model, adapter, args.spatial_id_layer) as captured:

@@ -9,17 +9,13 @@
 """
 import argparse
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import grid_group_samples  # also puts the repo on sys.path
 
 import data  # noqa: E402
-import make_grid_data  # noqa: E402
 import param_selectors  # noqa: E402
 import spatial_loss as sl  # noqa: E402
 from eval_coco import generate_answers  # noqa: E402
@@ -55,17 +51,8 @@ def main():
     param_selectors.select_parameters(model, adapter)
     model.train()
 
-    tmp = Path(tempfile.mkdtemp())
-    objects = make_grid_data.builtin_objects()
-    make_grid_data.make_grid_images(tmp, {k: objects[k] for k in list(objects)[:2]}, cell=args.cell,
-                                    sizes=(124,), max_pairs=1, max_images=15, progress=False)
-    samples = data.GridDataset(tmp).samples
-    group = next(iter(data.group_indices(samples, range(len(samples))).values()))[:args.batch_size]
-    chunk = [samples[i] for i in group]
-    batch = data.VLMCollator(processor, adapter.end_of_turn)(chunk)
-    positions = batch.pop("target_positions").to(device)
-    cells = [tuple(c) for c in batch.pop("target_cells").tolist()]
-    batch = {k: v.to(device) for k, v in batch.items()}
+    chunk = grid_group_samples(args.cell, args.batch_size)
+    batch, positions, cells = data.split_batch(data.VLMCollator(processor, adapter.end_of_turn)(chunk), device)
     hidden = adapter.lm_hidden_size(model)
     loss_fn = sl.SpatialIDLoss({c: torch.randn(hidden) for c in set(cells)}).to(device)
 

@@ -10,17 +10,13 @@ The tokenizer is the tiny model's (the real one needs the hub); its special-toke
 into the full-size config, so the prompt layout and the vision path are exactly the real ones.
 """
 import argparse
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import grid_group_samples  # also puts the repo on sys.path
 
 import data  # noqa: E402
-import make_grid_data  # noqa: E402
 import models  # noqa: E402
 import param_selectors  # noqa: E402
 import spatial_loss as sl  # noqa: E402
@@ -59,16 +55,8 @@ def main():
     # Real Qwen2-VL pixel limits: a 4x4 grid of `cell` px gives (4*cell/28)^2 visual tokens.
     processor = models._image_only_qwen_processor_class()(
         Qwen2VLImageProcessorPil(), tokenizer, chat_template=models.QWEN2VL_CHAT_TEMPLATE)
-    folder = Path(tempfile.mkdtemp())
-    objects = make_grid_data.builtin_objects()
-    make_grid_data.make_grid_images(folder, {k: objects[k] for k in list(objects)[:2]}, cell=args.cell,
-                                    sizes=(124,), max_pairs=1, max_images=15, progress=False)
-    samples = data.GridDataset(folder).samples
-    group = next(iter(data.group_indices(samples, range(len(samples))).values()))[:args.batch_size]
-    batch = data.VLMCollator(processor, adapter.end_of_turn)([samples[i] for i in group])
-    positions = batch.pop("target_positions").to(device)
-    cells = [tuple(c) for c in batch.pop("target_cells").tolist()]
-    batch = {k: v.to(device) for k, v in batch.items()}
+    group = grid_group_samples(args.cell, args.batch_size)
+    batch, positions, cells = data.split_batch(data.VLMCollator(processor, adapter.end_of_turn)(group), device)
     print(f"batch {len(group)}, sequence {batch['input_ids'].shape[1]} tokens, "
           f"{int((batch['input_ids'][0] == ids['<|image_pad|>']).sum())} visual tokens per image")
     loss_fn = sl.SpatialIDLoss({c: torch.randn(adapter.lm_hidden_size(model)) for c in set(cells)}).to(device)
