@@ -13,8 +13,9 @@ Printed, and written to OUT/report.md: the plain first/last table; per evaluatio
 accuracy of each run (or the seed group's mean ± sample std) overall and per relation, with
 question counts, on COCO-Spatial and the holdout pairs; and paired statistics of every group
 against the first one on the same questions, at each group's final and best step: McNemar's
-exact test (seed groups pooled per question by majority vote, ties counted as wrong) and a
-seeded bootstrap 95% interval of the accuracy difference (resampling questions). The figure
+exact test and a seeded bootstrap 95% interval of the accuracy difference (resampling
+questions). Seed groups are pooled per question by majority vote, a tie counting as wrong
+(--pairing majority), or tested run against run of the same seed (--pairing per-seed). The figure
 OUT/compare.png shows accuracy over steps (±std band for seed groups) and the LM and spatial-ID
 losses. Runs without an "end" event are marked [INCOMPLETE] everywhere.
 """
@@ -274,8 +275,13 @@ def bootstrap_interval(a, b, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED,
 
 
 def question_key(row):
-    """The identity of one question: its set plus whatever the row says about where it came from."""
-    return (row.get("set", "coco"), row.get("row"), row.get("image_id"), row.get("image_path"), row.get("question"))
+    """The identity of one question: its set, its question text and where it came from. COCO rows
+    carry their row in the JSON and the image id, which survive a moved image folder; grid
+    (holdout) rows carry only the image path."""
+    where = (row.get("row"), row.get("image_id"))
+    if where == (None, None):
+        where = (row.get("image_path"),)
+    return (row.get("set", "coco"), *where, row.get("question"))
 
 
 def predictions_path(run, step):
@@ -313,8 +319,10 @@ def same_questions_or_fail(first, first_path, other, other_path, set_name):
 
 
 def group_correctness(group, step, set_name, reference=None):
-    """(keys, majority-vote correctness, mean-over-seeds correctness, first predictions file).
-    `reference` is (keys dict, path) that every run's questions must equal."""
+    """(question keys, correct per question, first predictions file) of a group at `step`: a seed
+    group's runs vote and a question counts as right when most of them got it right (a tie, which
+    an even number of seeds can give, counts as wrong). `reference` is ({key: ...}, path) that
+    every run's questions must equal."""
     per_run = []
     for run in group["runs"]:
         correct = load_correctness(run, step, set_name)
@@ -324,10 +332,8 @@ def group_correctness(group, step, set_name, reference=None):
         same_questions_or_fail(reference[0], reference[1], correct, path, set_name)
         per_run.append(correct)
     keys = sorted(per_run[0], key=repr)
-    votes = np.array([[r[k] for k in keys] for r in per_run], dtype=float)  # runs × questions
-    # Majority vote; a tie (even number of seeds split evenly) counts as wrong.
-    majority = votes.sum(axis=0) * 2 > len(per_run)
-    return keys, majority, votes.mean(axis=0), predictions_path(group["runs"][0], step)
+    votes = np.array([[r[k] for k in keys] for r in per_run], dtype=int)  # runs × questions
+    return keys, votes.sum(axis=0) * 2 > len(per_run), predictions_path(group["runs"][0], step)
 
 
 def common_steps(group, set_name):
@@ -349,23 +355,51 @@ def final_and_best_steps(group, set_name):
 
 
 def paired_comparison(reference, other, set_name, ref_step, other_step):
-    keys, ref_major, ref_mean, ref_path = group_correctness(reference, ref_step, set_name)
-    ref_correct = dict(zip(keys, ref_major))
-    _, other_major, other_mean, _ = group_correctness(other, other_step, set_name,
-                                                      reference=(ref_correct, ref_path))
-    b = int(np.sum(ref_major & ~other_major))  # reference right, other wrong
-    c = int(np.sum(~ref_major & other_major))
-    low, high = bootstrap_interval(ref_mean, other_mean)
-    return {"n": len(keys), "ref_acc": float(ref_mean.mean()), "other_acc": float(other_mean.mean()),
+    """McNemar and bootstrap of `other` against `reference` on the same questions; every number is
+    of the (pooled) right/wrong answers, so they describe one and the same comparison."""
+    keys, ref, ref_path = group_correctness(reference, ref_step, set_name)
+    _, oth, _ = group_correctness(other, other_step, set_name, reference=(dict.fromkeys(keys), ref_path))
+    b = int(np.sum(ref & ~oth))  # reference right, other wrong
+    c = int(np.sum(~ref & oth))
+    low, high = bootstrap_interval(ref, oth)
+    return {"n": len(keys), "ref_acc": float(ref.mean()), "other_acc": float(oth.mean()),
             "b": b, "c": c, "p": mcnemar_exact(b, c),
-            "diff": float(other_mean.mean() - ref_mean.mean()), "low": low, "high": high}
+            "diff": float(oth.mean() - ref.mean()), "low": low, "high": high}
 
 
-def paired_rows(groups, set_name):
+def single(run):
+    return {"name": run["name"], "runs": [run]}
+
+
+def seed_pairs(reference, other):
+    """(reference run, other run) pairs with the same config seed; two single runs pair whatever
+    their seeds."""
+    if len(reference["runs"]) == len(other["runs"]) == 1:
+        return [(reference["runs"][0], other["runs"][0])]
+    by_seed = {r["args"].get("seed"): r for r in other["runs"]}
+    pairs = [(r, by_seed[r["args"].get("seed")]) for r in reference["runs"] if r["args"].get("seed") in by_seed]
+    if not pairs:
+        raise CompareError(f"--pairing per-seed: {group_label(reference)} and {group_label(other)} share no "
+                           f"seed; use --pairing majority")
+    return pairs
+
+
+def comparisons(groups, pairing):
+    """(reference, other) units to test, each group against the first: whole groups (majority
+    vote), or runs of the same seed as one-run groups (per-seed)."""
     reference = groups[0]
-    ref_final, ref_best = final_and_best_steps(reference, set_name)
-    rows = []
     for other in groups[1:]:
+        if pairing == "majority":
+            yield reference, other
+        else:
+            for ref_run, other_run in seed_pairs(reference, other):
+                yield single(ref_run), single(other_run)
+
+
+def paired_rows(groups, set_name, pairing="majority"):
+    rows = []
+    for reference, other in comparisons(groups, pairing):
+        ref_final, ref_best = final_and_best_steps(reference, set_name)
         other_final, other_best = final_and_best_steps(other, set_name)
         if ref_final is None or other_final is None:
             continue
@@ -380,13 +414,22 @@ def paired_rows(groups, set_name):
 PAIRED_HEADER = ["step", "comparison", "questions", "acc reference", "acc other", "difference",
                  "bootstrap 95% CI", "discordant (other only / ref only)", "McNemar exact p"]
 
-PAIRED_NOTE = (
-    "Paired on the same questions; each group against the first ({reference}). McNemar's exact "
-    "test: two-sided binomial on the discordant questions; a seed group counts a question right "
-    "by majority vote of its seeds (a tie counts as wrong). The difference and its interval are "
-    "of the mean accuracy over seeds (other − reference), percentile bootstrap over questions, "
-    f"{BOOTSTRAP_RESAMPLES:,} resamples, seed {BOOTSTRAP_SEED}. \"best\" is each group's step of "
-    "highest mean accuracy on this same set, so its p-value is optimistic.")
+PAIRING_NOTES = {
+    "majority": "Seed groups are pooled per question by majority vote of their seeds (a tie counts as "
+                "wrong); the accuracies here are of those pooled answers and can differ from the seed "
+                "means above.",
+    "per-seed": "Per seed: each run is tested against the reference group's run of the same seed "
+                "(two single runs are paired whatever their seeds).",
+}
+
+
+def paired_note(reference, pairing):
+    return (f"Paired on the same questions, each group against the first ({reference}). "
+            f"{PAIRING_NOTES[pairing]} McNemar's exact test: two-sided binomial test of the discordant "
+            f"questions (right in one, wrong in the other) against 1/2. The difference is other − reference; "
+            f"its 95% interval is a percentile bootstrap over questions ({BOOTSTRAP_RESAMPLES:,} resamples, "
+            f"seed {BOOTSTRAP_SEED}). \"final\" is the last step every run of a group reached; \"best\" is "
+            f"a group's step of highest mean accuracy on this same set, so its p-value is optimistic.")
 
 
 # --- figure ----------------------------------------------------------------------------------
@@ -435,6 +478,7 @@ def plot(groups, path):
                 ax.fill_between(steps, np.subtract(mean, std), np.add(mean, std), color=color, alpha=0.2)
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.set_ylabel("accuracy" if "accuracy" in title else "loss (mean of the logging window)")
         if drawn:
             ax.legend(fontsize=8)
         else:
@@ -465,7 +509,7 @@ def default_out(groups, first_folder):
     return Path(first_folder).parent / f"compare_{names}"[:120]
 
 
-def build_sections(groups, plain):
+def build_sections(groups, pairing="majority"):
     """[(title, text)] of everything after the plain table."""
     sections = [("Runs and seed groups", markdown_table(
         ["run", "group", "seed", "protocol", "git commit", "command", "folder"], provenance_rows(groups)))]
@@ -477,11 +521,11 @@ def build_sections(groups, plain):
                              "'runs' counts the group's runs evaluated at that step."))
     if len(groups) > 1:
         for set_name, title in SETS.items():
-            rows = paired_rows(groups, set_name)
+            rows = paired_rows(groups, set_name, pairing)
             if rows:
-                sections.append((f"{title}: paired statistics",
+                sections.append((f"{title}: paired statistics ({pairing})",
                                   markdown_table(PAIRED_HEADER, rows) + "\n\n"
-                                  + PAIRED_NOTE.format(reference=group_label(groups[0]))))
+                                  + paired_note(group_label(groups[0]), pairing)))
     return sections
 
 
@@ -500,15 +544,18 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+", help="run folders written by train.py")
     parser.add_argument("--labels", nargs="+", help="one label per run; runs with the same label form one "
                                                     "seed group (default: group by config args, see above)")
+    parser.add_argument("--pairing", choices=("majority", "per-seed"), default="majority",
+                        help="paired tests of seed groups: pool each group's seeds per question by majority "
+                             "vote (default), or test run against run of the same seed")
     parser.add_argument("--out", help="folder for report.md and compare.png "
                                       "(default: compare_<groups> next to the first run)")
     args = parser.parse_args(argv)
     try:
         runs = [load_run(r) for r in args.runs]
+        groups = group_runs(runs, args.labels)
         plain = table([summary_row(r) for r in runs])
         print(plain)
-        groups = group_runs(runs, args.labels)
-        sections = build_sections(groups, plain)
+        sections = build_sections(groups, args.pairing)
         for title, text in sections:
             print(f"\n## {title}\n\n{text}")
         out = Path(args.out) if args.out else default_out(groups, args.runs[0])

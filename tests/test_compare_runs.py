@@ -140,9 +140,8 @@ def test_majority_vote_counts_a_tie_as_wrong(tmp_path):
     runs = [cr.load_run(write_run(tmp_path / f"s{seed}", {0: c}, seed=seed))
             for seed, c in ((0, [True, True, False]), (1, [True, False, False]))]
     (group,) = cr.group_runs(runs)
-    keys, majority, mean, _ = cr.group_correctness(group, 0, "coco")
+    keys, majority, _ = cr.group_correctness(group, 0, "coco")
     assert majority.tolist() == [True, False, False]
-    assert mean.tolist() == [1.0, 0.5, 0.0]
 
 
 # --- seed groups and tables ----------------------------------------------------------------
@@ -244,7 +243,22 @@ def test_paired_section_of_the_report(tmp_path):
     # spatial is right on 0-8: 3 discordant, all for spatial -> p = 2/8 = 0.25.
     final = [c.strip() for c in lines[0].strip("|").split("|")]
     assert final[2:] == ["10", "0.600", "0.900", "+0.300", final[6], "3 / 0", "0.25"]
-    assert "majority vote" in section
+    assert section.startswith("COCO-Spatial: paired statistics (majority)") and "majority vote" in section
+
+
+def test_per_seed_pairing_tests_runs_of_the_same_seed(tmp_path):
+    base = [write_run(tmp_path / f"base_seed{s}", {0: bools(5, 10), 10: bools(5 + s, 10)}, seed=s) for s in range(3)]
+    spatial = [write_run(tmp_path / f"spatial_seed{s}", {0: bools(5, 10), 10: bools(9, 10)}, seed=s,
+                         args={"lr": 3e-3}) for s in (2, 0)]  # seed 1 missing; order differs
+    groups = cr.group_runs([cr.load_run(f) for f in base + spatial])
+    rows = [r for r in cr.paired_rows(groups, "coco", "per-seed") if r[0] == "final"]
+    # seed 0: reference right on 0-4, other on 0-8 -> 4 discordant: p = 2/16; seed 2: 0-6 vs 0-8 -> 2: p = 0.5
+    assert [(r[1], r[7], r[8]) for r in rows] == [
+        ("spatial_seed0 @10 vs base_seed0 @10", "4 / 0", "0.125"),
+        ("spatial_seed2 @10 vs base_seed2 @10", "2 / 0", "0.5")]
+    lonely = cr.group_runs([cr.load_run(base[1])] + [cr.load_run(f) for f in spatial])
+    with pytest.raises(cr.CompareError, match="share no seed"):
+        cr.paired_rows(lonely, "coco", "per-seed")
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -278,6 +292,18 @@ def test_different_questions_are_refused_naming_both_files(tmp_path):
     message = error_of([a, b])
     assert "questions differ" in message
     assert str(a / "predictions" / "step-0.jsonl") in message and str(b / "predictions" / "step-0.jsonl") in message
+
+
+def test_coco_questions_match_by_row_even_if_the_images_moved(tmp_path):
+    a = write_run(tmp_path / "a", {0: bools(1, 3)}, holdout={0: bools(1, 3)})
+    b = write_run(tmp_path / "b", {0: bools(2, 3)}, holdout={0: bools(2, 3)}, args={"lr": 1.0})
+    rows = (b / "predictions" / "step-0.jsonl").read_text().replace('"img/', '"/elsewhere/img/')
+    (b / "predictions" / "step-0.jsonl").write_text(rows)
+    groups = cr.group_runs([cr.load_run(a), cr.load_run(b)])
+    assert cr.paired_comparison(groups[0], groups[1], "coco", 0, 0)["c"] == 1
+    # Grid images are known by path only: moved images are other questions.
+    with pytest.raises(cr.CompareError, match="holdout pairs questions differ"):
+        cr.paired_comparison(groups[0], groups[1], "holdout", 0, 0)
 
 
 def test_bad_input_exits_non_zero_without_a_traceback(tmp_path):
