@@ -473,7 +473,9 @@ def plot(groups, path):
             label = g["name"] + (f" ({len(g['runs'])} seeds, ±std)" if len(g["runs"]) > 1 else "") \
                 + (" INCOMPLETE" if incomplete else "")
             color = f"C{i}"
-            ax.plot(steps, mean, marker="o", ms=3, color=color, label=label, ls="--" if incomplete else "-")
+            # Distinct open markers keep a run visible where another one lies exactly on top of it.
+            ax.plot(steps, mean, marker="osD^v"[i % 5], ms=7 - i % 4, mfc="none", color=color, label=label,
+                    ls="--" if incomplete else "-")
             if len(g["runs"]) > 1:
                 ax.fill_between(steps, np.subtract(mean, std), np.add(mean, std), color=color, alpha=0.2)
         ax.set_title(title)
@@ -496,12 +498,19 @@ def provenance_rows(groups):
         for r in g["runs"]:
             config = r["config"]
             commit = (config.get("git_commit") or "-")[:12] + (" (dirty)" if config.get("git_dirty") else "")
-            command = config.get("command", "-")
-            for resumed in config.get("resumed", []):
-                command += f"; resumed at step {resumed.get('step')}: {resumed.get('command', '-')}"
             rows.append([run_label(r), g["name"], r["args"].get("seed", "-"), r["args"].get("protocol", "-"),
-                         commit, f"`{command}`", str(r["folder"])])
+                         commit, str(r["folder"])])
     return rows
+
+
+def command_lines(groups):
+    """Each run's exact command, and the command of every resume, as markdown list items."""
+    lines = []
+    for r in (r for g in groups for r in g["runs"]):
+        lines.append(f"- {run_label(r)}: `{r['config'].get('command', '-')}`")
+        for resumed in r["config"].get("resumed", []):
+            lines.append(f"  - resumed at step {resumed.get('step')}: `{resumed.get('command', '-')}`")
+    return "\n".join(lines)
 
 
 def default_out(groups, first_folder):
@@ -512,7 +521,8 @@ def default_out(groups, first_folder):
 def build_sections(groups, pairing="majority"):
     """[(title, text)] of everything after the plain table."""
     sections = [("Runs and seed groups", markdown_table(
-        ["run", "group", "seed", "protocol", "git commit", "command", "folder"], provenance_rows(groups)))]
+        ["run", "group", "seed", "protocol", "git commit", "folder"], provenance_rows(groups))
+        + "\n\nCommands:\n\n" + command_lines(groups))]
     for set_name, title in SETS.items():
         text = step_table(groups, set_name)
         if text is not None:

@@ -228,7 +228,7 @@ def test_report_and_figure_next_to_the_first_run(tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     report = (out / "report.md").read_text()
     assert "![accuracy and losses over steps](compare.png)" in report
-    assert "`train.py --seed 1`" in report and "abc123def456" in report and "| paper |" in report
+    assert "- base_seed1: `train.py --seed 1`" in report and "abc123def456" in report and "| paper |" in report
 
 
 def test_paired_section_of_the_report(tmp_path):
