@@ -44,15 +44,23 @@ class CompareError(Exception):
 
 # --- reading run folders ---------------------------------------------------------------------
 
-def read_jsonl(path):
+def read_jsonl(path, partial_last_line_ok=False):
+    """The JSON objects of a .jsonl file. With partial_last_line_ok, a broken last line (a run
+    still writing, or killed mid-write) is skipped with a warning instead of refused."""
+    lines = [(n, line) for n, line in enumerate(Path(path).read_text().splitlines(), start=1) if line.strip()]
     events = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, line in lines:
         try:
-            events.append(json.loads(line))
+            event = json.loads(line)
         except json.JSONDecodeError:
-            raise CompareError(f"{path}: line {number} is not JSON") from None
+            event = None
+        if isinstance(event, dict):
+            events.append(event)
+        elif partial_last_line_ok and number == lines[-1][0]:
+            print(f"warning: {path}: line {number} is cut short (run still writing, or killed); ignored",
+                  file=sys.stderr)
+        else:
+            raise CompareError(f"{path}: line {number} is not a JSON object")
     return events
 
 
@@ -66,13 +74,16 @@ def load_run(folder):
         raise CompareError(f"{folder}: not a run folder (no metrics.jsonl; runs are written by train.py)")
     if not config_path.is_file():
         raise CompareError(f"{folder}: not a run folder (no config.json; runs are written by train.py)")
-    events = read_jsonl(metrics_path)
+    events = read_jsonl(metrics_path, partial_last_line_ok=True)
     if not events:
         raise CompareError(f"{metrics_path}: empty (no events recorded; did the run start?)")
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError:
-        raise CompareError(f"{config_path}: not JSON") from None
+        config = None
+    # Without its arguments a run could not be grouped with its seeds.
+    if not isinstance(config, dict) or not isinstance(config.get("args"), dict):
+        raise CompareError(f"{config_path}: not a train.py config (a JSON object with \"args\")")
     # One entry per step: a resumed run may have re-logged a step; the later one wins.
     evals = {e.get("step"): e for e in events if e.get("event") == "eval"}
     if not evals:
@@ -85,7 +96,7 @@ def load_run(folder):
         "name": folder.name,
         "folder": folder,
         "config": config,
-        "args": config.get("args", {}),
+        "args": config["args"],
         "evals": [evals[s] for s in sorted(evals)],
         "train": [e for e in events if e.get("event") == "train"],
         "end": ends[-1] if ends else None,
@@ -265,8 +276,9 @@ def bootstrap_interval(a, b, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED,
     diff = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
     rng = np.random.default_rng(seed)
     means = []
-    for start in range(0, resamples, 1000):  # chunks keep memory small for large question sets
-        idx = rng.integers(0, len(diff), size=(min(1000, resamples - start), len(diff)))
+    chunk = max(1, 2_000_000 // len(diff))  # resamples per batch: about 16 MB of indices at most
+    for start in range(0, resamples, chunk):
+        idx = rng.integers(0, len(diff), size=(min(chunk, resamples - start), len(diff)))
         means.append(diff[idx].mean(axis=1))
     means = np.concatenate(means)
     tail = (1 - level) / 2 * 100
@@ -419,7 +431,7 @@ PAIRING_NOTES = {
                 "wrong); the accuracies here are of those pooled answers and can differ from the seed "
                 "means above.",
     "per-seed": "Per seed: each run is tested against the reference group's run of the same seed "
-                "(two single runs are paired whatever their seeds).",
+                "(two single runs are paired whatever their seeds); a seed without a partner is left out.",
 }
 
 

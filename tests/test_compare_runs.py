@@ -278,6 +278,25 @@ def test_empty_metrics(tmp_path):
     assert error_of([run]) == f"error: {run / 'metrics.jsonl'}: no evaluation recorded"
 
 
+def test_a_cut_short_last_line_is_skipped_with_a_warning(tmp_path, capsys):
+    run = write_run(tmp_path / "run", {0: bools(1, 2)}, complete=False)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"event": "train", "step": 3, "lm_lo')  # a run killed mid-write
+    loaded = cr.load_run(run)
+    assert len(loaded["evals"]) == 1 and not cr.is_complete(loaded)
+    assert "line 2 is cut short" in capsys.readouterr().err
+
+
+def test_broken_metrics_and_config(tmp_path):
+    run = write_run(tmp_path / "run", {0: bools(1, 2)})
+    text = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text('["not", "an", "event"]\n' + text)
+    assert error_of([run]) == f"error: {run / 'metrics.jsonl'}: line 1 is not a JSON object"
+    run = write_run(tmp_path / "run2", {0: bools(1, 2)})
+    (run / "config.json").write_text("{}")
+    assert error_of([run]).startswith(f"error: {run / 'config.json'}: not a train.py config")
+
+
 def test_missing_predictions_for_the_paired_test(tmp_path):
     a = write_run(tmp_path / "a", {0: bools(1, 2)})
     b = write_run(tmp_path / "b", {0: bools(2, 2)}, args={"lr": 1.0})
