@@ -447,10 +447,11 @@ def paired_note(reference, pairing):
 # --- figure ----------------------------------------------------------------------------------
 
 def curve(group, points_of_run):
-    """(steps, mean, std) over the runs of a group, at the steps every run logged."""
+    """(steps, mean, std) over the runs of a group; at each step, over the runs that logged it
+    (as in the tables), so an incomplete seed does not cut the group's curve short."""
     per_run = [dict(points_of_run(r)) for r in group["runs"]]
-    steps = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
-    stats = [mean_std([p[s] for p in per_run]) for s in steps]
+    steps = sorted({s for p in per_run for s in p})
+    stats = [mean_std([p[s] for p in per_run if s in p]) for s in steps]
     return steps, [m for m, _ in stats], [sd or 0.0 for _, sd in stats]
 
 
@@ -585,7 +586,7 @@ def main(argv=None):
         figure = out / "compare.png"
         plot(groups, figure)
         write_report(out, plain, sections, figure)
-    except CompareError as err:
+    except (CompareError, OSError) as err:  # OSError: an unreadable run or an unwritable --out
         sys.exit(f"error: {err}")
     print(f"\nreport: {out / 'report.md'}\nfigure: {figure}")
     return {"runs": runs, "groups": groups, "out": out}

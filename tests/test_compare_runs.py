@@ -325,6 +325,21 @@ def test_coco_questions_match_by_row_even_if_the_images_moved(tmp_path):
         cr.paired_comparison(groups[0], groups[1], "holdout", 0, 0)
 
 
+def test_an_incomplete_seed_does_not_cut_the_group_curve_short(tmp_path):
+    full = write_run(tmp_path / "x_seed0", {0: bools(2, 10), 10: bools(4, 10), 20: bools(6, 10)}, seed=0)
+    cut = write_run(tmp_path / "x_seed1", {0: bools(4, 10), 10: bools(6, 10)}, seed=1, complete=False)
+    (group,) = cr.group_runs([cr.load_run(full), cr.load_run(cut)])
+    steps, mean, std = cr.curve(group, cr.accuracy_points("coco"))
+    assert steps == [0, 10, 20]
+    assert mean == pytest.approx([0.3, 0.5, 0.6]) and std == pytest.approx([0.1414, 0.1414, 0.0], abs=1e-4)
+
+
+def test_unwritable_out_is_one_line(tmp_path):
+    run = write_run(tmp_path / "run", {0: bools(1, 2)})
+    (tmp_path / "file").write_text("")
+    assert error_of([run, "--out", tmp_path / "file"]).startswith("error: ")
+
+
 def test_bad_input_exits_non_zero_without_a_traceback(tmp_path):
     (tmp_path / "notes").mkdir()
     proc = subprocess.run([sys.executable, str(REPO / "compare_runs.py"), str(tmp_path / "notes")],
