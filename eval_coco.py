@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 import data
+import protocols
 from models import ModelUnavailableError, load_model_and_processor
 
 
@@ -156,13 +157,15 @@ def add_data_args(parser):
                         help="COCO-Spatial rows [image_id, true_caption, false_caption]")
     parser.add_argument("--coco_val_dir", default="data/coco", help="folder of COCO val2017 {id:012d}.jpg images")
     parser.add_argument("--eval_max_samples", type=int, default=None, help="evaluate the first N questions only")
-    parser.add_argument("--question_style", choices=["ours", "original"], default="ours",
-                        help="'original' reproduces the original code's exact COCO wording")
+    parser.add_argument("--question_style", choices=data.QUESTION_STYLES, default=None,
+                        help="COCO question wording: paper = the original code's exact wording, clean = "
+                             "'the {name}' (default: --protocol)")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint folder, hub id or alias (e.g. tiny, qwen2-2b)")
+    protocols.add_protocol_arg(parser)
     add_data_args(parser)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--mode", choices=["generate", "score"], default="generate")
@@ -172,6 +175,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch_size must be >= 1")
+    protocols.resolve(args)
 
     # Data first: a missing image or a malformed row stops us before the model loads.
     samples = data.load_coco_spatial(args.val_json, args.coco_val_dir, args.question_style, args.eval_max_samples)

@@ -12,10 +12,7 @@ import argparse
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,16 +20,19 @@ from tqdm.auto import tqdm
 
 import data
 import param_selectors
+import protocols
+import spatial_loss as sl
 from eval_coco import add_data_args, evaluate, format_report, write_jsonl
 from models import ModelUnavailableError, load_model_and_processor
-
-REPO = Path(__file__).resolve().parent
-
+from provenance import run_metadata
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name", default="qwen2-2b", help="alias (tiny, qwen2-2b, ...), hub id or local folder")
+    protocols.add_protocol_arg(p)
     p.add_argument("--train_dir", default="data/grid", help="folder of grid images (make_grid_data.py)")
+    p.add_argument("--train_question_style", choices=data.QUESTION_STYLES, default=None,
+                   help="grid question wording: paper = bare names, clean = 'the {name}' (default: --protocol)")
     add_data_args(p)
     p.add_argument("--output_dir", default=None, help="run folder (default runs/<model>_<baseline|spatial>_seed<seed>)")
     p.add_argument("--overwrite_output_dir", action="store_true", help="allow writing into a run folder that has metrics")
@@ -47,8 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--sampler", choices=["grouped", "random"], default="grouped",
-                   help="grouped: obj1 and its cell fixed within a batch while obj2 moves (needed by the spatial loss)")
+    p.add_argument("--sampler", choices=tuple(data.SAMPLERS), default=None,
+                   help="shuffle: plain shuffle; obj1_groups: the original's (obj1, cell, obj2) groups; grouped: "
+                        "(pair, cell, size, question) groups. Default by --protocol: paper = shuffle for the "
+                        "baseline, obj1_groups with the spatial loss; clean = grouped")
     p.add_argument("--spatial_holdout_frac", type=float, default=0.15, help="share of object pairs held out")
     p.add_argument("--holdout_max_samples", type=int, default=500, help="holdout questions evaluated (seeded subset)")
     p.add_argument("--eval_batch_size", type=int, default=None, help="default: --batch_size")
@@ -64,7 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--spatial_id_layer", type=int, default=11, help="hidden_states index: 0 = embeddings")
     p.add_argument("--spatial_id_weight", type=float, default=1.0)
     p.add_argument("--spatial_head", choices=["none", "linear"], default="none")
+    p.add_argument("--allow_holdout_in_ids", action="store_true",
+                   help="do not warn when holdout pairs were among the pairs the IDs were derived from")
     args = p.parse_args(argv)
+    args.protocol_choices = protocols.resolve(args, arm="spatial" if args.universal_id_path else "baseline")
 
     for name in ("batch_size", "grad_accum", "epochs", "eval_save_steps", "log_every"):
         if getattr(args, name) < 1:
@@ -73,8 +78,9 @@ def parse_args(argv=None):
         p.error("--max_steps must be >= 1")
     if not 0 <= args.spatial_holdout_frac < 1:
         p.error("--spatial_holdout_frac must be in [0, 1)")
-    if args.universal_id_path and args.sampler != "grouped":
-        p.error("the spatial loss centres over a batch with obj1 fixed: use --sampler grouped")
+    if args.universal_id_path and not data.SAMPLERS[args.sampler]:
+        p.error(f"argument --sampler: the spatial loss centres over a batch with obj1 fixed, which "
+                f"{args.sampler} batches do not keep; use obj1_groups or grouped")
     if args.universal_id_path and args.batch_size < 2:
         p.error("the spatial loss centres over the batch: --batch_size must be >= 2")
     if args.output_dir is None:
@@ -84,37 +90,24 @@ def parse_args(argv=None):
     return args
 
 
-def run_metadata():
-    import accelerate
-    import transformers
-
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        except OSError:
-            return ""
-
-    return {
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "accelerate": accelerate.__version__},
-        "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-
-
 def load_data(args):
-    grid = data.GridDataset(args.train_dir)
+    grid = data.GridDataset(args.train_dir, args.train_question_style)
     print(grid.report())
     train_idx, holdout_idx = data.split_holdout(grid.samples, args.spatial_holdout_frac, args.seed)
     if not train_idx:
         raise ValueError(f"{args.train_dir}: the holdout split left no training samples")
     coco = data.load_coco_spatial(args.val_json, args.coco_val_dir, args.question_style, args.eval_max_samples)
-    if args.universal_id_path and not Path(args.universal_id_path).is_file():
-        raise FileNotFoundError(
-            f"universal spatial IDs not found: {args.universal_id_path}. Derive them from the model with "
-            f"`python derive_spatial_ids.py --model {args.model_name} --images {args.train_dir} "
-            f"--out {args.universal_id_path}`"
-        )
+    if args.universal_id_path:
+        if not Path(args.universal_id_path).is_file():
+            raise FileNotFoundError(
+                f"universal spatial IDs not found: {args.universal_id_path}. Derive them from the model with "
+                f"`python derive_spatial_ids.py --model {args.model_name} --images DIR --out {args.universal_id_path}` "
+                "(DIR: an extraction set, make_grid_data.py --layout extraction)"
+            )
+        holdout_pairs = {frozenset((grid.samples[i]["obj1"], grid.samples[i]["obj2"])) for i in holdout_idx}
+        for warning in sl.check_provenance(args.universal_id_path, args.model_name, holdout_pairs,
+                                           args.allow_holdout_in_ids):
+            print(f"warning: {warning}")
     return grid, coco, train_idx, holdout_idx
 
 
@@ -173,10 +166,7 @@ def main(argv=None):
         rng = torch.Generator().manual_seed(args.seed)
         keep = sorted(torch.randperm(len(holdout), generator=rng)[:args.holdout_max_samples].tolist())
         holdout = [holdout[i] for i in keep]
-    if args.sampler == "grouped":
-        batch_sampler = data.GroupedBatchSampler(grid.samples, train_idx, args.batch_size, seed=args.seed)
-    else:
-        batch_sampler = data.RandomBatchSampler(train_idx, args.batch_size, seed=args.seed)
+    batch_sampler = data.make_batch_sampler(args.sampler, grid.samples, train_idx, args.batch_size, args.seed)
     if len(batch_sampler) == 0:
         sys.exit(f"{args.train_dir}: no training batch of >= 2 samples (groups too small for --batch_size {args.batch_size}?)")
     steps_per_epoch = math.ceil(len(batch_sampler) / args.grad_accum)
@@ -202,8 +192,6 @@ def main(argv=None):
 
     spatial_loss = None
     if args.universal_id_path:
-        import spatial_loss as sl
-
         n_layers = len(adapter.lm_layers(model))
         if not 0 <= args.spatial_id_layer <= n_layers:
             sys.exit(f"--spatial_id_layer {args.spatial_id_layer} is outside 0..{n_layers} for {args.model_name}")
@@ -236,7 +224,8 @@ def main(argv=None):
     # --- run folder ------------------------------------------------------------------------------
     out.mkdir(parents=True, exist_ok=True)
     (out / "predictions").mkdir(exist_ok=True)
-    config = {"args": vars(args), **run_metadata(), "total_steps": total_steps,
+    config = {"args": vars(args), "protocol": args.protocol, "protocol_choices": args.protocol_choices,
+              **run_metadata(), "total_steps": total_steps,
               "steps_per_epoch": steps_per_epoch, "selected_parameters": selection.names,
               "selected_count": selection.selected_params, "total_parameters": selection.total_params,
               "train_questions": len(train_idx), "holdout_questions": len(holdout_idx),

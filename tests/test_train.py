@@ -41,7 +41,7 @@ def _ids(path, layer=11, hidden=64, cells=CELLS, seed=0):
 
 def _args(dataset, out, *extra):
     return ["--model_name", "tiny", "--train_dir", str(dataset["grid"]), "--val_json", str(dataset["json"]),
-            "--coco_val_dir", str(dataset["coco"]), "--output_dir", str(out), "--batch_size", "6",
+            "--coco_val_dir", str(dataset["coco"]), "--output_dir", str(out), "--batch_size", "6", "--protocol", "clean",
             "--lr", "1e-3", "--holdout_max_samples", "8", "--eval_save_steps", "1000", *extra]
 
 
@@ -177,7 +177,7 @@ def test_bad_arguments_and_data_are_reported_before_the_model_loads(dataset, tmp
     with pytest.raises(SystemExit, match="COCO-Spatial images missing"):
         train.main(_args(dataset, tmp_path / "r", "--coco_val_dir", str(tmp_path)))
     with pytest.raises(SystemExit):
-        train.main(_args(dataset, tmp_path / "r", "--universal_id_path", "x.pt", "--sampler", "random"))
+        train.main(_args(dataset, tmp_path / "r", "--universal_id_path", "x.pt", "--sampler", "shuffle"))
 
 
 def _comparable(run):
