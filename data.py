@@ -302,23 +302,38 @@ def group_indices(samples, indices):
 
 class _EpochBatchSampler(torch.utils.data.Sampler):
     """Batches drawn afresh each epoch from `seed + epoch`; `set_epoch(epoch, skip=n)` starts the
-    epoch after its first n batches (resuming a run mid-epoch). `__len__` is what it yields."""
+    epoch after its first n batches (resuming a run mid-epoch). `shard(n, rank)`: with n processes
+    each takes every n-th whole batch (after `skip`, which counts all processes' batches), and the
+    epoch's last n - 1 batches at most are dropped so that every process takes as many.
+    `__len__` is what it yields."""
 
     seed = 0
     epoch = 0
     skip = 0
+    num_replicas = 1
+    rank = 0
 
     def set_epoch(self, epoch, skip=0):
         self.epoch, self.skip = epoch, skip
 
+    def shard(self, num_replicas, rank):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} outside 0..{num_replicas - 1}")
+        self.num_replicas, self.rank = num_replicas, rank
+
     def epoch_batches(self):
         raise NotImplementedError
 
+    def _mine(self):
+        batches = self.epoch_batches()
+        usable = len(batches) - len(batches) % self.num_replicas
+        return batches[self.skip:usable][self.rank::self.num_replicas]
+
     def __iter__(self):
-        return iter(self.epoch_batches()[self.skip:])
+        return iter(self._mine())
 
     def __len__(self):
-        return max(0, len(self.epoch_batches()) - self.skip)
+        return len(self._mine())
 
 
 class GroupedBatchSampler(_EpochBatchSampler):

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 import data
 import protocols
-from models import ModelUnavailableError, load_model_and_processor
+from checkpoints import CheckpointError, load_checkpoint_model
+from models import ModelUnavailableError
 
 
 def parse_answer(text, options):
@@ -183,7 +184,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if args.bf16 and device == "cuda" else torch.float32
     if args.bf16 and device != "cuda":
         print("--bf16 ignored: no CUDA device, evaluating in float32", file=sys.stderr)
-    model, processor, adapter = load_model_and_processor(args.ckpt, dtype=dtype, device=device)
+    model, processor, adapter = load_checkpoint_model(args.ckpt, dtype=dtype, device=device)
     report, rows = evaluate(model, processor, adapter, samples, args.batch_size, args.mode, args.max_new_tokens)
     print(format_report(report))
     output = args.output
@@ -198,5 +199,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ModelUnavailableError) as err:  # user-facing: no traceback
+    except (FileNotFoundError, ModelUnavailableError, CheckpointError) as err:  # user-facing: no traceback
         sys.exit(f"error: {err}")

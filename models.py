@@ -61,6 +61,7 @@ class QwenVLAdapter:
     `visual.merger` as projector, `language_model.layers` as LM blocks."""
 
     family: str = "qwen2_vl"
+    processor_class: str = "Qwen2VLProcessor"  # the standard class a saved processor names
     end_of_turn: str = "<|im_end|>"
     # Generation with a batch needs left padding; training works with either side.
     padding_side: str = "left"
@@ -104,10 +105,23 @@ class QwenVLAdapter:
     def build_processor(self, path):
         return _build_qwen_processor(path)
 
+    def save_processor(self, processor, folder):
+        """Save under the standard class name with a video-processor config, so that plain
+        `AutoProcessor.from_pretrained(folder)` builds the standard processor wherever it can be
+        built (it needs torchvision); our image-only subclass is only how we build it without."""
+        processor.save_pretrained(folder)
+        path = Path(folder) / "processor_config.json"
+        config = json.loads(path.read_text())
+        config["processor_class"] = self.processor_class
+        path.write_text(json.dumps(config, indent=2))
+        video = {k: v for k, v in config["image_processor"].items() if k != "image_processor_type"}
+        video["video_processor_type"] = "Qwen2VLVideoProcessor"
+        (Path(folder) / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+
 
 ADAPTERS = {
     "qwen2_vl": QwenVLAdapter(family="qwen2_vl"),
-    "qwen2_5_vl": QwenVLAdapter(family="qwen2_5_vl"),
+    "qwen2_5_vl": QwenVLAdapter(family="qwen2_5_vl", processor_class="Qwen2_5_VLProcessor"),
 }
 
 
