@@ -311,6 +311,8 @@ def _setup_optimizer(args, model, spatial_loss, total_steps):
 def _start_metrics(args, out, config, progress, resume_dir):
     """config.json and metrics.jsonl: fresh, or the history up to the resumed checkpoint (what came
     after it is about to be redone). Returns the open metrics file."""
+    for stale in out.glob(".*.tmp*"):  # what a run killed while saving left behind
+        shutil.rmtree(stale, ignore_errors=True)
     if resume_dir is None:
         for stale in [p for _, p in checkpoints.list_checkpoints(out)] + [out / "final", out / "predictions"]:
             shutil.rmtree(stale, ignore_errors=True)  # --overwrite_output_dir: nothing of the old run stays
