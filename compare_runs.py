@@ -572,14 +572,18 @@ def main(argv=None):
                              "vote (default), or test run against run of the same seed")
     parser.add_argument("--out", help="folder for report.md and compare.png "
                                       "(default: compare_<groups> next to the first run)")
+    parser.add_argument("--brief", action="store_true",
+                        help="print only the plain table and where the report went (the report is complete)")
     args = parser.parse_args(argv)
+    if args.labels and len(args.labels) != len(args.runs):
+        parser.error(f"argument --labels: {len(args.labels)} labels for {len(args.runs)} runs (one per run)")
     try:
         runs = [load_run(r) for r in args.runs]
         groups = group_runs(runs, args.labels)
         plain = table([summary_row(r) for r in runs])
         print(plain)
         sections = build_sections(groups, args.pairing)
-        for title, text in sections:
+        for title, text in sections if not args.brief else ():
             print(f"\n## {title}\n\n{text}")
         out = Path(args.out) if args.out else default_out(groups, args.runs[0])
         out.mkdir(parents=True, exist_ok=True)

@@ -438,6 +438,18 @@ def load_image(path):
         return img.convert("RGB")
 
 
+def image_header_ok(path):
+    """Whether an image file opens (its header parses): cheap, so evaluation sets are checked
+    up front; a file truncated further in only fails when decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+
+
 def user_messages(question):
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 
@@ -447,21 +459,41 @@ class VLMCollator:
     sample, the position of the last sub-token of obj2's name and, for grid samples, obj2's
     (col, row, size) as `target_cells` (both for the spatial loss; pop them before the forward).
 
-    `with_answer=False` builds generation prompts (evaluation)."""
+    `with_answer=False` builds generation prompts (evaluation). An image that cannot be decoded is
+    an error naming it, or with `skip_unreadable` (training: never a crash hours in) its sample is
+    left out of the batch and named in `batch["unreadable_images"]` (pop it before the forward)."""
 
-    def __init__(self, processor, end_of_turn, with_answer=True):
+    def __init__(self, processor, end_of_turn, with_answer=True, skip_unreadable=False):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.end_of_turn = end_of_turn
         self.with_answer = with_answer
+        self.skip_unreadable = skip_unreadable
+
+    def _load_images(self, samples):
+        """(samples whose image decodes, their images, paths of the others)."""
+        kept, images, unreadable = [], [], []
+        for s in samples:
+            try:
+                images.append(load_image(s["image_path"]))
+                kept.append(s)
+            except (OSError, ValueError) as err:  # PIL: truncated, corrupt or not an image
+                if not self.skip_unreadable:
+                    raise ValueError(f"{s['image_path']}: unreadable image ({err})") from None
+                unreadable.append(str(s["image_path"]))
+        if not kept:
+            raise ValueError(f"no image of a batch could be read: {', '.join(unreadable)}")
+        return kept, images, unreadable
 
     def __call__(self, samples):
+        samples, images, unreadable = self._load_images(samples)
         prompts = [self.processor.apply_chat_template(user_messages(s["question"]), tokenize=False,
                                                       add_generation_prompt=True) for s in samples]
         suffixes = [s["answer"] + self.end_of_turn if self.with_answer else "" for s in samples]
         texts = [p + a for p, a in zip(prompts, suffixes)]
-        images = [load_image(s["image_path"]) for s in samples]
         batch = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        if unreadable:
+            batch["unreadable_images"] = unreadable
         input_ids, attention = batch["input_ids"], batch["attention_mask"]
         # Index of each row's last real token, whichever side the padding is on.
         seq_len = input_ids.shape[1]
@@ -561,9 +593,14 @@ def load_coco_spatial(json_path, image_root, question_style="clean", max_samples
         )
     if question_style not in QUESTION_STYLES:
         raise ValueError(f"question_style must be one of {QUESTION_STYLES}, not {question_style!r}")
-    rows = json.loads(json_path.read_text())
+    try:
+        rows = json.loads(json_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{json_path}: not a readable JSON file ({err})") from None
     if not isinstance(rows, list):
         raise ValueError(f"{json_path}: expected a JSON list of [image_id, true_caption, false_caption] rows")
+    if not rows:
+        raise ValueError(f"{json_path}: no rows (an empty list); expected [image_id, true_caption, false_caption] rows")
     if max_samples:
         rows = rows[:max_samples]
     samples, missing = [], []
@@ -583,6 +620,8 @@ def load_coco_spatial(json_path, image_root, question_style="clean", max_samples
         path = coco_image_path(image_root, image_id)
         if not path.is_file():
             missing.append(str(path))
+        elif not image_header_ok(path):
+            raise ValueError(f"{json_path}: row {index}: image {path} is not a readable image")
         sample = sample_record(path, qtype, rel, obj1, obj2, image_id=image_id, row=index)
         if question_style == "paper":
             sample["question"], sample["obj2_span"] = original_question(row[1])

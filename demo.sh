@@ -36,4 +36,4 @@ bash run_vision_baseline.sh tiny "${COMMON[@]}" --output_dir runs/demo_baseline
 bash run_vision_spatial_loss.sh tiny "${COMMON[@]}" --output_dir runs/demo_spatial
 
 echo "== 5/5 side by side (stand-in data: a pipeline check, not a result)"
-"$PY" compare_runs.py runs/demo_baseline runs/demo_spatial
+"$PY" compare_runs.py runs/demo_baseline runs/demo_spatial --brief

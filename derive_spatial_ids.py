@@ -248,7 +248,10 @@ def main(argv=None):
           + (f"; skipped {len(skipped)} unparseable (first: {skipped[0]})" if skipped else ""))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.bf16 and device == "cuda" else torch.float32
-    model, processor, adapter = load_model_and_processor(args.model, dtype=dtype, device=device)
+    try:
+        model, processor, adapter = load_model_and_processor(args.model, dtype=dtype, device=device)
+    except ModelUnavailableError as err:
+        sys.exit(f"error: {err}")
 
     started = time.time()
     try:

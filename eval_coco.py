@@ -163,6 +163,11 @@ def add_data_args(parser):
                              "'the {name}' (default: --protocol)")
 
 
+def check_data_args(parser, args):
+    if args.eval_max_samples is not None and args.eval_max_samples < 1:
+        parser.error(f"argument --eval_max_samples: must be >= 1 (or left out for all), not {args.eval_max_samples}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint folder, hub id or alias (e.g. tiny, qwen2-2b)")
@@ -174,17 +179,25 @@ def main(argv=None):
     parser.add_argument("--bf16", action="store_true", help="bfloat16 weights (CUDA only; float32 on CPU)")
     parser.add_argument("--output", default=None, help="predictions JSONL (default: next to the checkpoint)")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch_size must be >= 1")
+    for flag in ("batch_size", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            parser.error(f"argument --{flag}: must be >= 1, not {getattr(args, flag)}")
+    check_data_args(parser, args)
     protocols.resolve(args)
 
     # Data first: a missing image or a malformed row stops us before the model loads.
-    samples = data.load_coco_spatial(args.val_json, args.coco_val_dir, args.question_style, args.eval_max_samples)
+    try:
+        samples = data.load_coco_spatial(args.val_json, args.coco_val_dir, args.question_style, args.eval_max_samples)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.bf16 and device == "cuda" else torch.float32
     if args.bf16 and device != "cuda":
         print("--bf16 ignored: no CUDA device, evaluating in float32", file=sys.stderr)
-    model, processor, adapter = load_checkpoint_model(args.ckpt, dtype=dtype, device=device)
+    try:
+        model, processor, adapter = load_checkpoint_model(args.ckpt, dtype=dtype, device=device)
+    except (ModelUnavailableError, CheckpointError) as err:
+        sys.exit(f"error: {err}")
     report, rows = evaluate(model, processor, adapter, samples, args.batch_size, args.mode, args.max_new_tokens)
     print(format_report(report))
     output = args.output

@@ -83,8 +83,9 @@ def _read_ids_file(path):
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
         raise ValueError(f"{path}: not a readable torch.save file "
                          f"({detail.group(1).strip() if detail else text.splitlines()[0]})") from None
-    except (RuntimeError, EOFError) as err:
-        raise ValueError(f"{path}: not a readable torch.save file ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # truncated, text, or otherwise not a torch.save archive: torch raises many types
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{path}: not a readable torch.save file ({type(err).__name__}: {first})") from None
 
 
 def load_universal_ids(path, layer, hidden_size, needed_keys=None):

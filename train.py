@@ -30,7 +30,7 @@ import data
 import param_selectors
 import protocols
 import spatial_loss as sl
-from eval_coco import accuracy_report, add_data_args, evaluate, format_report, write_jsonl
+from eval_coco import accuracy_report, add_data_args, check_data_args, evaluate, format_report, write_jsonl
 from models import ModelUnavailableError, load_model_and_processor
 from provenance import run_metadata
 
@@ -47,7 +47,7 @@ def _range_checks(p, args):
 
     for flag in ("batch_size", "grad_accum", "epochs", "eval_save_steps", "log_every", "eval_batch_size"):
         need(getattr(args, flag) is None or getattr(args, flag) >= 1, flag, "must be >= 1")
-    for flag in ("max_steps", "eval_max_samples", "holdout_max_samples", "save_steps", "save_total_limit"):
+    for flag in ("max_steps", "holdout_max_samples", "save_steps", "save_total_limit"):
         need(getattr(args, flag) is None or getattr(args, flag) >= 1, flag, "must be >= 1 (or left out)")
     need(args.lr > 0 and math.isfinite(args.lr), "lr", "must be a finite number > 0")
     need(0 <= args.weight_decay < 1, "weight_decay", "must be in [0, 1)")
@@ -114,6 +114,7 @@ def parse_args(argv=None):
     args.protocol_choices = protocols.resolve(args, arm="spatial" if args.universal_id_path else "baseline")
 
     _range_checks(p, args)
+    check_data_args(p, args)
     if args.keep_best and not args.save_total_limit:
         p.error("argument --keep_best: needs --save_total_limit N")
     if args.fork and not args.resume_from_checkpoint:
@@ -149,6 +150,7 @@ class Progress:
     optimizer_steps: int = 0
     skipped_steps: int = 0  # no finite gradient: not applied
     nonfinite_losses: int = 0  # micro-batches whose loss was not finite
+    unreadable_images: int = 0  # training images that could not be decoded (left out, named in the log)
     last_eval: dict = field(default_factory=dict)
 
 
@@ -405,7 +407,7 @@ def main(argv=None):
     try:
         model, processor, adapter, selection = _setup_model(args, accelerator, resume_dir)
         spatial_loss = _setup_spatial_loss(args, model, adapter, grid, accelerator, resume_dir)
-    except (ValueError, checkpoints.CheckpointError) as err:
+    except (ValueError, ModelUnavailableError) as err:
         sys.exit(f"error: {err}")
     params, optimizer, scheduler = _setup_optimizer(args, model, spatial_loss, total_steps)
     progress = Progress()
@@ -414,7 +416,7 @@ def main(argv=None):
     forward_model = accelerator.prepare(model) if processes > 1 else model
     loader = torch.utils.data.DataLoader(
         grid, batch_sampler=batch_sampler, num_workers=args.num_workers,
-        collate_fn=data.VLMCollator(processor, adapter.end_of_turn),
+        collate_fn=data.VLMCollator(processor, adapter.end_of_turn, skip_unreadable=True),
     )
 
     # 6. run folder files (main process only)
@@ -488,6 +490,9 @@ def main(argv=None):
         for b, batch in enumerate(loader):
             if micro == 0:  # the epoch's last step may gather fewer micro-batches
                 accum_n = min(args.grad_accum, local_batches - b)
+            for path in batch.pop("unreadable_images", []):
+                progress.unreadable_images += 1
+                print(f"warning: skipped unreadable training image {path}", file=sys.stderr)
             last_micro = micro + 1 == accum_n
             sync = contextlib.nullcontext() if last_micro or processes == 1 else accelerator.no_sync(forward_model)
             with sync:
@@ -524,7 +529,8 @@ def main(argv=None):
             if progress.step % args.log_every == 0 or progress.step == total_steps:
                 event = {"event": "train", "step": progress.step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                          "grad_norm": float(grad_norm), "optimizer_steps": progress.optimizer_steps,
-                         "skipped_steps": progress.skipped_steps, "nonfinite_losses": progress.nonfinite_losses}
+                         "skipped_steps": progress.skipped_steps, "nonfinite_losses": progress.nonfinite_losses,
+                         "unreadable_images": progress.unreadable_images}
                 event.update({k: sum(v) / len(v) for k, v in window.items() if v})
                 if processes > 1:
                     event["weights_in_sync"] = _weights_in_sync(params, accelerator)
@@ -548,6 +554,7 @@ def main(argv=None):
         checkpoints.save_final(out / "final", model, processor, adapter)
     summary = {"event": "end", "step": progress.step, "optimizer_steps": progress.optimizer_steps,
                "skipped_steps": progress.skipped_steps, "nonfinite_losses": progress.nonfinite_losses,
+               "unreadable_images": progress.unreadable_images,
                "scheduler_steps": scheduler.last_epoch, "coco_accuracy": progress.last_eval["coco"]["accuracy"],
                "holdout_accuracy": progress.last_eval.get("holdout", {}).get("accuracy")}
     log(summary)
@@ -555,7 +562,8 @@ def main(argv=None):
         metrics.close()
     accelerator.print(f"done: {progress.step} steps, {progress.optimizer_steps} optimizer updates "
                       f"({progress.skipped_steps} skipped: no finite gradient; {progress.nonfinite_losses} "
-                      f"micro-batches with a non-finite loss); run folder {out}")
+                      f"micro-batches with a non-finite loss; {progress.unreadable_images} unreadable training images "
+                      f"left out); run folder {out}")
     accelerator.wait_for_everyone()
     return summary
 
