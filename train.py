@@ -386,6 +386,10 @@ def main(argv=None):
     # vision block under --protocol paper) gets no gradient, which plain DDP treats as an error.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        sys.exit(f"error: train.py trains data-parallel (DDP), not {accelerator.distributed_type.name}: the trained "
+                 "slice is small, so sharding its optimizer state saves nothing, and every model here fits one "
+                 "GPU in bf16. Launch with a MULTI_GPU config (configs/accelerate/) or torchrun")
     is_main = accelerator.is_main_process
     set_seed(args.seed)
     out = Path(args.output_dir)
