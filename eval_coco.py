@@ -52,7 +52,10 @@ def _left_padded_batches(model, processor, adapter, samples, batch_size, progres
     collate = data.VLMCollator(processor, adapter.end_of_turn, with_answer=False)
     device = next(model.parameters()).device
     try:
-        for chunk in tqdm(list(_batches(samples, batch_size)), desc=desc, disable=not progress, leave=False):
+        # Shown only on a terminal (disable=None): a bar nested under the training bar leaves
+        # cursor-movement codes in a log file.
+        for chunk in tqdm(list(_batches(samples, batch_size)), desc=desc, disable=None if progress else True,
+                          leave=False):
             yield chunk, data.split_batch(collate(chunk), device)[0]
     finally:
         tokenizer.padding_side = side

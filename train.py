@@ -15,6 +15,7 @@ averaged, so N processes train exactly like one process with N times the gradien
 """
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import shutil
@@ -75,7 +76,12 @@ def parse_args(argv=None):
                    help="continue from a checkpoint-N folder, or 'latest' in --output_dir")
     p.add_argument("--fork", action="store_true",
                    help="with --resume_from_checkpoint of another run: continue it in a new, empty --output_dir")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="model-side randomness and the order of the data")
+    p.add_argument("--data_seed", type=int, default=0,
+                   help="the holdout split and the evaluated holdout subset, kept apart from --seed so that "
+                        "runs of several seeds answer the same questions (paired comparisons)")
+    p.add_argument("--report_to", choices=("none", "tensorboard", "wandb"), default="none",
+                   help="also log losses and accuracies there (the package must be installed)")
     p.add_argument("--batch_size", type=int, default=15, help="questions per batch, per process")
     p.add_argument("--grad_accum", type=int, default=1, help="batches per optimizer step, per process")
     p.add_argument("--lr", type=float, default=5e-5)
@@ -115,6 +121,8 @@ def parse_args(argv=None):
 
     _range_checks(p, args)
     check_data_args(p, args)
+    if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
+        p.error(f"argument --report_to: {args.report_to} is not installed (pip install {args.report_to})")
     if args.keep_best and not args.save_total_limit:
         p.error("argument --keep_best: needs --save_total_limit N")
     if args.fork and not args.resume_from_checkpoint:
@@ -229,7 +237,7 @@ def _setup_data(args, accelerator):
     problem surfaces here, before the (slow) model load."""
     grid = data.GridDataset(args.train_dir, args.train_question_style)
     accelerator.print(grid.report())
-    train_idx, holdout_idx = data.split_holdout(grid.samples, args.spatial_holdout_frac, args.seed)
+    train_idx, holdout_idx = data.split_holdout(grid.samples, args.spatial_holdout_frac, args.data_seed)
     if not train_idx:
         raise ValueError(f"{args.train_dir}: the holdout split left no training samples")
     coco = data.load_coco_spatial(args.val_json, args.coco_val_dir, args.question_style, args.eval_max_samples)
@@ -248,7 +256,7 @@ def _setup_data(args, accelerator):
             accelerator.print(f"warning: {warning}")
     holdout = [grid.samples[i] for i in holdout_idx]
     if len(holdout) > args.holdout_max_samples:
-        rng = torch.Generator().manual_seed(args.seed)
+        rng = torch.Generator().manual_seed(args.data_seed)
         keep = sorted(torch.randperm(len(holdout), generator=rng)[:args.holdout_max_samples].tolist())
         holdout = [holdout[i] for i in keep]
     sampler = data.make_batch_sampler(args.sampler, grid.samples, train_idx, args.batch_size, args.seed)
@@ -263,9 +271,9 @@ def _setup_model(args, accelerator, resume_dir):
     """(model, processor, adapter, selection): the base model with the trainable slice chosen and,
     when resuming, the checkpoint's trained tensors applied."""
     cuda = accelerator.device.type == "cuda"
-    if args.bf16 and not cuda:
-        accelerator.print("--bf16: no CUDA device here, training in float32 (bf16 on a CPU is slow)")
     dtype = torch.bfloat16 if args.bf16 and cuda else torch.float32
+    accelerator.print(f"model: {args.model_name} in {str(dtype).removeprefix('torch.')} on {accelerator.device}"
+                      + (" (--bf16 applies on CUDA only)" if args.bf16 and not cuda else ""))
     model, processor, adapter = load_model_and_processor(args.model_name, dtype=dtype, device=accelerator.device)
     selection = param_selectors.select_from_args(model, adapter, args)
     accelerator.print(selection.summary())
@@ -333,6 +341,40 @@ def _start_metrics(args, out, config, progress, resume_dir):
     metrics = (out / "metrics.jsonl").open("w")
     metrics.write("".join(line + "\n" for line in kept))
     return metrics
+
+
+def _scalars(event):
+    """{name: number} of a metrics event, for TensorBoard / W&B."""
+    if event["event"] == "train":
+        return {f"train/{k}": event[k] for k in ("loss", "lm_loss", "spatial_loss", "lr", "grad_norm") if k in event}
+    if event["event"] == "eval":
+        out = {}
+        for name in ("coco", "holdout"):
+            if name in event:
+                out[f"eval/{name}_accuracy"] = event[name]["accuracy"]
+                out.update({f"eval/{name}_{rel}": r["accuracy"] for rel, r in event[name]["per_relation"].items()})
+        return out
+    return {}
+
+
+def _setup_reporter(args, out, config):
+    """A function that mirrors each event's scalars to --report_to, or None."""
+    if args.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+
+        def report(event):
+            for name, value in _scalars(event).items():
+                writer.add_scalar(name, value, event["step"])
+            writer.flush()
+        return report
+    if args.report_to == "wandb":
+        import wandb
+
+        wandb.init(project="spatial-finetuning", name=out.name, dir=str(out), config=config)
+        return lambda event: wandb.log(_scalars(event), step=event["step"]) if _scalars(event) else None
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,11 +474,14 @@ def main(argv=None):
               "holdout_pairs": sorted({" | ".join(sorted((grid.samples[i]["obj1"], grid.samples[i]["obj2"])))
                                        for i in holdout_idx})}
     metrics = _start_metrics(args, out, config, progress, resume_dir) if is_main else None
+    report = _setup_reporter(args, out, config) if is_main else None
 
     def log(event):
         if is_main:
             metrics.write(json.dumps(event) + "\n")
             metrics.flush()
+            if report is not None:
+                report(event)
 
     def evaluate_and_save(step):
         event = {"event": "eval", "step": step}
@@ -483,7 +528,8 @@ def main(argv=None):
     # 8. the loop: micro-batches -> one optimizer step -> log / evaluate / save
     model.train()
     window = {"loss": [], "lm_loss": [], "spatial_loss": []}
-    bar = tqdm(total=total_steps, initial=progress.step, desc="train", disable=not is_main, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=progress.step, desc="train", disable=not is_main, dynamic_ncols=True,
+               mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
     micro = 0
     for epoch in range(progress.epoch, args.epochs):
         if progress.step >= total_steps:
