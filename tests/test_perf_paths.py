@@ -247,6 +247,13 @@ def test_batched_derivation_equals_one_group_per_forward(tiny_ro_module, grid_sa
     assert stats["counts"] == counts and stats["questions"] == len(grid_samples) and stats["images"] == 240
     _assert_same_ids(per_layer, expected, range(2, N_LAYERS + 1))  # 0-1: float residue, see test_derive_spatial_ids
 
+    # with the same batches as the plain recipe (a group of 12 per forward) the IDs are bit-identical:
+    # no head, hooks and the early stop change nothing; the differences above come from other batch shapes
+    assert {len(g) for g in data.group_indices(grid_samples, range(len(grid_samples))).values()} == {12}
+    same, _ = dsi.derive(model, processor, adapter, grid_samples, batch_size=12, progress=False, layers=[6, 12])
+    for layer in (6, 12):
+        assert all(torch.equal(same[layer][key], expected[layer][key]) for key in expected[layer])
+
 
 def test_centring_over_other_sets_than_the_groups_is_caught(tiny_ro_module, grid_samples, reference_ids,
                                                              monkeypatch):
