@@ -95,7 +95,7 @@ def main(argv=None):
     names = {k: v.format(layer=args.layer) for k, v in PATHS.items()}
     plain_name = f"plain: {names['plain']}"
     rows = [{"path": plain_name if k == "plain" else f"ours: {names[k]}", "per_s": r["images"] / res["seconds"],
-             "seconds": res["seconds"], "peak_gib": res["peak_gib"], "vs": plain_name} for k, res in results.items()]
+             "seconds": res["seconds"], "cpu_seconds": res["cpu_seconds"], "peak_gib": res["peak_gib"], "vs": plain_name} for k, res in results.items()]
     config = (f"{'Qwen2-VL-2B architecture' if args.full_size else 'tiny Qwen2-VL, vocab 151,936'}, random weights, "
               f"{r['device']} {r['dtype']}, {args.groups} groups = {r['questions']} questions on {r['images']} images "
               f"of {4 * args.cell} px, ours {args.batch_size} questions per forward, median of {args.repeats} "

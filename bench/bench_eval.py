@@ -67,7 +67,7 @@ def main(argv=None):
     results = common.measure(Path(__file__), argv, list(PATHS))
     plain_name = f"plain: {PATHS['generate_1']}"
     rows = [{"path": plain_name if name == "generate_1" else f"ours: {PATHS[name]}", "per_s": args.n / r["seconds"],
-             "seconds": r["seconds"], "peak_gib": r["peak_gib"], "vs": plain_name} for name, r in results.items()]
+             "seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"], "peak_gib": r["peak_gib"], "vs": plain_name} for name, r in results.items()]
     r = results["generate_1"]
     config = (f"{'Qwen2-VL-2B architecture' if args.full_size else 'tiny Qwen2-VL, vocab 151,936'}, random weights, "
               f"{r['device']} {r['dtype']}, {args.n} COCO-format stand-in questions, {args.image_size} px images, "

@@ -88,7 +88,7 @@ def main(argv=None):
     argv = list(argv if argv is not None else sys.argv[1:]) + ["--grid_dir", args.grid_dir]
     results = common.measure(Path(__file__), argv, list(PATHS))
     plain_name = f"plain: {PATHS['plain']}"
-    rows = [{"path": f"{name}: {PATHS[name]}", "per_s": args.batch_size / r["seconds"], "seconds": r["seconds"],
+    rows = [{"path": f"{name}: {PATHS[name]}", "per_s": args.batch_size / r["seconds"], "seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"],
              "peak_gib": r["peak_gib"], "vs": plain_name} for name, r in results.items()]
     r = results["plain"]
     config = (f"{'Qwen2-VL-2B architecture' if args.full_size else 'tiny Qwen2-VL, vocab 151,936'}, random weights, "

@@ -117,14 +117,16 @@ def time_paths(fns, repeats, device):
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             sync(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(t), t) for name, t in times.items()}
+            cpu[name].append(time.process_time() - start_cpu)
+    return {name: (statistics.median(t), t, cpu[name]) for name, t in times.items()}
 
 
 def peak_of(fn, device):
@@ -151,7 +153,9 @@ def worker(mode, fns, repeats, device, info=None):
     and reports its peak memory. Prints the result as the last stdout line (JSON)."""
     info = dict(info or {})
     if mode == "time":
-        result = {"times": {name: t for name, (_, t) in time_paths(fns, repeats, device).items()}}
+        timed = time_paths(fns, repeats, device)
+        result = {"times": {name: t for name, (_, t, _) in timed.items()},
+                  "cpu_times": {name: c for name, (_, _, c) in timed.items()}}
     else:
         peak, base = peak_of(fns[mode.split(":", 1)[1]], device)
         result = {"peak_gib": peak, "base_gib": base}
@@ -167,7 +171,7 @@ def measure(script, argv, names):
         mem = run_worker(script, f"mem:{name}", argv)
         times = timing["times"][name]
         out[name] = {**timing, "peak_gib": mem["peak_gib"], "base_gib": mem["base_gib"], "times": times,
-                     "seconds": statistics.median(times)}
+                     "seconds": statistics.median(times), "cpu_seconds": statistics.median(timing["cpu_times"][name])}
     return out
 
 
@@ -181,21 +185,24 @@ def machine():
 
 
 def print_table(title, config, rows, unit):
-    """rows: [{"path", "role" ("ours"/"plain"), "per_s", "seconds", "peak_gib", "vs"}]; the ratio
-    columns compare each row with the plain row named in "vs"."""
+    """rows: [{"path", "per_s", "seconds", "cpu_seconds", "peak_gib", "vs"}]; the ratio columns
+    compare each row with the plain row named in "vs". CPU s (the process's CPU time, all threads)
+    moves less than wall time when other processes share the cores."""
     by_name = {r["path"]: r for r in rows}
     print(f"\n{title}")
     print(f"config: {config}")
     print(f"machine: {machine()}")
-    header = f"| path | {unit}/s | median s | peak GiB | time vs plain | {unit}/s vs plain | peak vs plain |"
+    header = (f"| path | {unit}/s | median s | median CPU s | peak GiB | time vs plain | {unit}/s vs plain "
+              f"| CPU time vs plain | peak vs plain |")
     print(header)
-    print("|" + "---|" * 7)
+    print("|" + "---|" * 9)
     for r in rows:
         plain = by_name.get(r.get("vs"))
         if plain is None or plain is r:
-            ratios = ["(plain)", "", ""]
+            ratios = ["(plain)", "", "", ""]
         else:
             ratios = [f"{r['seconds'] / plain['seconds']:.2f}x", f"{r['per_s'] / plain['per_s']:.2f}x",
-                      f"{r['peak_gib'] / plain['peak_gib']:.2f}x"]
-        cells = [r["path"], f"{r['per_s']:.2f}", f"{r['seconds']:.3f}", f"{r['peak_gib']:.2f}", *ratios]
+                      f"{r['cpu_seconds'] / plain['cpu_seconds']:.2f}x", f"{r['peak_gib'] / plain['peak_gib']:.2f}x"]
+        cells = [r["path"], f"{r['per_s']:.2f}", f"{r['seconds']:.3f}", f"{r['cpu_seconds']:.2f}",
+                 f"{r['peak_gib']:.2f}", *ratios]
         print("| " + " | ".join(cells) + " |")
