@@ -45,17 +45,24 @@ def _mixed_batch(samples, processor, adapter, n=6, side="right"):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_loss_equals_hf_labels_loss(tiny, grid_samples, side):
+@pytest.mark.parametrize("path", ["forward", "backbone"])
+def test_loss_equals_hf_labels_loss(tiny, grid_samples, side, path):
     model, processor, adapter = tiny
     batch, _, _ = _mixed_batch(grid_samples, processor, adapter, side=side)
+    head_rows = []
+    handle = adapter.lm_head(model).register_forward_hook(lambda m, a, o: head_rows.append(o.shape[:-1].numel()))
     with torch.no_grad():
         reference = model(**batch).loss
-        ours = lm_loss.supervised_lm_loss(model, adapter, batch)
+        ours = lm_loss.supervised_lm_loss(model, adapter, batch, path=path)
+    handle.remove()
     assert torch.isfinite(reference)
     assert abs(ours.loss.item() - reference.item()) <= 1e-5
     # the answer and the end-of-turn token of every row, no more (the first label is never predicted)
     assert ours.n_tokens == int((batch["labels"][:, 1:] != -100).sum()) == int((batch["labels"] != -100).sum())
-    assert ours.last_hidden_state.shape[:2] == batch["input_ids"].shape
+    # the head ran on every position for the reference, on the supervised ones only for ours
+    assert head_rows == [batch["input_ids"].numel(), ours.n_tokens]
+    if path == "backbone":
+        assert ours.last_hidden_state.shape[:2] == batch["input_ids"].shape
 
 
 def test_loss_without_the_shift_differs(tiny, grid_samples, monkeypatch):
@@ -85,7 +92,8 @@ def test_labels_argument_and_no_labels(tiny, grid_samples):
         lm_loss.supervised_lm_loss(model, adapter, batch)
 
 
-def test_gradients_equal_hf_on_the_trainable_tensors(tiny, grid_samples):
+@pytest.mark.parametrize("path", ["forward", "backbone"])
+def test_gradients_equal_hf_on_the_trainable_tensors(tiny, grid_samples, path):
     model, processor, adapter = tiny
     selection = param_selectors.select_parameters(model, adapter)
     # the head and the last LM layer too, so the head's gradient (its rows at supervised tokens) is checked
@@ -102,7 +110,7 @@ def test_gradients_equal_hf_on_the_trainable_tensors(tiny, grid_samples):
         return {n: p.grad.clone() for n, p in trainable.items()}
 
     reference = grads(lambda: model(**batch).loss)
-    ours = grads(lambda: lm_loss.supervised_lm_loss(model, adapter, batch).loss)
+    ours = grads(lambda: lm_loss.supervised_lm_loss(model, adapter, batch, path=path).loss)
     assert all(g.abs().sum() > 0 for g in reference.values())
     for name in trainable:
         torch.testing.assert_close(ours[name], reference[name], rtol=1e-4, atol=1e-7, msg=name)
@@ -114,9 +122,10 @@ def test_spatial_hook_sees_the_same_layer(tiny, grid_samples):
     with torch.no_grad():
         hidden = model(**batch, output_hidden_states=True).hidden_states
         for layer in (0, 6, 11, N_LAYERS):
-            with sl.capture_layer(model, adapter, layer) as captured:
-                out = lm_loss.supervised_lm_loss(model, adapter, batch)
-            torch.testing.assert_close(captured.states, hidden[layer], rtol=1e-5, atol=1e-6)
+            for path in ("forward", "backbone"):
+                with sl.capture_layer(model, adapter, layer) as captured:
+                    out = lm_loss.supervised_lm_loss(model, adapter, batch, path=path)
+                torch.testing.assert_close(captured.states, hidden[layer], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out.last_hidden_state, hidden[N_LAYERS], rtol=1e-5, atol=1e-6)
 
 
@@ -126,9 +135,10 @@ def test_last_position_logits_equal_the_full_logits(tiny_ro_module, grid_samples
     batch.pop("labels")
     with torch.no_grad():
         full = model(**batch).logits[:, -1].float()
-        ours = lm_loss.last_position_logits(model, adapter, batch)
-    assert ours.shape == full.shape
-    torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-5)
+        for path in ("forward", "backbone"):
+            ours = lm_loss.last_position_logits(model, adapter, batch, path=path)
+            assert ours.shape == full.shape
+            torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-5)
 
 
 def test_adapter_method_is_used_when_present(tiny_ro_module, grid_samples):
@@ -145,7 +155,7 @@ def test_adapter_method_is_used_when_present(tiny_ro_module, grid_samples):
             return model.model(**inputs, use_cache=False).last_hidden_state
 
     with torch.no_grad():
-        lm_loss.supervised_lm_loss(model, WithHook(), batch)
+        lm_loss.supervised_lm_loss(model, WithHook(), batch, path="backbone")
     assert calls and "labels" not in calls[0]
 
 
@@ -199,7 +209,7 @@ def test_score_is_one_forward_per_batch_with_the_head_at_one_position(tiny_ro_mo
         for h in handles:
             h.remove()
     vocab = adapter.lm_head(model).out_features
-    assert seen == ["backbone", (4, vocab), "backbone", (3, vocab)]
+    assert seen == ["backbone", (4, 1, vocab), "backbone", (3, 1, vocab)]  # [batch, last position, vocab]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,3 +335,28 @@ def test_cli_layers_flag(tiny_path, tmp_path, grid_samples):
     assert len(sl.load_universal_ids(out, 11, 64)) == stats["cells"]
     with pytest.raises(SystemExit, match="--layers"):
         dsi.main(["--model", "tiny", "--images", images, "--out", str(tmp_path / "b.pt"), "--layers", "13"])
+
+
+def test_forward_path_goes_through_a_wrapper(tiny_ro_module, grid_samples):
+    """Under DistributedDataParallel / accelerate the model is a wrapper whose own forward must run
+    (it syncs gradients); the default path calls the model it is given, never `.model` behind it."""
+    model, processor, adapter = tiny_ro_module
+    batch, _, _ = _mixed_batch(grid_samples, processor, adapter)
+    calls = []
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, **kwargs):
+            calls.append(sorted(kwargs))
+            return self.module(**kwargs)
+
+    with torch.no_grad():
+        reference = model(**batch).loss
+        ours = lm_loss.supervised_lm_loss(Wrapper(model), adapter, batch)
+        logits = lm_loss.last_position_logits(Wrapper(model), adapter, {k: v for k, v in batch.items() if k != "labels"})
+    assert len(calls) == 2 and "labels" not in calls[0] and "logits_to_keep" in calls[0]
+    assert abs(ours.loss.item() - reference.item()) <= 1e-5
+    assert logits.shape == (batch["input_ids"].shape[0], adapter.lm_head(model).out_features)
