@@ -26,7 +26,7 @@ shows the rate and the time left.
 as many centred states, so its sampling noise (standard error) grows by about sqrt(all groups / N);
 the clean recipe measures it and prints the median relative standard error of the IDs
 (||standard error|| / ||ID|| per cell, at the deepest kept layer; also in the provenance JSON as
-counts.relative_stderr). With 2 groups' worth of states per cell, expect it near 0.7; with 50, 0.14.
+counts.relative_stderr). It scales as 1 / sqrt(states per cell): a quarter of the groups doubles it.
 
 Images: the original's nested extraction layout `{a}_{b}/{a_col}_{a_row}/{b_col}_{b_row}_{size}.png`
 or a flat folder of grid file names (a = the first-named object). Layer L is `hidden_states[L]`
