@@ -27,9 +27,24 @@ LM head (`include_lm_head=True`, LM selectors): those tensors join the same gree
 
 A tied LM head (its weight IS the input embedding weight, as on Qwen2-VL-2B) is never selected
 silently-as-nothing: LM selectors add a note and skip it, `lm_head_only` raises.
+
+Two protocol choices (protocols.py: `paper` = the original's rule, `clean` = ours) apply to the
+vision selectors:
+  * `projector`: "off" (nothing), "on" (`adapter.projector(model)`, by the weights/biases rule
+    above), or "name_match", the original's rule: every parameter, weights AND biases, whose full
+    name contains one of PROJECTOR_NAME_PATTERNS joins the pool (Qwen's `merger` never matched).
+  * `last_k_of`: "used" counts the last k in forward order among the blocks whose output reaches
+    the LM (`adapter.used_vision_blocks`); "listed" is the original's rule: blocks whose index
+    within their list is among the k largest indices over all listed block lists. On LLaVA-1.5
+    (features from layer -2) "listed" takes blocks 18-23 of 24 and block 23 never gets a gradient
+    (the summary says so), "used" takes 17-22; on Llama-3.2-Vision "listed" takes local blocks
+    26-31 (the global encoder has only 8), "used" the global blocks 2-7.
+Called without them, selection is "off" / "used" (`train_projector=True` means "on").
 """
 import argparse
 from dataclasses import dataclass, field
+
+import torch
 
 VISION_SELECTORS = {
     "vision_mlp_lastk": "mlp",
@@ -43,6 +58,11 @@ LM_SELECTORS = {
 }
 SELECTORS = tuple(VISION_SELECTORS) + tuple(LM_SELECTORS) + ("lm_head_only",)
 DEFAULT_SELECTOR = "vision_mlp_lastk"
+PROJECTOR_RULES = ("name_match", "off", "on")
+LAST_K_OF = ("listed", "used")
+# The original's looks_like_projector substrings (spatial_finetuning/train.py there).
+PROJECTOR_NAME_PATTERNS = ("mm_projector", "multi_modal_projector", "vision_proj", "visual_projector",
+                           "image_projector", "resampler")
 
 
 def format_count(n):
@@ -78,6 +98,8 @@ class Selection:
     selected_params: int
     names: list
     notes: list = field(default_factory=list)
+    projector: str = "off"
+    last_k_of: str = "used"
     # (group, [(local_name, numel), ...]) in model order, for the summary.
     groups: list = field(default_factory=list)
 
@@ -93,7 +115,7 @@ class Selection:
     def summary(self):
         lines = [
             f"parameter selection: selector={self.selector} last_k_blocks={self.last_k_blocks} "
-            f"param_budget_frac={self.param_budget_frac:g}",
+            f"param_budget_frac={self.param_budget_frac:g} projector={self.projector} last_k_of={self.last_k_of}",
             f"total params: {self.total_params:,} ({format_count(self.total_params)})",
             f"budget: {self.budget:,} ({format_count(self.budget)})",
             f"selected: {self.selected_params:,} ({format_count(self.selected_params)}) params in "
@@ -119,10 +141,23 @@ def _keep(local_name, kind, bitfit_bias_only, train_biases):
 
 
 def _module_params(modules):
-    """ids of the parameters of a module or a list of modules."""
+    """ids of the parameters of a module, a parameter, or a list of them."""
     if not isinstance(modules, (list, tuple)):
         modules = [modules]
-    return {id(p) for m in modules for p in m.parameters()}
+    ids = set()
+    for m in modules:
+        ids |= {id(m)} if isinstance(m, torch.nn.Parameter) else {id(p) for p in m.parameters()}
+    return ids
+
+
+def _resolve_projector(projector, train_projector):
+    if projector is None:
+        return "on" if train_projector else "off"
+    if projector not in PROJECTOR_RULES:
+        raise ValueError(f"projector must be one of {', '.join(PROJECTOR_RULES)}, got {projector!r}")
+    if train_projector and projector == "off":
+        raise ValueError("train_projector=True contradicts projector='off'")
+    return projector
 
 
 def _validate(selector, last_k_blocks, param_budget_frac):
@@ -136,12 +171,16 @@ def _validate(selector, last_k_blocks, param_budget_frac):
 
 def select_parameters(model, adapter, selector=DEFAULT_SELECTOR, last_k_blocks=6, param_budget_frac=0.3,
                       bitfit_bias_only=False, train_biases=False, train_projector=False,
-                      include_lm_head=True):
+                      include_lm_head=True, projector=None, last_k_of=None):
     """Freeze the whole model, then set requires_grad=True exactly on the chosen tensors.
 
     Returns a `Selection`. Raises ValueError on an unknown selector, an out-of-range k or budget
     fraction, a tied LM head for `lm_head_only`, or when nothing at all would be selected."""
     _validate(selector, last_k_blocks, param_budget_frac)
+    projector = _resolve_projector(projector, train_projector)
+    last_k_of = "used" if last_k_of is None else last_k_of
+    if last_k_of not in LAST_K_OF:
+        raise ValueError(f"last_k_of must be one of {', '.join(LAST_K_OF)}, got {last_k_of!r}")
 
     named = list(model.named_parameters())  # deduplicated: a tied tensor appears once
     name_of = {id(p): n for n, p in named}
@@ -171,6 +210,38 @@ def select_parameters(model, adapter, selector=DEFAULT_SELECTOR, last_k_blocks=6
             block = blocks[i]
             add(block, f"{label} {i}", kind, only=_module_params(adapter.block_parts(block)[kind]))
 
+    unused_blocks = {}  # group label -> block, for blocks "listed" picks that never reach the LM
+
+    def add_vision_blocks(kind):
+        used = adapter.used_vision_blocks(model)
+        if last_k_of == "used":
+            if last_k_blocks > len(used):
+                raise ValueError(f"last_k_blocks={last_k_blocks} but only {len(used)} vision blocks feed the "
+                                 f"language model (selector {selector})")
+            picked = used[len(used) - last_k_blocks:]
+        else:  # the original: the k largest block indices, over all listed block lists at once
+            listed = [(label, i, b) for label, blocks in adapter.vision_block_lists(model) for i, b in enumerate(blocks)]
+            top = max(i for _, i, _ in listed)
+            if last_k_blocks > top + 1:
+                raise ValueError(f"last_k_blocks={last_k_blocks} but the vision block lists have only {top + 1} "
+                                 f"indices (selector {selector})")
+            picked = [x for x in listed if x[1] > top - last_k_blocks]
+            used_ids = {id(b) for _, _, b in used}
+            unused_blocks.update({f"{label} {i}": b for label, i, b in picked if id(b) not in used_ids})
+        for label, i, block in picked:
+            add(block, f"{label} {i}", kind, only=_module_params(adapter.block_parts(block)[kind]))
+
+    def add_projector_by_name():
+        matched = False
+        for name, p in named:
+            if any(pat in name for pat in PROJECTOR_NAME_PATTERNS) and id(p) not in seen:
+                seen.add(id(p))
+                candidates.append(_Candidate(p, name, "projector (name match)", name, order_of[id(p)]))
+                matched = True
+        if not matched:
+            notes.append("projector=name_match: no parameter name contains " + "/".join(PROJECTOR_NAME_PATTERNS)
+                         + " (as in the original); no projector tensor is a candidate")
+
     def lm_head_tied():
         head = adapter.lm_head(model)
         emb = adapter.lm_embeddings(model)
@@ -182,14 +253,16 @@ def select_parameters(model, adapter, selector=DEFAULT_SELECTOR, last_k_blocks=6
 
     if selector in VISION_SELECTORS:
         kind = VISION_SELECTORS[selector]
-        add_blocks(adapter.vision_blocks(model), "vision block", kind)
-        if train_projector:
+        add_vision_blocks(kind)
+        if projector == "on":
             add(adapter.projector(model), "projector", "projector")
+        elif projector == "name_match":
+            add_projector_by_name()
     elif selector in LM_SELECTORS:
         kind = LM_SELECTORS[selector]
         add_blocks(adapter.lm_layers(model), "lm layer", kind)
-        if train_projector:
-            notes.append(f"train_projector ignored: it applies to vision selectors, not {selector}")
+        if projector == "on":
+            notes.append(f"projector=on ignored: it applies to vision selectors, not {selector}")
         if include_lm_head:
             if lm_head_tied():
                 notes.append(f"lm_head is tied to the input embeddings (lm_head.weight is {embedding_name()}): "
@@ -232,6 +305,10 @@ def select_parameters(model, adapter, selector=DEFAULT_SELECTOR, last_k_blocks=6
     for cand in chosen:
         cand.param.requires_grad_(True)
 
+    dead = sorted({c.group for c in chosen if c.group in unused_blocks}, key=lambda g: (g.rsplit(" ", 1)[0], int(g.rsplit(" ", 1)[1])))
+    if dead:
+        notes.append(f"WARNING: selected (last_k_of=listed) but the output never reaches the language model "
+                     f"({adapter.unused_reason(model)}), so no gradient, no change: {', '.join(dead)}")
     chosen.sort(key=lambda c: c.order)
     groups = []
     for cand in chosen:
@@ -240,7 +317,8 @@ def select_parameters(model, adapter, selector=DEFAULT_SELECTOR, last_k_blocks=6
         groups[-1][1].append((cand.local_name, cand.numel))
     return Selection(selector=selector, last_k_blocks=last_k_blocks, param_budget_frac=param_budget_frac,
                      total_params=total, budget=budget, selected_params=used,
-                     names=[c.name for c in chosen], notes=notes, groups=groups)
+                     names=[c.name for c in chosen], notes=notes, groups=groups, projector=projector,
+                     last_k_of=last_k_of)
 
 
 def add_selector_args(parser):
@@ -257,19 +335,24 @@ def add_selector_args(parser):
     group.add_argument("--train_biases", action="store_true",
                        help="train the chosen modules' biases as well as their weights")
     proj = group.add_mutually_exclusive_group()
-    proj.add_argument("--train_projector", action="store_true",
-                      help="vision selectors: also train the projector (Qwen: visual.merger)")
-    proj.add_argument("--no_projector", action="store_true",
-                      help="do not train the projector (the default; kept for the original CLI)")
+    proj.add_argument("--projector", choices=PROJECTOR_RULES, default=None,
+                      help="vision selectors: name_match = the original's name patterns (paper), off (clean), "
+                           "on = adapter.projector (Qwen: visual.merger). Default: the protocol's")
+    proj.add_argument("--train_projector", dest="projector", action="store_const", const="on",
+                      help="same as --projector on")
+    proj.add_argument("--no_projector", dest="projector", action="store_const", const="off",
+                      help="same as --projector off (kept for the original CLI)")
+    group.add_argument("--last_k_of", choices=LAST_K_OF, default=None,
+                       help="vision selectors: 'last k' among the listed block indices (paper, the original) or "
+                            "among blocks whose output reaches the LM, in forward order (clean). Default: the protocol's")
     group.add_argument("--no_lm_head", action="store_true",
                        help="LM selectors: leave lm_head out of the candidates")
     return parser
 
 
 def select_from_args(model, adapter, args):
-    """`select_parameters` with the flags added by `add_selector_args`."""
-    if getattr(args, "train_projector", False) and getattr(args, "no_projector", False):
-        raise ValueError("--train_projector and --no_projector contradict each other")
+    """`select_parameters` with the flags added by `add_selector_args` (after protocols.resolve
+    has filled `projector` and `last_k_of`; left None they mean off / used)."""
     return select_parameters(
         model, adapter,
         selector=args.selector,
@@ -277,16 +360,20 @@ def select_from_args(model, adapter, args):
         param_budget_frac=args.param_budget_frac,
         bitfit_bias_only=args.bitfit_bias_only,
         train_biases=args.train_biases,
-        train_projector=args.train_projector and not args.no_projector,
         include_lm_head=not args.no_lm_head,
+        projector=getattr(args, "projector", None),
+        last_k_of=getattr(args, "last_k_of", None),
     )
 
 
-if __name__ == "__main__":  # print a selection for the meta-device Qwen2-VL-2B, e.g. to check a flag set
+if __name__ == "__main__":  # print a selection for a meta-device full-size model, e.g. to check a flag set
     import models
+    import protocols
 
     ap = add_selector_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    protocols.add_protocol_arg(ap)
     ap.add_argument("--arch", default="qwen2-2b", choices=sorted(models.FULL_SIZE_CONFIGS))
     cli = ap.parse_args()
+    protocols.resolve(cli)
     meta_model = models.full_size_model(cli.arch)
     print(select_from_args(meta_model, models.adapter_for(meta_model), cli).summary())
