@@ -23,7 +23,7 @@ TINY_SEED = 0
 # reused. `tiny` keeps its old folder name (tiny-qwen2vl-v1) so existing caches stay valid.
 TINY_VERSIONS = {
     "tiny": "qwen2vl-v1", "tiny-qwen2.5": "qwen2.5vl-v1", "tiny-llava": "llava-v1",
-    "tiny-mllama": "mllama-v1", "tiny-internvl": "internvl-v1", "tiny-gemma3": "gemma3-v1",
+    "tiny-mllama": "mllama-v2", "tiny-internvl": "internvl-v1", "tiny-gemma3": "gemma3-v1",
 }
 TINY_ALIASES = tuple(TINY_VERSIONS)
 
@@ -312,6 +312,12 @@ def build_tiny_mllama(out_dir):
                           tie_word_embeddings=False)
     torch.manual_seed(TINY_SEED)
     model = MllamaForConditionalGeneration(config).eval()
+    # Cross-attention gates start at 0 (tanh(0) = 0: no image signal reaches the LM, hence no
+    # gradient into the vision tower); a trained checkpoint has them open, so open them here.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                p.fill_(1.0)
     image_processor = MllamaImageProcessorPil(size={"height": TINY_IMAGE, "width": TINY_IMAGE}, max_image_tiles=1)
     processor = MllamaProcessor(image_processor, tokenizer, chat_template=MLLAMA_CHAT_TEMPLATE)
     _save(model, processor, out_dir, ids["<|eot_id|>"], ids["<|finetune_right_pad_id|>"], ids["<|begin_of_text|>"])
