@@ -112,6 +112,20 @@ class Selection:
     def num_tensors(self):
         return len(self.names)
 
+    def ranges(self):
+        """The chosen groups, consecutive blocks collapsed: 'local block 26-31, projector (name match)'."""
+        parts = []
+        for group, _ in self.groups:
+            label, _, idx = group.rpartition(" ")
+            if idx.isdigit() and parts and parts[-1][0] == label and parts[-1][2] == int(idx) - 1:
+                parts[-1][2] = int(idx)
+            elif idx.isdigit():
+                parts.append([label, int(idx), int(idx)])
+            else:
+                parts.append([group, None, None])
+        return ", ".join(label if a is None else f"{label} {a}" if a == b else f"{label} {a}-{b}"
+                         for label, a, b in parts)
+
     def summary(self):
         lines = [
             f"parameter selection: selector={self.selector} last_k_blocks={self.last_k_blocks} "
@@ -366,6 +380,25 @@ def select_from_args(model, adapter, args):
     )
 
 
+def selection_table(aliases, protocols_=("paper", "clean")):
+    """Markdown rows of the default selection (vision_mlp_lastk, k=6, budget 0.3) on each alias's
+    full-size architecture (meta device) under each protocol: the FAMILIES.md table."""
+    import models
+    import protocols
+
+    rows = ["| family | alias | protocol | selection | tensors | parameters | share |",
+            "|---|---|---|---|---:|---:|---:|"]
+    for alias in aliases:
+        model = models.full_size_model(alias)
+        adapter = models.adapter_for(model)
+        for protocol in protocols_:
+            sel = select_parameters(model, adapter, projector=protocols.default("projector", protocol),
+                                    last_k_of=protocols.default("last_k_of", protocol))
+            rows.append(f"| {adapter.family} | {alias} | {protocol} | {sel.ranges()} | {sel.num_tensors} | "
+                        f"{sel.selected_params:,} | {100 * sel.share:.2f}% |")
+    return rows
+
+
 if __name__ == "__main__":  # print a selection for a meta-device full-size model, e.g. to check a flag set
     import models
     import protocols
@@ -373,7 +406,11 @@ if __name__ == "__main__":  # print a selection for a meta-device full-size mode
     ap = add_selector_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     protocols.add_protocol_arg(ap)
     ap.add_argument("--arch", default="qwen2-2b", choices=sorted(models.FULL_SIZE_CONFIGS))
+    ap.add_argument("--table", action="store_true", help="print the FAMILIES.md table for every full-size alias")
     cli = ap.parse_args()
+    if cli.table:
+        print("\n".join(selection_table(list(models.FULL_SIZE_CONFIGS))))
+        raise SystemExit
     protocols.resolve(cli)
     meta_model = models.full_size_model(cli.arch)
     print(select_from_args(meta_model, models.adapter_for(meta_model), cli).summary())
