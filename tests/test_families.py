@@ -254,3 +254,23 @@ def test_mllama_hidden_states_count_cross_attention_layers_only_with_an_image(gr
     n_self = len(adapter.hidden_state_layers(model, with_image=False))
     assert n_self == n - len(model.config.text_config.cross_attention_layers)
     assert len(out.hidden_states) == n_self + 1
+
+
+def test_id_derivation_counts_layers_as_the_spatial_loss_does(family, grid):
+    """derive_spatial_ids reads hidden_states[L] with the image in, so it has one state per LM
+    layer plus the embeddings, the same L that capture_layer hooks (lm_layers[L-1])."""
+    import derive_spatial_ids as dsi
+
+    _, model, processor, adapter = family
+    groups = [g for g in data.group_indices(grid.samples, range(len(grid.samples))).values() if len(g) >= 3][:2]
+    samples = [grid.samples[i] for g in groups for i in g[:3]]  # two groups of three: quick
+    per_layer, stats = dsi.derive(model, processor, adapter, samples, batch_size=8, progress=False)
+    assert stats["layers"] == len(adapter.lm_layers(model)) + 1 == len(adapter.hidden_state_layers(model)) + 1
+    assert stats["hidden_size"] == adapter.lm_hidden_size(model)
+    assert stats["groups"] == 2 and all(torch.isfinite(v).all() for v in per_layer[2].values())
+    # Layer L of derivation is what capture_layer(L) hooks.
+    chunk = samples[:3]
+    batch, positions, _ = data.split_batch(data.VLMCollator(processor, adapter, with_answer=False)(chunk), "cpu")
+    with torch.no_grad(), sl.capture_layer(model, adapter, 2) as cap:
+        hidden = model(**batch, output_hidden_states=True).hidden_states
+    assert torch.allclose(sl.gather_target_states(hidden[2], positions), sl.gather_target_states(cap.states, positions))
