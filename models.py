@@ -537,12 +537,88 @@ def build_tiny_model(out_dir, alias="tiny"):
     return tiny_models.build_tiny(alias, out_dir)
 
 
+LORA_CONFIG = "adapter_config.json"
+LORA_WEIGHTS = "adapter_model.safetensors"
+
+
+def is_lora_folder(path):
+    return os.path.isdir(path) and (Path(path) / LORA_CONFIG).is_file()
+
+
+def save_lora_adapter(model, out_dir, base_model):
+    """Write only the LoRA adapter (peft's adapter_config.json + adapter_model.safetensors, with
+    `base_model`, an alias, hub id or folder, as base_model_name_or_path) plus every other trainable
+    tensor of the selection (biases, norms), so `load_model_and_processor(out_dir)` rebuilds the
+    trained model from base + adapter."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    config = model.peft_config["default"]
+    config.base_model_name_or_path = str(base_model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out_dir))
+    # No embedding layers are adapted; saying so keeps peft from looking the base up on the hub.
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    # Non-LoRA tensors the selection trained directly, stored under their model names.
+    extra = {n: p for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in {**state, **extra}.items()}
+    save_file(tensors, str(out_dir / LORA_WEIGHTS), metadata={"format": "pt", "extra": json.dumps(sorted(extra))})
+    return out_dir
+
+
+def _load_lora(path, dtype, device):
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    config = LoraConfig.from_pretrained(str(path))
+    base = config.base_model_name_or_path
+    if not base:
+        raise ValueError(f"{path}/{LORA_CONFIG} names no base_model_name_or_path")
+    model, processor, adapter = load_model_and_processor(base, dtype=dtype, device=device)
+    inject_adapter_in_model(config, model)
+    model.peft_config = {"default": config}
+    tensors = load_file(str(Path(path) / LORA_WEIGHTS), device=str(device))
+    with safe_open(str(Path(path) / LORA_WEIGHTS), "pt") as f:
+        extra = set(json.loads((f.metadata() or {}).get("extra", "[]")))
+    result = set_peft_model_state_dict(model, {k: v for k, v in tensors.items() if k not in extra})
+    missing = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
+    if missing:
+        raise ValueError(f"{path}: adapter tensors that match no module of {base}: {missing[:3]}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in extra:
+            if name not in params:
+                raise ValueError(f"{path}: tensor {name} is not a parameter of {base}")
+            params[name].copy_(tensors[name])
+    return model.eval(), processor, adapter
+
+
+def merge_lora(model):
+    """Fold every LoRA pair into its base Linear and put the plain Linear back, so the model's
+    parameter names and save_pretrained output are those of a full checkpoint (`--merge_lora`)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return model
+
+
 def load_model_and_processor(name, dtype=torch.float32, device="cpu"):
-    """Load any supported VLM (alias, hub id, local folder, or a tiny alias) and its processor.
+    """Load any supported VLM (alias, hub id, local folder, or a tiny alias) and its processor; a
+    folder with adapter_config.json loads its base model plus the LoRA adapter.
 
     Returns (model, processor, adapter). The model is in eval mode on `device`."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    if is_lora_folder(name):
+        return _load_lora(name, dtype, device)
     path = resolve_model_name(name)
     if path in tiny_models.TINY_ALIASES:
         path = str(ensure_tiny_model(alias=path))

@@ -80,10 +80,11 @@ class _Candidate:
     group: str  # e.g. "vision block 26", "lm layer 3", "projector", "lm_head"
     local_name: str  # name inside its group, e.g. "mlp.fc1.weight"
     order: int  # position in model.named_parameters()
+    cost: int = None  # what it adds to the budget when not its numel (a LoRA pair's size)
 
     @property
     def numel(self):
-        return self.param.numel()
+        return self.param.numel() if self.cost is None else self.cost
 
 
 @dataclass
@@ -100,6 +101,8 @@ class Selection:
     notes: list = field(default_factory=list)
     projector: str = "off"
     last_k_of: str = "used"
+    lora_rank: int = 0
+    lora_targets: list = field(default_factory=list)  # Linear modules that got LoRA adapters
     # (group, [(local_name, numel), ...]) in model order, for the summary.
     groups: list = field(default_factory=list)
 
@@ -135,6 +138,9 @@ class Selection:
             f"selected: {self.selected_params:,} ({format_count(self.selected_params)}) params in "
             f"{self.num_tensors} tensors = {100 * self.share:.2f}% of the model",
         ]
+        if self.lora_rank:
+            lines.append(f"LoRA rank {self.lora_rank} on {len(self.lora_targets)} Linear modules (their weights stay "
+                         "frozen; selected = adapter parameters + any other chosen tensor)")
         for group, items in self.groups:
             parts = ", ".join(f"{local} ({format_count(n)})" for local, n in items)
             lines.append(f"  {group}: {parts}")
@@ -185,7 +191,8 @@ def _validate(selector, last_k_blocks, param_budget_frac):
 
 def select_parameters(model, adapter, selector=DEFAULT_SELECTOR, last_k_blocks=6, param_budget_frac=0.3,
                       bitfit_bias_only=False, train_biases=False, train_projector=False,
-                      include_lm_head=True, projector=None, last_k_of=None):
+                      include_lm_head=True, projector=None, last_k_of=None, lora_rank=0, lora_alpha=None,
+                      lora_dropout=0.0):
     """Freeze the whole model, then set requires_grad=True exactly on the chosen tensors.
 
     Returns a `Selection`. Raises ValueError on an unknown selector, an out-of-range k or budget
@@ -290,6 +297,18 @@ def select_parameters(model, adapter, selector=DEFAULT_SELECTOR, last_k_blocks=6
                              "embeddings; untie the weights or use another selector")
         add(adapter.lm_head(model), "lm_head", "lm_head")
 
+    linear_of = {}  # weight id -> (module name, module) of every Linear, for LoRA
+    if lora_rank:
+        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
+            raise ValueError(f"lora_rank must be an integer >= 0, got {lora_rank!r}")
+        linear_of = {id(m.weight): (n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        for cand in candidates:
+            if id(cand.param) in linear_of:
+                _, m = linear_of[id(cand.param)]
+                # A LoRA pair A [r, in] + B [out, r] instead of the [out, in] weight.
+                cand.cost = lora_rank * (m.in_features + m.out_features)
+                cand.local_name += f" (lora r={lora_rank})"
+
     # Greedy, as the original: largest first (stable: ties keep model order), take if it fits.
     chosen = []
     used = 0
@@ -318,6 +337,13 @@ def select_parameters(model, adapter, selector=DEFAULT_SELECTOR, last_k_blocks=6
         p.requires_grad_(False)
     for cand in chosen:
         cand.param.requires_grad_(True)
+    lora_targets = []
+    if lora_rank:
+        lora_targets = [linear_of[id(c.param)][0] for c in chosen if id(c.param) in linear_of]
+        if not lora_targets:
+            raise ValueError(f"lora_rank={lora_rank}: the selection has no Linear weight to put LoRA on "
+                             f"(selector {selector})")
+        _inject_lora(model, lora_targets, lora_rank, lora_alpha, lora_dropout)
 
     dead = sorted({c.group for c in chosen if c.group in unused_blocks}, key=lambda g: (g.rsplit(" ", 1)[0], int(g.rsplit(" ", 1)[1])))
     if dead:
@@ -329,10 +355,31 @@ def select_parameters(model, adapter, selector=DEFAULT_SELECTOR, last_k_blocks=6
         if not groups or groups[-1][0] != cand.group:
             groups.append((cand.group, []))
         groups[-1][1].append((cand.local_name, cand.numel))
+    if lora_rank:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == used, "LoRA cost mismatch"
+    else:
+        names = [c.name for c in chosen]
     return Selection(selector=selector, last_k_blocks=last_k_blocks, param_budget_frac=param_budget_frac,
                      total_params=total, budget=budget, selected_params=used,
-                     names=[c.name for c in chosen], notes=notes, groups=groups, projector=projector,
-                     last_k_of=last_k_of)
+                     names=names, notes=notes, groups=groups, projector=projector,
+                     last_k_of=last_k_of, lora_rank=lora_rank, lora_targets=lora_targets)
+
+
+def _inject_lora(model, targets, rank, alpha, dropout):
+    """LoRA adapters (peft) on exactly the Linear modules `targets` (full names), in place: the
+    model keeps its class. Their base weights stay frozen and the adapter pairs train; every other
+    tensor keeps the requires_grad it had (the selection's biases, norms, raw projector weights)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    keep = {id(p) for p in model.parameters() if p.requires_grad}
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
+                        target_modules=list(targets), bias="none")
+    inject_adapter_in_model(config, model)
+    model.peft_config = {"default": config}  # what models.save_lora_adapter writes out
+    base = {id(model.get_submodule(t).base_layer.weight) for t in targets}
+    for n, p in model.named_parameters():
+        p.requires_grad_(".lora_" in n or (id(p) in keep and id(p) not in base))
 
 
 def add_selector_args(parser):
@@ -359,6 +406,11 @@ def add_selector_args(parser):
     group.add_argument("--last_k_of", choices=LAST_K_OF, default=None,
                        help="vision selectors: 'last k' among the listed block indices (paper, the original) or "
                             "among blocks whose output reaches the LM, in forward order (clean). Default: the protocol's")
+    group.add_argument("--lora_rank", type=int, default=0,
+                       help="> 0: LoRA adapters of this rank on the chosen Linear modules instead of unfreezing "
+                            "them; the budget counts adapter parameters (default: 0, off)")
+    group.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: 2 * rank)")
+    group.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout (default: %(default)s)")
     group.add_argument("--no_lm_head", action="store_true",
                        help="LM selectors: leave lm_head out of the candidates")
     return parser
@@ -377,6 +429,9 @@ def select_from_args(model, adapter, args):
         include_lm_head=not args.no_lm_head,
         projector=getattr(args, "projector", None),
         last_k_of=getattr(args, "last_k_of", None),
+        lora_rank=getattr(args, "lora_rank", 0),
+        lora_alpha=getattr(args, "lora_alpha", None),
+        lora_dropout=getattr(args, "lora_dropout", 0.0),
     )
 
 
