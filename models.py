@@ -281,6 +281,10 @@ class VLMAdapter:
             raise ValueError(f"options {options} share their first token; score mode cannot tell them apart")
         return ids
 
+    def prepare_config(self, config, raw):
+        """Fix a loaded config before the weights load (`raw`: the config.json dict)."""
+        return config
+
     # -- processor
     def build_processor(self, path):
         from transformers import AutoProcessor
@@ -377,6 +381,14 @@ class InternVLAdapter(VLMAdapter):
     model_types = ("internvl",)
     processor_class_names = ("InternVLImageOnlyProcessor",)
     end_of_turn = "<|im_end|>"
+
+    def prepare_config(self, config, raw):
+        # The -hf checkpoints store lm_head.weight apart from the embeddings; a config.json that
+        # does not say so would get tied weights in 5.x, silently dropping the stored head.
+        if "tie_word_embeddings" not in raw and "tie_word_embeddings" not in raw.get("text_config", {}):
+            config.tie_word_embeddings = False
+            config.get_text_config().tie_word_embeddings = False
+        return config
 
     def build_processor(self, path):
         from transformers import AutoTokenizer, GotOcr2ImageProcessorPil
@@ -634,7 +646,9 @@ def load_model_and_processor(name, dtype=torch.float32, device="cpu"):
             "use the built-in offline model: --model_name tiny (train.py) or --ckpt tiny (eval_coco.py)"
         ) from err
     adapter = adapter_for(config)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    raw, _ = type(config).get_config_dict(path)
+    config = adapter.prepare_config(config, raw)
+    model = AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=dtype)
     model.to(device).eval()
     processor = adapter.build_processor(path)
     processor.tokenizer.padding_side = adapter.padding_side

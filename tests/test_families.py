@@ -274,3 +274,29 @@ def test_id_derivation_counts_layers_as_the_spatial_loss_does(family, grid):
     with torch.no_grad(), sl.capture_layer(model, adapter, 2) as cap:
         hidden = model(**batch, output_hidden_states=True).hidden_states
     assert torch.allclose(sl.gather_target_states(hidden[2], positions), sl.gather_target_states(cap.states, positions))
+
+
+def test_internvl_unset_tying_means_a_separate_head():
+    """InternVL3 -hf stores lm_head apart from the embeddings, but a 5.x InternVLConfig that leaves
+    tying unset ties them (from_pretrained only refuses when both stored tensors differ; a model
+    built from the config, as on the meta device, is tied). The adapter unties such configs."""
+    from transformers import AutoModelForImageTextToText, InternVLConfig
+
+    config = InternVLConfig(text_config=dict(model_type="qwen2", hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                             vocab_size=64),
+                            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2))
+    with torch.device("meta"):
+        tied = AutoModelForImageTextToText.from_config(config)
+    assert tied.lm_head.weight is tied.get_input_embeddings().weight  # the 5.x default
+    adapter = models.adapter_for(config)
+    config = adapter.prepare_config(config, raw={"text_config": {}})
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    assert model.lm_head.weight is not model.get_input_embeddings().weight
+    # An explicit choice in config.json is kept.
+    kept = adapter.prepare_config(InternVLConfig(tie_word_embeddings=True), raw={"tie_word_embeddings": True})
+    assert kept.tie_word_embeddings
+    full = models.full_size_model("internvl-1b")
+    assert full.lm_head.weight is not full.get_input_embeddings().weight
