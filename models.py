@@ -591,6 +591,7 @@ def _load_lora(path, dtype, device):
     model, processor, adapter = load_model_and_processor(base, dtype=dtype, device=device)
     inject_adapter_in_model(config, model)
     model.peft_config = {"default": config}
+    model.save_pretrained = lambda save_directory, **kwargs: save_lora_adapter(model, save_directory, base)
     tensors = load_file(str(Path(path) / LORA_WEIGHTS), device=str(device))
     with safe_open(str(Path(path) / LORA_WEIGHTS), "pt") as f:
         extra = set(json.loads((f.metadata() or {}).get("extra", "[]")))
@@ -619,6 +620,7 @@ def merge_lora(model):
             setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
     if hasattr(model, "peft_config"):
         del model.peft_config
+    model.__dict__.pop("save_pretrained", None)  # a full checkpoint again (see param_selectors._inject_lora)
     return model
 
 

@@ -298,6 +298,9 @@ def select_parameters(model, adapter, selector=DEFAULT_SELECTOR, last_k_blocks=6
         add(adapter.lm_head(model), "lm_head", "lm_head")
 
     linear_of = {}  # weight id -> (module name, module) of every Linear, for LoRA
+    if lora_rank and hasattr(model, "peft_config"):
+        raise ValueError("the model already carries LoRA adapters (loaded from a LoRA checkpoint): selecting "
+                         "again would stack a second set; resuming a LoRA run is not supported yet")
     if lora_rank:
         if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
             raise ValueError(f"lora_rank must be an integer >= 0, got {lora_rank!r}")
@@ -377,6 +380,18 @@ def _inject_lora(model, targets, rank, alpha, dropout):
                         target_modules=list(targets), bias="none")
     inject_adapter_in_model(config, model)
     model.peft_config = {"default": config}  # what models.save_lora_adapter writes out
+    # save_pretrained of an injected model would write "...base_layer.weight" keys that a later
+    # from_pretrained silently ignores (re-initialising those Linears). Saving writes the adapter
+    # instead, with the base it was loaded from, so train.py's checkpoints hold the adapter and
+    # load_model_and_processor(checkpoint) rebuilds base + adapter. models.merge_lora undoes this.
+    base_model = getattr(model, "name_or_path", None) or model.config._name_or_path
+
+    def save_pretrained(save_directory, **kwargs):
+        import models
+
+        return models.save_lora_adapter(model, save_directory, base_model=base_model)
+
+    model.save_pretrained = save_pretrained
     base = {id(model.get_submodule(t).base_layer.weight) for t in targets}
     for n, p in model.named_parameters():
         p.requires_grad_(".lora_" in n or (id(p) in keep and id(p) not in base))

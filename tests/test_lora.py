@@ -91,6 +91,49 @@ def test_lora_cli_and_errors(tiny):
     assert set(sel.names) == {f"{mlp}{m}.lora_{ab}.default.weight" for m in ("gate_proj", "up_proj", "down_proj")
                               for ab in "AB"}
     assert model.peft_config["default"].lora_alpha == 8
+    with pytest.raises(ValueError, match="already carries LoRA adapters"):
+        select_from_args(model, adapter, args)
     with pytest.raises(ValueError, match="no Linear weight to put LoRA on"):
         select_parameters(models.load_model_and_processor("tiny")[0], adapter, selector="vision_norms_lastk",
                           lora_rank=2)
+
+
+def test_a_lora_training_run_saves_adapters_and_eval_reproduces_its_accuracy(tmp_path, tiny_path):
+    """train.py --lora_rank: checkpoints hold the adapter only (plus the processor), and
+    eval_coco.py --ckpt on one reproduces the accuracy and predictions training recorded there."""
+    import json
+
+    import eval_coco
+    import make_grid_data
+    import train
+
+    objects = make_grid_data.builtin_objects()
+    grid = tmp_path / "grid"
+    make_grid_data.make_grid_images(grid, {n: objects[n] for n in ("red circle", "blue square")}, cell=28,
+                                    sizes=(124,), max_pairs=1, max_images=30, seed=0, progress=False)
+    make_grid_data.make_grid_images(grid, {n: objects[n] for n in ("green triangle", "yellow star")}, cell=28,
+                                    sizes=(124,), max_pairs=1, max_images=15, seed=0, progress=False)
+    standin = tmp_path / "standin"
+    make_grid_data.make_coco_standin(standin, objects, n=6, seed=0)
+    coco = ["--val_json", str(standin / "coco_qa_two_obj_standin.json"), "--coco_val_dir", str(standin)]
+    out = tmp_path / "run"
+    train.main(["--model_name", "tiny", "--train_dir", str(grid), *coco, "--output_dir", str(out),
+                "--batch_size", "6", "--lr", "1e-2", "--holdout_max_samples", "4", "--max_steps", "3",
+                "--eval_save_steps", "3", "--eval_mode", "score", "--lora_rank", "2"])
+    ckpt = out / "checkpoint-3"
+    assert (ckpt / "adapter_config.json").is_file() and not (ckpt / "model.safetensors").exists()
+    assert json.loads((ckpt / "adapter_config.json").read_text())["r"] == 2
+    trained, _, _ = models.load_model_and_processor(str(ckpt))
+    base, _, _ = models.load_model_and_processor("tiny")
+    lora_b = {n: p for n, p in trained.named_parameters() if ".lora_B." in n}
+    assert len(lora_b) == 12 and all(p.abs().sum() > 0 for p in lora_b.values())  # trained, not fresh zeros
+    base_params = dict(base.named_parameters())
+    for n, p in trained.named_parameters():  # base weights are the untouched tiny model's
+        if ".lora_" not in n:
+            assert torch.equal(p, base_params[n.replace(".base_layer", "")]), n
+    evals = [e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if e["event"] == "eval"]
+    report = eval_coco.main(["--ckpt", str(ckpt), *coco, "--mode", "score", "--output", str(tmp_path / "e.jsonl")])
+    assert report["accuracy"] == evals[-1]["coco"]["accuracy"] and evals[-1]["step"] == 3
+    recorded = [r["prediction"] for r in map(json.loads, (out / "predictions" / "step-3.jsonl").read_text().splitlines())
+                if r["set"] == "coco"]
+    assert [json.loads(l)["prediction"] for l in (tmp_path / "e.jsonl").read_text().splitlines()] == recorded
