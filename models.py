@@ -222,13 +222,14 @@ class VLMAdapter:
                          add_special_tokens=not self.template_adds_bos)
 
     def _tail(self, tokenizer, text, char_index, label):
-        """(index, ids, offsets) of `text` tokenized alone, where index is the token holding
-        character `char_index`. The image placeholder precedes the question, so the tokens after it
+        """(index, ids, offsets) of `text` tokenized alone, where index is the first token that
+        ends after character `char_index` (the one holding it; with trimmed offsets a leading space
+        belongs to no token). The image placeholder precedes the question, so the tokens after it
         are the same in the processor's expanded sequence."""
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         for k, (s, e) in enumerate(offsets):
-            if s <= char_index < e:
+            if e > char_index and e > s:
                 return k, ids, offsets
         raise ValueError(f"{label}: no token covers character {char_index} of {text!r}")
 
@@ -238,8 +239,9 @@ class VLMAdapter:
         end with exactly these ids."""
         k, ids, offsets = self._tail(tokenizer, text, char_start, label)
         begin = offsets[k][0]
-        # A leading space/"▁" belongs to the token that follows it.
-        if begin != char_start and text[begin:char_start].strip():
+        # Only whitespace may lie between the text's start and its first token's (a leading
+        # space/"▁" belongs to the token that follows it, or to none with trimmed offsets).
+        if text[min(begin, char_start):max(begin, char_start)].strip():
             raise ValueError(f"{label}: {text[char_start:char_start + 20]!r} does not start on a token boundary "
                              f"(the token {tokenizer.decode([ids[k]])!r} starts earlier)")
         return self._match(ids[k:], row_ids, last_real, label)

@@ -301,3 +301,17 @@ def test_internvl_unset_tying_means_a_separate_head():
     assert kept.tie_word_embeddings
     full = models.full_size_model("internvl-1b")
     assert full.lm_head.weight is not full.get_input_embeddings().weight
+
+
+def test_a_span_starting_inside_a_token_is_an_error(family, grid):
+    _, _, processor, adapter = family
+    s = grid.samples[0]
+    prompt = adapter.render_prompt(processor, s["question"])
+    text = prompt + adapter.render_answer(s["answer"])
+    row = data.VLMCollator(processor, adapter)([s])["input_ids"][0]
+    tok = processor.tokenizer
+    start = adapter.token_span_from(tok, text, len(prompt), row, len(row) - 1, "ok")
+    assert tok.decode(row[start:]).strip() == s["answer"] + adapter.end_of_turn
+    inside = len(prompt) + len(adapter.answer_prefix) + 2  # within the answer word's token
+    with pytest.raises(ValueError, match="sample-x.*does not start on a token boundary"):
+        adapter.token_span_from(tok, text, inside, row, len(row) - 1, "sample-x")
