@@ -173,6 +173,8 @@ def _module_params(modules):
 def _resolve_projector(projector, train_projector):
     if projector is None:
         return "on" if train_projector else "off"
+    if train_projector and projector == "on":
+        return projector
     if projector not in PROJECTOR_RULES:
         raise ValueError(f"projector must be one of {', '.join(PROJECTOR_RULES)}, got {projector!r}")
     if train_projector and projector == "off":
@@ -443,6 +445,8 @@ def select_from_args(model, adapter, args):
         train_biases=args.train_biases,
         include_lm_head=not args.no_lm_head,
         projector=getattr(args, "projector", None),
+        # A hand-built namespace of the former flags (train_projector / no_projector booleans).
+        train_projector=bool(getattr(args, "train_projector", False)),
         last_k_of=getattr(args, "last_k_of", None),
         lora_rank=getattr(args, "lora_rank", 0),
         lora_alpha=getattr(args, "lora_alpha", None),

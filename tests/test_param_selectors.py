@@ -304,3 +304,12 @@ def test_families_table_matches_the_full_size_selection():
     assert "| qwen2_5_vl | qwen-3b | clean | vision block 26-31 | 18 | 78,796,800 | 2.10% |" in rows
     assert "| llava | llava-7b | clean | vision block 17-22 | 12 | 50,331,648 | 0.71% |" in rows
     assert rows == selection_table(list(models.FULL_SIZE_CONFIGS))
+
+
+def test_a_namespace_with_the_former_boolean_flags_still_selects_the_projector(big):
+    model, adapter = big
+    ns = argparse.Namespace(selector="vision_mlp_lastk", last_k_blocks=6, param_budget_frac=0.3,
+                            bitfit_bias_only=False, train_biases=False, no_lm_head=False,
+                            train_projector=True, no_projector=False)
+    sel = select_from_args(model, adapter, ns)
+    assert sel.projector == "on" and any(".merger." in n for n in sel.names)
