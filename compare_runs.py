@@ -1,26 +1,122 @@
-"""Compare run folders side by side: accuracy before and after training, and the losses.
+"""Compare run folders written by train.py: accuracy per evaluation step (runs or seed groups),
+paired significance on the same questions, a figure and a report.
 
     python compare_runs.py runs/tiny_baseline_seed0 runs/tiny_spatial_seed0
+    python compare_runs.py runs/base_seed{0,1,2} runs/spatial_seed{0,1,2} --out runs/compare_seeds
+
+Seed groups: runs whose config.json "args" are equal except for seed, output_dir and the
+bookkeeping flags overwrite_output_dir, resume_from_checkpoint and report_to form one group
+(the same experiment under different seeds). --labels overrides this: runs given the same
+label form one group, whatever their arguments.
+
+Printed, and written to OUT/report.md: the plain first/last table; per evaluation step the
+accuracy of each run (or the seed group's mean ± sample std) overall and per relation, with
+question counts, on COCO-Spatial and the holdout pairs; and paired statistics of every group
+against the first one on the same questions, at each group's final and best step: McNemar's
+exact test and a seeded bootstrap 95% interval of the accuracy difference (resampling
+questions). Seed groups are pooled per question by majority vote, a tie counting as wrong
+(--pairing majority), or tested run against run of the same seed (--pairing per-seed). The figure
+OUT/compare.png shows accuracy over steps (±std band for seed groups) and the LM and spatial-ID
+losses. Runs without an "end" event are marked [INCOMPLETE] everywhere.
 """
 import argparse
 import json
+import math
+import re
 import sys
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 
-def read_run(folder):
+SETS = {"coco": "COCO-Spatial", "holdout": "holdout pairs"}
+# Arguments that do not change what a run computes: runs differing only in these are seeds of
+# one experiment.
+GROUPING_IGNORES = ("seed", "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to")
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+INCOMPLETE = "[INCOMPLETE]"
+
+
+class CompareError(Exception):
+    """A problem with the input; main() prints it as one line and exits non-zero."""
+
+
+# --- reading run folders ---------------------------------------------------------------------
+
+def read_jsonl(path, partial_last_line_ok=False):
+    """The JSON objects of a .jsonl file. With partial_last_line_ok, a broken last line (a run
+    still writing, or killed mid-write) is skipped with a warning instead of refused."""
+    lines = [(n, line) for n, line in enumerate(Path(path).read_text().splitlines(), start=1) if line.strip()]
+    events = []
+    for number, line in lines:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            event = None
+        if isinstance(event, dict):
+            events.append(event)
+        elif partial_last_line_ok and number == lines[-1][0]:
+            print(f"warning: {path}: line {number} is cut short (run still writing, or killed); ignored",
+                  file=sys.stderr)
+        else:
+            raise CompareError(f"{path}: line {number} is not a JSON object")
+    return events
+
+
+def load_run(folder):
+    """Everything compare_runs needs from one run folder, or a CompareError naming what is wrong."""
     folder = Path(folder)
-    path = folder / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no metrics.jsonl (not a train.py run folder?)")
-    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    evals = [e for e in events if e["event"] == "eval"]
-    train = [e for e in events if e["event"] == "train"]
+    if not folder.is_dir():
+        raise CompareError(f"{folder}: no such folder")
+    metrics_path, config_path = folder / "metrics.jsonl", folder / "config.json"
+    if not metrics_path.is_file():
+        raise CompareError(f"{folder}: not a run folder (no metrics.jsonl; runs are written by train.py)")
+    if not config_path.is_file():
+        raise CompareError(f"{folder}: not a run folder (no config.json; runs are written by train.py)")
+    events = read_jsonl(metrics_path, partial_last_line_ok=True)
+    if not events:
+        raise CompareError(f"{metrics_path}: empty (no events recorded; did the run start?)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError:
+        config = None
+    # Without its arguments a run could not be grouped with its seeds.
+    if not isinstance(config, dict) or not isinstance(config.get("args"), dict):
+        raise CompareError(f"{config_path}: not a train.py config (a JSON object with \"args\")")
+    # One entry per step: a resumed run may have re-logged a step; the later one wins.
+    evals = {e.get("step"): e for e in events if e.get("event") == "eval"}
     if not evals:
-        raise ValueError(f"{path}: no evaluation recorded")
+        raise CompareError(f"{metrics_path}: no evaluation recorded")
+    for step, event in evals.items():
+        if not isinstance(step, int) or "accuracy" not in event.get("coco", {}):
+            raise CompareError(f"{metrics_path}: an eval event lacks a step or a COCO accuracy: {json.dumps(event)[:120]}")
+    ends = [e for e in events if e.get("event") == "end"]
+    return {
+        "name": folder.name,
+        "folder": folder,
+        "config": config,
+        "args": config["args"],
+        "evals": [evals[s] for s in sorted(evals)],
+        "train": [e for e in events if e.get("event") == "train"],
+        "end": ends[-1] if ends else None,
+    }
+
+
+def is_complete(run):
+    return run["end"] is not None
+
+
+def run_label(run):
+    return run["name"] if is_complete(run) else f"{run['name']} {INCOMPLETE}"
+
+
+def summary_row(run):
+    """The plain first/last numbers of one run."""
+    evals, train = run["evals"], run["train"]
     spatial = [e["spatial_loss"] for e in train if "spatial_loss" in e]
     return {
-        "run": folder.name,
+        "run": run_label(run),
         "steps": evals[-1]["step"],
         "coco_before": evals[0]["coco"]["accuracy"],
         "coco_after": evals[-1]["coco"]["accuracy"],
@@ -33,34 +129,471 @@ def read_run(folder):
     }
 
 
+def read_run(folder):
+    return summary_row(load_run(folder))
+
+
 def _fmt(value, digits=3):
-    return "-" if value is None else f"{value:.{digits}f}"
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def table(runs):
+def table(rows):
+    """The plain table, first thing printed (rows from summary_row)."""
     header = ["run", "steps", "COCO before", "COCO after", "holdout before", "holdout after",
               "LM loss first→last", "spatial loss first→last"]
-    rows = [[r["run"], str(r["steps"]), _fmt(r["coco_before"]), _fmt(r["coco_after"]),
-             _fmt(r["holdout_before"]), _fmt(r["holdout_after"]),
-             f"{_fmt(r['lm_loss_first'])}→{_fmt(r['lm_loss_last'])}",
-             f"{_fmt(r['spatial_first'])}→{_fmt(r['spatial_last'])}" if r["spatial_first"] is not None else "-"]
-            for r in runs]
-    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in [header] + rows]
+    cells = [[r["run"], str(r["steps"]), _fmt(r["coco_before"]), _fmt(r["coco_after"]),
+              _fmt(r["holdout_before"]), _fmt(r["holdout_after"]),
+              f"{_fmt(r['lm_loss_first'])}→{_fmt(r['lm_loss_last'])}",
+              f"{_fmt(r['spatial_first'])}→{_fmt(r['spatial_last'])}" if r["spatial_first"] is not None else "-"]
+             for r in rows]
+    widths = [max(len(row[i]) for row in [header] + cells) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in [header] + cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --- seed groups -----------------------------------------------------------------------------
+
+def grouping_key(args):
+    return json.dumps({k: v for k, v in args.items() if k not in GROUPING_IGNORES}, sort_keys=True, default=str)
+
+
+def automatic_group_name(runs):
+    if len(runs) == 1:
+        return runs[0]["name"]
+    # runs/x_seed0, runs/x_seed1 -> x
+    stripped = {re.sub(r"[_-]?seed\d+", "", r["name"]) for r in runs}
+    if len(stripped) == 1 and stripped != {""}:
+        return stripped.pop()
+    return f"{runs[0]['name']}+{len(runs) - 1}"
+
+
+def group_runs(runs, labels=None):
+    """[{"name", "runs"}] in order of first appearance: by --labels when given, else by config args."""
+    if labels is not None and len(labels) != len(runs):
+        raise CompareError(f"--labels gives {len(labels)} labels for {len(runs)} runs; give one per run")
+    keys = labels if labels is not None else [grouping_key(r["args"]) for r in runs]
+    grouped = {}
+    for key, run in zip(keys, runs):
+        grouped.setdefault(key, []).append(run)
+    groups = []
+    for key, members in grouped.items():
+        name = key if labels is not None else automatic_group_name(members)
+        # Two automatic names may coincide (same folder name under two parents): number them.
+        taken = [g["name"] for g in groups]
+        if name in taken:
+            name = f"{name} ({len(taken) + 1})"
+        groups.append({"name": name, "runs": members})
+    return groups
+
+
+def group_label(group):
+    incomplete = [r["name"] for r in group["runs"] if not is_complete(r)]
+    if not incomplete:
+        return group["name"]
+    if len(group["runs"]) == 1:
+        return f"{group['name']} {INCOMPLETE}"
+    return f"{group['name']} {INCOMPLETE}: {', '.join(incomplete)}"
+
+
+# --- accuracy per evaluation step ------------------------------------------------------------
+
+def mean_std(values):
+    """Mean and sample standard deviation (ddof=1; None for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def reports_at(group, step, set_name):
+    """The accuracy reports of the group's runs that evaluated `set_name` at `step`."""
+    reports = []
+    for run in group["runs"]:
+        event = next((e for e in run["evals"] if e["step"] == step), None)
+        if event is not None and set_name in event:
+            reports.append(event[set_name])
+    return reports
+
+
+def accuracy_cell(reports, relation=None):
+    """'0.600 (29/48)' for one run, '0.600 ± 0.100 (n=48)' for a seed group, '-' when absent."""
+    parts = [r if relation is None else r.get("per_relation", {}).get(relation) for r in reports]
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return "-"
+    if len(parts) == 1:
+        return f"{parts[0]['accuracy']:.3f} ({parts[0]['correct']}/{parts[0]['n']})"
+    mean, std = mean_std([p["accuracy"] for p in parts])
+    ns = sorted({p["n"] for p in parts})
+    n = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
+    return f"{mean:.3f} ± {std:.3f} (n={n})"
+
+
+def group_steps(group):
+    return sorted({e["step"] for r in group["runs"] for e in r["evals"]})
+
+
+def step_table(groups, set_name):
+    """Markdown table: one row per (step, group), overall and per-relation accuracy; None if
+    no run evaluated this set."""
+    relations = sorted({rel for g in groups for r in g["runs"] for e in r["evals"]
+                        for rel in e.get(set_name, {}).get("per_relation", {})})
+    rows = []
+    for step in sorted({s for g in groups for s in group_steps(g)}):
+        for g in groups:
+            reports = reports_at(g, step, set_name)
+            if not reports:
+                continue
+            rows.append([step, group_label(g), f"{len(reports)}/{len(g['runs'])}", accuracy_cell(reports)]
+                        + [accuracy_cell(reports, rel) for rel in relations])
+    if not rows:
+        return None
+    return markdown_table(["step", "run / group", "runs", "all"] + relations, rows)
+
+
+# --- paired statistics -----------------------------------------------------------------------
+
+def mcnemar_exact(b, c):
+    """Two-sided exact McNemar p-value: b and c are the discordant counts (A right/B wrong and
+    A wrong/B right); under H0 each discordant pair goes either way with probability 1/2."""
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    tail = Fraction(sum(math.comb(n, i) for i in range(k + 1)), 2 ** n)  # exact, no float underflow
+    return float(min(Fraction(1), 2 * tail))
+
+
+def bootstrap_interval(a, b, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED, level=0.95):
+    """Percentile bootstrap interval of mean(b) - mean(a), resampling questions (paired: one
+    index picks both runs' answer to the same question)."""
+    diff = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = []
+    chunk = max(1, 2_000_000 // len(diff))  # resamples per batch: about 16 MB of indices at most
+    for start in range(0, resamples, chunk):
+        idx = rng.integers(0, len(diff), size=(min(chunk, resamples - start), len(diff)))
+        means.append(diff[idx].mean(axis=1))
+    means = np.concatenate(means)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def question_key(row):
+    """The identity of one question: its set, its question text and where it came from. COCO rows
+    carry their row in the JSON and the image id, which survive a moved image folder; grid
+    (holdout) rows carry only the image path."""
+    where = (row.get("row"), row.get("image_id"))
+    if where == (None, None):
+        where = (row.get("image_path"),)
+    return (row.get("set", "coco"), *where, row.get("question"))
+
+
+def predictions_path(run, step):
+    return run["folder"] / "predictions" / f"step-{step}.jsonl"
+
+
+def load_correctness(run, step, set_name):
+    """{question key: correct} of one run's saved predictions at `step` on `set_name`."""
+    path = predictions_path(run, step)
+    if not path.is_file():
+        raise CompareError(f"{path}: missing; the paired test needs the per-question predictions "
+                           f"train.py saves at each evaluation")
+    correct, seen = {}, {}
+    for row in read_jsonl(path):
+        if row.get("set", "coco") != set_name:
+            continue
+        key = question_key(row)
+        # Identical rows (same question text, no row/image id) stay distinct by their order.
+        seen[key] = seen.get(key, 0) + 1
+        if "correct" not in row:
+            raise CompareError(f"{path}: a row has no \"correct\" field: {json.dumps(row)[:120]}")
+        correct[key + (seen[key],)] = bool(row["correct"])
+    if not correct:
+        raise CompareError(f"{path}: no {SETS.get(set_name, set_name)} predictions")
+    return correct
+
+
+def same_questions_or_fail(first, first_path, other, other_path, set_name):
+    if first.keys() == other.keys():
+        return
+    only_first, only_other = len(first.keys() - other.keys()), len(other.keys() - first.keys())
+    raise CompareError(f"the {SETS.get(set_name, set_name)} questions differ between {first_path} "
+                       f"({len(first)} questions, {only_first} not in the other) and {other_path} "
+                       f"({len(other)}, {only_other} not in the first); a paired test needs the same questions")
+
+
+def group_correctness(group, step, set_name, reference=None):
+    """(question keys, correct per question, first predictions file) of a group at `step`: a seed
+    group's runs vote and a question counts as right when most of them got it right (a tie, which
+    an even number of seeds can give, counts as wrong). `reference` is ({key: ...}, path) that
+    every run's questions must equal."""
+    per_run = []
+    for run in group["runs"]:
+        correct = load_correctness(run, step, set_name)
+        path = predictions_path(run, step)
+        if reference is None:
+            reference = (correct, path)
+        same_questions_or_fail(reference[0], reference[1], correct, path, set_name)
+        per_run.append(correct)
+    keys = sorted(per_run[0], key=repr)
+    votes = np.array([[r[k] for k in keys] for r in per_run], dtype=int)  # runs × questions
+    return keys, votes.sum(axis=0) * 2 > len(per_run), predictions_path(group["runs"][0], step)
+
+
+def common_steps(group, set_name):
+    """Steps at which every run of the group evaluated `set_name`."""
+    steps = [{e["step"] for e in r["evals"] if set_name in e} for r in group["runs"]]
+    return sorted(set.intersection(*steps))
+
+
+def final_and_best_steps(group, set_name):
+    """The last step every run reached, and the step of the best mean accuracy (earliest on a
+    tie). The best step is chosen on the same questions it is tested on: optimistic."""
+    steps = common_steps(group, set_name)
+    if not steps:
+        return None, None
+    def mean_accuracy(step):
+        return mean_std([r["accuracy"] for r in reports_at(group, step, set_name)])[0]
+    best = max(steps, key=lambda s: (mean_accuracy(s), -s))
+    return steps[-1], best
+
+
+def paired_comparison(reference, other, set_name, ref_step, other_step):
+    """McNemar and bootstrap of `other` against `reference` on the same questions; every number is
+    of the (pooled) right/wrong answers, so they describe one and the same comparison."""
+    keys, ref, ref_path = group_correctness(reference, ref_step, set_name)
+    _, oth, _ = group_correctness(other, other_step, set_name, reference=(dict.fromkeys(keys), ref_path))
+    b = int(np.sum(ref & ~oth))  # reference right, other wrong
+    c = int(np.sum(~ref & oth))
+    low, high = bootstrap_interval(ref, oth)
+    return {"n": len(keys), "ref_acc": float(ref.mean()), "other_acc": float(oth.mean()),
+            "b": b, "c": c, "p": mcnemar_exact(b, c),
+            "diff": float(oth.mean() - ref.mean()), "low": low, "high": high}
+
+
+def single(run):
+    return {"name": run["name"], "runs": [run]}
+
+
+def seed_pairs(reference, other):
+    """(reference run, other run) pairs with the same config seed; two single runs pair whatever
+    their seeds."""
+    if len(reference["runs"]) == len(other["runs"]) == 1:
+        return [(reference["runs"][0], other["runs"][0])]
+    by_seed = {r["args"].get("seed"): r for r in other["runs"]}
+    pairs = [(r, by_seed[r["args"].get("seed")]) for r in reference["runs"] if r["args"].get("seed") in by_seed]
+    if not pairs:
+        raise CompareError(f"--pairing per-seed: {group_label(reference)} and {group_label(other)} share no "
+                           f"seed; use --pairing majority")
+    return pairs
+
+
+def comparisons(groups, pairing):
+    """(reference, other) units to test, each group against the first: whole groups (majority
+    vote), or runs of the same seed as one-run groups (per-seed)."""
+    reference = groups[0]
+    for other in groups[1:]:
+        if pairing == "majority":
+            yield reference, other
+        else:
+            for ref_run, other_run in seed_pairs(reference, other):
+                yield single(ref_run), single(other_run)
+
+
+def paired_rows(groups, set_name, pairing="majority"):
+    rows = []
+    for reference, other in comparisons(groups, pairing):
+        ref_final, ref_best = final_and_best_steps(reference, set_name)
+        other_final, other_best = final_and_best_steps(other, set_name)
+        if ref_final is None or other_final is None:
+            continue
+        for which, ref_step, other_step in (("final", ref_final, other_final), ("best", ref_best, other_best)):
+            s = paired_comparison(reference, other, set_name, ref_step, other_step)
+            rows.append([which, f"{group_label(other)} @{other_step} vs {group_label(reference)} @{ref_step}",
+                         s["n"], f"{s['ref_acc']:.3f}", f"{s['other_acc']:.3f}", f"{s['diff']:+.3f}",
+                         f"[{s['low']:+.3f}, {s['high']:+.3f}]", f"{s['c']} / {s['b']}", f"{s['p']:.4g}"])
+    return rows
+
+
+PAIRED_HEADER = ["step", "comparison", "questions", "acc reference", "acc other", "difference",
+                 "bootstrap 95% CI", "discordant (other only / ref only)", "McNemar exact p"]
+
+PAIRING_NOTES = {
+    "majority": "Seed groups are pooled per question by majority vote of their seeds (a tie counts as "
+                "wrong); the accuracies here are of those pooled answers and can differ from the seed "
+                "means above.",
+    "per-seed": "Per seed: each run is tested against the reference group's run of the same seed "
+                "(two single runs are paired whatever their seeds); a seed without a partner is left out.",
+}
+
+
+def paired_note(reference, pairing):
+    return (f"Paired on the same questions, each group against the first ({reference}). "
+            f"{PAIRING_NOTES[pairing]} McNemar's exact test: two-sided binomial test of the discordant "
+            f"questions (right in one, wrong in the other) against 1/2. The difference is other − reference; "
+            f"its 95% interval is a percentile bootstrap over questions ({BOOTSTRAP_RESAMPLES:,} resamples, "
+            f"seed {BOOTSTRAP_SEED}). \"final\" is the last step every run of a group reached; \"best\" is "
+            f"a group's step of highest mean accuracy on this same set, so its p-value is optimistic.")
+
+
+# --- figure ----------------------------------------------------------------------------------
+
+def curve(group, points_of_run):
+    """(steps, mean, std) over the runs of a group; at each step, over the runs that logged it
+    (as in the tables), so an incomplete seed does not cut the group's curve short."""
+    per_run = [dict(points_of_run(r)) for r in group["runs"]]
+    steps = sorted({s for p in per_run for s in p})
+    stats = [mean_std([p[s] for p in per_run if s in p]) for s in steps]
+    return steps, [m for m, _ in stats], [sd or 0.0 for _, sd in stats]
+
+
+def accuracy_points(set_name):
+    return lambda run: [(e["step"], e[set_name]["accuracy"]) for e in run["evals"] if set_name in e]
+
+
+def loss_points(name):
+    return lambda run: [(e["step"], e[name]) for e in run["train"] if e.get(name) is not None]
+
+
+def plot(groups, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # no display on servers; must come before pyplot
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CompareError("the figure needs matplotlib: pip install matplotlib") from None
+    panels = [("COCO-Spatial accuracy", accuracy_points("coco")),
+              ("holdout-pair accuracy", accuracy_points("holdout")),
+              ("LM loss", loss_points("lm_loss")),
+              ("spatial-ID loss", loss_points("spatial_loss"))]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for ax, (title, points) in zip(axes.flat, panels):
+        drawn = False
+        for i, g in enumerate(groups):
+            steps, mean, std = curve(g, points)
+            if not steps:
+                continue
+            drawn = True
+            incomplete = any(not is_complete(r) for r in g["runs"])
+            label = g["name"] + (f" ({len(g['runs'])} seeds, ±std)" if len(g["runs"]) > 1 else "") \
+                + (" INCOMPLETE" if incomplete else "")
+            color = f"C{i}"
+            # Distinct open markers keep a run visible where another one lies exactly on top of it.
+            ax.plot(steps, mean, marker="osD^v"[i % 5], ms=7 - i % 4, mfc="none", color=color, label=label,
+                    ls="--" if incomplete else "-")
+            if len(g["runs"]) > 1:
+                ax.fill_between(steps, np.subtract(mean, std), np.add(mean, std), color=color, alpha=0.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy" if "accuracy" in title else "loss (mean of the logging window)")
+        if drawn:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not logged by these runs", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --- report ----------------------------------------------------------------------------------
+
+def provenance_rows(groups):
+    rows = []
+    for g in groups:
+        for r in g["runs"]:
+            config = r["config"]
+            commit = (config.get("git_commit") or "-")[:12] + (" (dirty)" if config.get("git_dirty") else "")
+            rows.append([run_label(r), g["name"], r["args"].get("seed", "-"), r["args"].get("protocol", "-"),
+                         commit, str(r["folder"])])
+    return rows
+
+
+def command_lines(groups):
+    """Each run's exact command, and the command of every resume, as markdown list items."""
+    lines = []
+    for r in (r for g in groups for r in g["runs"]):
+        lines.append(f"- {run_label(r)}: `{r['config'].get('command', '-')}`")
+        for resumed in r["config"].get("resumed", []):
+            lines.append(f"  - resumed at step {resumed.get('step')}: `{resumed.get('command', '-')}`")
+    return "\n".join(lines)
+
+
+def default_out(groups, first_folder):
+    names = "_vs_".join(re.sub(r"[^A-Za-z0-9_.-]+", "-", g["name"]) for g in groups)
+    return Path(first_folder).parent / f"compare_{names}"[:120]
+
+
+def build_sections(groups, pairing="majority"):
+    """[(title, text)] of everything after the plain table."""
+    sections = [("Runs and seed groups", markdown_table(
+        ["run", "group", "seed", "protocol", "git commit", "folder"], provenance_rows(groups))
+        + "\n\nCommands:\n\n" + command_lines(groups))]
+    for set_name, title in SETS.items():
+        text = step_table(groups, set_name)
+        if text is not None:
+            sections.append((f"{title}: accuracy per evaluation step", text + "\n\nCells: accuracy (correct/n) for "
+                             "one run; mean ± sample std over seeds (n questions per seed) for a seed group. "
+                             "'runs' counts the group's runs evaluated at that step."))
+    if len(groups) > 1:
+        for set_name, title in SETS.items():
+            rows = paired_rows(groups, set_name, pairing)
+            if rows:
+                sections.append((f"{title}: paired statistics ({pairing})",
+                                  markdown_table(PAIRED_HEADER, rows) + "\n\n"
+                                  + paired_note(group_label(groups[0]), pairing)))
+    return sections
+
+
+def write_report(out, plain, sections, figure):
+    lines = ["# Run comparison", "", "```", plain, "```", ""]
+    if INCOMPLETE in plain:
+        lines += [f"Runs marked {INCOMPLETE} have no \"end\" event: they stopped early or are still running.", ""]
+    for title, text in sections:
+        lines += [f"## {title}", "", text, ""]
+    lines += ["## Figure", "", f"![accuracy and losses over steps]({figure.name})", ""]
+    (out / "report.md").write_text("\n".join(lines))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders written by train.py")
+    parser.add_argument("--labels", nargs="+", help="one label per run; runs with the same label form one "
+                                                    "seed group (default: group by config args, see above)")
+    parser.add_argument("--pairing", choices=("majority", "per-seed"), default="majority",
+                        help="paired tests of seed groups: pool each group's seeds per question by majority "
+                             "vote (default), or test run against run of the same seed")
+    parser.add_argument("--out", help="folder for report.md and compare.png "
+                                      "(default: compare_<groups> next to the first run)")
+    parser.add_argument("--brief", action="store_true",
+                        help="print only the plain table and where the report went (the report is complete)")
     args = parser.parse_args(argv)
+    if args.labels and len(args.labels) != len(args.runs):
+        parser.error(f"argument --labels: {len(args.labels)} labels for {len(args.runs)} runs (one per run)")
     try:
-        runs = [read_run(r) for r in args.runs]
-    except (FileNotFoundError, ValueError) as err:
+        runs = [load_run(r) for r in args.runs]
+        groups = group_runs(runs, args.labels)
+        plain = table([summary_row(r) for r in runs])
+        print(plain)
+        sections = build_sections(groups, args.pairing)
+        for title, text in sections if not args.brief else ():
+            print(f"\n## {title}\n\n{text}")
+        out = Path(args.out) if args.out else default_out(groups, args.runs[0])
+        out.mkdir(parents=True, exist_ok=True)
+        figure = out / "compare.png"
+        plot(groups, figure)
+        write_report(out, plain, sections, figure)
+    except (CompareError, OSError) as err:  # OSError: an unreadable run or an unwritable --out
         sys.exit(f"error: {err}")
-    print(table(runs))
-    return runs
+    print(f"\nreport: {out / 'report.md'}\nfigure: {figure}")
+    return {"runs": runs, "groups": groups, "out": out}
 
 
 if __name__ == "__main__":

@@ -45,26 +45,34 @@ ANSWER_WORDS = ("left", "right", "above", "below")
 OPTIONS = {"lr": ("left", "right"), "ab": ("above", "below")}
 RELATION_TYPE = {"left": "lr", "right": "lr", "above": "ab", "below": "ab"}
 
-# The original code's templates. Objects are referred to as "the {name}" in training and in
-# evaluation alike (ARTICLE below), so the model sees one convention.
+# The original code's templates. How objects are referred to is a protocol choice
+# (`--train_question_style`, `--question_style`): "paper" uses the bare names as the original did
+# ("Is camel to the left or right of frog?"), "clean" says "the {name}" everywhere, so training
+# and evaluation questions read alike.
 QUESTION_TEMPLATES = {
     "lr": 'Is {obj1} to the left or right of {obj2}? Answer with "left" or "right" only.',
     "ab": 'Is {obj1} above or below {obj2}? Answer with "above" or "below" only.',
 }
-ARTICLE = "the"
+QUESTION_STYLES = ("paper", "clean")
 
 
-def refer(name):
-    return f"{ARTICLE} {name}"
+def refer(name, style="clean"):
+    """How a question names an object under each question style."""
+    if style not in QUESTION_STYLES:
+        raise ValueError(f"question style must be one of {QUESTION_STYLES}, not {style!r}")
+    return name if style == "paper" else f"the {name}"
 
 
-def make_question(qtype, obj1, obj2):
-    """(question, (start, end) character span of obj2's reference inside the question)."""
-    ref1, ref2 = refer(obj1), refer(obj2)
+def fill_template(qtype, ref1, ref2):
+    """(question, (start, end) character span of `ref2` inside it)."""
     before, after = QUESTION_TEMPLATES[qtype].split("{obj2}")
     before = before.format(obj1=ref1)
-    question = before + ref2 + after
-    return question, (len(before), len(before) + len(ref2))
+    return before + ref2 + after, (len(before), len(before) + len(ref2))
+
+
+def make_question(qtype, obj1, obj2, style="clean"):
+    """(question, (start, end) character span of obj2's reference inside the question)."""
+    return fill_template(qtype, refer(obj1, style), refer(obj2, style))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,16 +157,24 @@ def questions_for_layout(layout):
     return out
 
 
-def sample_record(image_path, qtype, answer, obj1, obj2, **extra):
-    question, obj2_span = make_question(qtype, obj1, obj2)
+def sample_record(image_path, qtype, answer, obj1, obj2, style="clean", **extra):
+    question, obj2_span = make_question(qtype, obj1, obj2, style)
     return dict(image_path=str(image_path), qtype=qtype, question=question, answer=answer,
                 options=OPTIONS[qtype], obj1=obj1, obj2=obj2, obj2_span=obj2_span, **extra)
 
 
-class GridDataset(torch.utils.data.Dataset):
-    """Question/answer samples from a folder of grid images (both file-name forms)."""
+def questions_for_images(layouts, question_style="clean"):
+    """Question samples for [(image path, GridLayout)], in order (see questions_for_layout)."""
+    return [sample_record(path, qtype, answer, layout.obj1, layout.obj2, question_style,
+                          cell1=layout.cell1, cell2=layout.cell2, size=layout.size)
+            for path, layout in layouts for qtype, answer in questions_for_layout(layout)]
 
-    def __init__(self, folder):
+
+class GridDataset(torch.utils.data.Dataset):
+    """Question/answer samples from a folder of grid images (both file-name forms), worded in
+    `question_style` ("paper": bare names, "clean": "the {name}")."""
+
+    def __init__(self, folder, question_style="clean"):
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(
@@ -167,23 +183,18 @@ class GridDataset(torch.utils.data.Dataset):
                 "of {object}.png renders)"
             )
         self.folder = folder
-        self.samples = []
         self.unparseable = []
-        n_images = 0
+        layouts = []
         for path in sorted(folder.iterdir()):
             if path.suffix.lower() != ".png":
                 continue
             layout = parse_grid_name(path.name)
             if layout is None:
                 self.unparseable.append(path.name)
-                continue
-            n_images += 1
-            for qtype, answer in questions_for_layout(layout):
-                self.samples.append(sample_record(
-                    path, qtype, answer, layout.obj1, layout.obj2,
-                    cell1=layout.cell1, cell2=layout.cell2, size=layout.size,
-                ))
-        self.n_images = n_images
+            else:
+                layouts.append((path, layout))
+        self.n_images = len(layouts)
+        self.samples = questions_for_images(layouts, question_style)
         if not self.samples:
             raise ValueError(
                 f"{folder}: no usable grid images ({len(self.unparseable)} unparseable .png names). "
@@ -202,6 +213,62 @@ class GridDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.samples[i]
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction sets (universal-ID derivation, paper recipe)
+# ---------------------------------------------------------------------------------------------
+
+_CELL_DIR_RE = re.compile(r"^(\d+)_(\d+)$")
+_EXTRACTION_FILE_RE = re.compile(r"^(\d+)_(\d+)_(\d+)\.png$")
+
+
+def extraction_path(root, layout):
+    """Where the original's nested extraction layout puts an image: the fixed object `a` = obj1,
+    the moving object `b` = obj2: `{a}_{b}/{a_col}_{a_row}/{b_col}_{b_row}_{size}.png`."""
+    (ac, ar), (bc, br) = layout.cell1, layout.cell2
+    return Path(root) / f"{layout.obj1}_{layout.obj2}" / f"{ac}_{ar}" / f"{bc}_{br}_{layout.size}.png"
+
+
+def read_extraction_set(folder):
+    """(layouts with their paths, layout name) of a folder of ID-derivation images: either the
+    original's nested extraction layout (see `extraction_path`; obj1 = the fixed object `a`) or a
+    flat folder of grid file names (obj1 = the first-named object). Returns ([(path, GridLayout)],
+    "nested" | "flat", [unparseable paths])."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}. Make one with `python make_grid_data.py "
+                                f"--layout extraction --out_dir {folder}`")
+    subdirs = sorted(p for p in folder.iterdir() if p.is_dir())
+    if not subdirs or any(p.suffix.lower() == ".png" for p in folder.iterdir() if p.is_file()):
+        items, skipped = [], []
+        for path in sorted(folder.glob("*.png")):
+            layout = parse_grid_name(path.name)
+            if layout is None:
+                skipped.append(path)
+            else:
+                items.append((path, layout))
+        return items, "flat", skipped
+    items, skipped = [], []
+    for pair_dir in subdirs:
+        names = pair_dir.name.split("_")
+        if len(names) != 2 or not all(names):
+            raise ValueError(f"{pair_dir}: an extraction-set folder must be named {{a}}_{{b}} (two object "
+                             "names joined by one '_')")
+        a, b = names
+        for cell_dir in sorted(p for p in pair_dir.iterdir() if p.is_dir()):
+            m = _CELL_DIR_RE.match(cell_dir.name)
+            if not m:
+                skipped.append(cell_dir)
+                continue
+            a_cell = (int(m[1]), int(m[2]))
+            for path in sorted(cell_dir.glob("*.png")):
+                f = _EXTRACTION_FILE_RE.match(path.name)
+                if not f:
+                    skipped.append(path)
+                    continue
+                items.append((path, GridLayout(a, a_cell, b, (int(f[1]), int(f[2])), int(f[3]))))
+    return items, "nested", skipped
 
 
 def split_holdout(samples, holdout_frac=0.15, seed=0):
@@ -235,23 +302,38 @@ def group_indices(samples, indices):
 
 class _EpochBatchSampler(torch.utils.data.Sampler):
     """Batches drawn afresh each epoch from `seed + epoch`; `set_epoch(epoch, skip=n)` starts the
-    epoch after its first n batches (resuming a run mid-epoch). `__len__` is what it yields."""
+    epoch after its first n batches (resuming a run mid-epoch). `shard(n, rank)`: with n processes
+    each takes every n-th whole batch (after `skip`, which counts all processes' batches), and the
+    epoch's last n - 1 batches at most are dropped so that every process takes as many.
+    `__len__` is what it yields."""
 
     seed = 0
     epoch = 0
     skip = 0
+    num_replicas = 1
+    rank = 0
 
     def set_epoch(self, epoch, skip=0):
         self.epoch, self.skip = epoch, skip
 
+    def shard(self, num_replicas, rank):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} outside 0..{num_replicas - 1}")
+        self.num_replicas, self.rank = num_replicas, rank
+
     def epoch_batches(self):
         raise NotImplementedError
 
+    def _mine(self):
+        batches = self.epoch_batches()
+        usable = len(batches) - len(batches) % self.num_replicas
+        return batches[self.skip:usable][self.rank::self.num_replicas]
+
     def __iter__(self):
-        return iter(self.epoch_batches()[self.skip:])
+        return iter(self._mine())
 
     def __len__(self):
-        return max(0, len(self.epoch_batches()) - self.skip)
+        return len(self._mine())
 
 
 class GroupedBatchSampler(_EpochBatchSampler):
@@ -284,7 +366,8 @@ class GroupedBatchSampler(_EpochBatchSampler):
 
 
 class RandomBatchSampler(_EpochBatchSampler):
-    """The original's plain shuffle (`--sampler random`)."""
+    """The plain shuffle (`--sampler shuffle`): the original's control arm. Batches mix object
+    pairs; the last one may be short."""
 
     def __init__(self, indices, batch_size, seed=0):
         self.indices, self.batch_size, self.seed = list(indices), batch_size, seed
@@ -293,6 +376,55 @@ class RandomBatchSampler(_EpochBatchSampler):
         order = list(self.indices)
         random.Random(self.seed + self.epoch).shuffle(order)
         return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+
+def obj1_group_key(sample):
+    """The original's spatial-arm group: obj1, obj1's cell and obj2. Both question types and
+    every object size fall in one group."""
+    return (sample["obj1"], sample["cell1"], sample["obj2"])
+
+
+class Obj1GroupBatchSampler(_EpochBatchSampler):
+    """The original's spatial-arm batches (`--sampler obj1_groups`): groups keyed (obj1, obj1's
+    cell, obj2), taken in a shuffled order; each group is shuffled and cut into consecutive
+    batches of at most `batch_size` (a 24-question group at batch 15 gives 15 + 9); a leftover of
+    one question is dropped (centring one state leaves nothing). Seeded, unlike the original."""
+
+    def __init__(self, samples, indices, batch_size, seed=0, min_batch_size=2):
+        self.batch_size, self.seed, self.min_batch_size = batch_size, seed, min_batch_size
+        groups = defaultdict(list)
+        for i in indices:
+            groups[obj1_group_key(samples[i])].append(i)
+        self.groups = [groups[k] for k in sorted(groups, key=str)]
+
+    def epoch_batches(self):
+        rng = random.Random(self.seed + self.epoch)
+        order = list(range(len(self.groups)))
+        rng.shuffle(order)
+        batches = []
+        for g in order:
+            group = list(self.groups[g])
+            rng.shuffle(group)
+            for start in range(0, len(group), self.batch_size):
+                chunk = group[start:start + self.batch_size]
+                if len(chunk) >= self.min_batch_size:
+                    batches.append(chunk)
+        return batches
+
+
+# Sampler name -> whether its batches keep obj1 fixed while obj2 moves (the spatial loss centres
+# over a batch, which only isolates obj2's position when they do).
+SAMPLERS = {"shuffle": False, "obj1_groups": True, "grouped": True}
+
+
+def make_batch_sampler(name, samples, indices, batch_size, seed=0):
+    if name == "shuffle":
+        return RandomBatchSampler(indices, batch_size, seed=seed)
+    if name == "obj1_groups":
+        return Obj1GroupBatchSampler(samples, indices, batch_size, seed=seed)
+    if name == "grouped":
+        return GroupedBatchSampler(samples, indices, batch_size, seed=seed)
+    raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, not {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +436,18 @@ def load_image(path):
 
     with Image.open(path) as img:
         return img.convert("RGB")
+
+
+def image_header_ok(path):
+    """Whether an image file opens (its header parses): cheap, so evaluation sets are checked
+    up front; a file truncated further in only fails when decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
 
 
 def user_messages(question):
@@ -319,9 +463,12 @@ class VLMCollator:
     (models.VLMAdapter): positions are found by matching token ids and the obj2 token is checked
     by decoding, so a tokenizer that splits differently is an error naming the sample, never a
     silently wrong position. `adapter` may still be the legacy end-of-turn string: the adapter is
-    then the one that built `processor`. `with_answer=False` builds generation prompts."""
+    then the one that built `processor`. `with_answer=False` builds generation prompts
+    (evaluation). An image that cannot be decoded is an error naming it, or with
+    `skip_unreadable` (training: never a crash hours in) its sample is left out of the batch and
+    named in `batch["unreadable_images"]` (pop it before the forward)."""
 
-    def __init__(self, processor, adapter, with_answer=True):
+    def __init__(self, processor, adapter, with_answer=True, skip_unreadable=False):
         if isinstance(adapter, str):
             import models
 
@@ -333,13 +480,31 @@ class VLMCollator:
         self.adapter = adapter
         self.end_of_turn = adapter.end_of_turn
         self.with_answer = with_answer
+        self.skip_unreadable = skip_unreadable
+
+    def _load_images(self, samples):
+        """(samples whose image decodes, their images, paths of the others)."""
+        kept, images, unreadable = [], [], []
+        for s in samples:
+            try:
+                images.append(load_image(s["image_path"]))
+                kept.append(s)
+            except (OSError, ValueError) as err:  # PIL: truncated, corrupt or not an image
+                if not self.skip_unreadable:
+                    raise ValueError(f"{s['image_path']}: unreadable image ({err})") from None
+                unreadable.append(str(s["image_path"]))
+        if not kept:
+            raise ValueError(f"no image of a batch could be read: {', '.join(unreadable)}")
+        return kept, images, unreadable
 
     def __call__(self, samples):
+        samples, images, unreadable = self._load_images(samples)
         adapter = self.adapter
         prompts = [adapter.render_prompt(self.processor, s["question"]) for s in samples]
         texts = [p + adapter.render_answer(s["answer"]) if self.with_answer else p for p, s in zip(prompts, samples)]
-        images = [load_image(s["image_path"]) for s in samples]
         batch = adapter.encode(self.processor, texts, images)
+        if unreadable:
+            batch["unreadable_images"] = unreadable
         input_ids, attention = batch["input_ids"], batch["attention_mask"]
         # Index of each row's last real token, whichever side the padding is on.
         seq_len = input_ids.shape[1]
@@ -410,14 +575,10 @@ def parse_caption(caption):
 
 def original_question(caption):
     """The original code's exact wording: the caption's article kept on obj1, and on obj2 for
-    left/right; for above/below its pattern dropped a leading 'a ' or 'the ' from obj2."""
+    left/right; for above/below its pattern dropped a leading 'a ' or 'the ' from obj2 (not 'an ')."""
     x, rel, y, a1, a2 = parse_caption(caption)
-    ref1 = f"{a1} {x}"
     ref2 = f"{a2} {y}" if rel in ("left", "right") or a2.lower() not in ("a", "the") else y
-    qtype = RELATION_TYPE[rel]
-    before, after = QUESTION_TEMPLATES[qtype].split("{obj2}")
-    before = before.format(obj1=ref1)
-    return before + ref2 + after, (len(before), len(before) + len(ref2))
+    return fill_template(RELATION_TYPE[rel], f"{a1} {x}", ref2)
 
 
 def coco_image_path(root, image_id):
@@ -429,8 +590,9 @@ def coco_image_path(root, image_id):
     return root / "val2017" / name
 
 
-def load_coco_spatial(json_path, image_root, question_style="ours", max_samples=None):
-    """COCO-Spatial rows [image_id, true_caption, false_caption] -> evaluation samples.
+def load_coco_spatial(json_path, image_root, question_style="clean", max_samples=None):
+    """COCO-Spatial rows [image_id, true_caption, false_caption] -> evaluation samples, worded
+    as the original did (`question_style="paper"`) or with "the {name}" (`"clean"`).
 
     The gold answer is the relation of the first caption. Missing images are an error that
     counts them and names the first five, before any model is loaded."""
@@ -440,9 +602,16 @@ def load_coco_spatial(json_path, image_root, question_style="ours", max_samples=
             f"COCO-Spatial file not found: {json_path}. Get coco_qa_two_obj.json from the What'sUp "
             "benchmark, or make the offline stand-in: python make_grid_data.py --coco_standin DIR"
         )
-    rows = json.loads(json_path.read_text())
+    if question_style not in QUESTION_STYLES:
+        raise ValueError(f"question_style must be one of {QUESTION_STYLES}, not {question_style!r}")
+    try:
+        rows = json.loads(json_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{json_path}: not a readable JSON file ({err})") from None
     if not isinstance(rows, list):
         raise ValueError(f"{json_path}: expected a JSON list of [image_id, true_caption, false_caption] rows")
+    if not rows:
+        raise ValueError(f"{json_path}: no rows (an empty list); expected [image_id, true_caption, false_caption] rows")
     if max_samples:
         rows = rows[:max_samples]
     samples, missing = [], []
@@ -462,11 +631,11 @@ def load_coco_spatial(json_path, image_root, question_style="ours", max_samples=
         path = coco_image_path(image_root, image_id)
         if not path.is_file():
             missing.append(str(path))
+        elif not image_header_ok(path):
+            raise ValueError(f"{json_path}: row {index}: image {path} is not a readable image")
         sample = sample_record(path, qtype, rel, obj1, obj2, image_id=image_id, row=index)
-        if question_style == "original":
+        if question_style == "paper":
             sample["question"], sample["obj2_span"] = original_question(row[1])
-        elif question_style != "ours":
-            raise ValueError(f"question_style must be 'ours' or 'original', not {question_style!r}")
         samples.append(sample)
     if missing:
         raise FileNotFoundError(

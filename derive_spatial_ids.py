@@ -1,29 +1,44 @@
-"""Derive universal spatial IDs from a model: directions in its hidden space that say where the
-moving object is.
+"""Derive universal spatial IDs from a model: directions in its hidden space that say where an
+object is.
 
-    python derive_spatial_ids.py --model tiny --images data/grid --out embeds/universal_id_90/tiny.pt
+    python make_grid_data.py --layout extraction --out_dir data/extraction --objects_dir renders/
+    python derive_spatial_ids.py --model qwen2-2b --images data/extraction --out embeds/universal_id_90/qwen2-2b.pt
 
-For each group of grid questions that training's grouped sampler would form (one object pair,
-obj1 fixed in one cell, one object size, one question type, obj2 moving over the cells), run
-the training question and take every LM layer's hidden state at obj2's token (the last
-sub-token of its name, the token the spatial loss reads), centre within the group, then average
-over all groups per (column, row, size) of obj2. Layer L is `hidden_states[L]` (0 = embeddings),
-as in the original code, so its ID files and ours mean the same thing.
+Two recipes (`--id_recipe`, set by `--protocol`):
 
-Writes `{layer: {"universal": {(col, row, size): tensor}}}` plus `<stem>_x_axis.pt` and
-`<stem>_y_axis.pt` (`{layer: tensor}`: the mean difference between neighbouring columns / rows).
+paper (the original's procedure, the default): for each object pair (a, b), ask
+`Is {b} to the left or right of {a}?` about every image with a fixed in one cell and b anywhere
+else, at every size; take each LM layer's hidden state at the first occurrence of the last
+sub-token of " " + b (b is the subject); centre over all of b's cells and sizes per (pair, a's
+cell); average per (b's column, row, size) over a's cells, then over pairs.
+
+clean (ours): for each group that training's grouped sampler forms (pair, obj1's cell, size,
+question type; obj2 moving), ask the training question and take the state at obj2's last name
+token, the token the loss reads; centre within the group, then average per (col, row, size).
+
+Images: the original's nested extraction layout `{a}_{b}/{a_col}_{a_row}/{b_col}_{b_row}_{size}.png`
+or a flat folder of grid file names (a = the first-named object). Layer L is `hidden_states[L]`
+(0 = embeddings). Writes `{layer: {"universal": {(col, row, size): tensor}}}` (the original's
+format), `<stem>_x_axis.pt` / `<stem>_y_axis.pt` (mean differences between neighbouring columns /
+rows) and `<stem>.json`, the provenance that train.py checks.
 """
 import argparse
 import random
 import sys
+import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 import data
-from models import ModelUnavailableError, load_model_and_processor
-from spatial_loss import gather_target_states, save_universal_ids
+import protocols
+from models import ModelUnavailableError, load_model_and_processor, resolve_model_name
+from provenance import run_metadata
+from spatial_loss import gather_target_states, save_universal_ids, write_provenance
+
+PAPER_QUERY = "Is {b} to the left or right of {a}?"
 
 
 def axis_directions(ids):
@@ -37,10 +52,106 @@ def axis_directions(ids):
     return axes["x"], axes["y"]
 
 
+def _batches(items, size):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _per_layer(ids):
+    """{key: tensor[layers, H]} -> {layer: {key: tensor[H]}}."""
+    n_layers = next(iter(ids.values())).shape[0]
+    return {layer: {key: ids[key][layer].contiguous() for key in sorted(ids)} for layer in range(n_layers)}
+
+
+# ---------------------------------------------------------------------------------------------
+# paper recipe
+# ---------------------------------------------------------------------------------------------
+
+def subject_token(tokenizer, name):
+    """The original's target token: the last sub-token of " " + name, as a token string."""
+    tokens = tokenizer.tokenize(" " + name)
+    if not tokens:
+        raise ValueError(f"object name {name!r} tokenizes to nothing")
+    return tokens[-1]
+
+
+def first_position(tokens, token, image_path):
+    """Index of the first occurrence of `token` in a row of token strings."""
+    try:
+        return tokens.index(token)
+    except ValueError:
+        raise ValueError(f"{image_path}: token {token!r} not found in the prompt") from None
+
+
+@torch.no_grad()
+def hidden_at_subject(model, processor, adapter, pair_items, batch_size):
+    """[n, layers + 1, H] float32: every layer's state at the subject b's token, per image."""
+    tokenizer = processor.tokenizer
+    collate = data.VLMCollator(processor, adapter.end_of_turn, with_answer=False)
+    device = next(model.parameters()).device
+    a, b = pair_items[0][1].obj1, pair_items[0][1].obj2
+    question = PAPER_QUERY.format(a=a, b=b)
+    token = subject_token(tokenizer, b)
+    samples = [{"image_path": str(path), "question": question, "obj1": a, "obj2": b,
+                "obj2_span": (3, 3 + len(b)), "options": data.OPTIONS["lr"], "answer": ""}
+               for path, _ in pair_items]
+    states = []
+    for chunk in _batches(samples, batch_size):
+        batch = collate(chunk)
+        rows = batch["input_ids"].tolist()
+        positions = torch.tensor([first_position(tokenizer.convert_ids_to_tokens(row), token, s["image_path"])
+                                  for row, s in zip(rows, chunk)])
+        inputs, _, _ = data.split_batch(batch, device)
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+        positions = positions.to(hidden[0].device)
+        states.append(torch.stack([gather_target_states(h, positions) for h in hidden], 1).float().cpu())
+    return torch.cat(states)
+
+
+def derive_paper(model, processor, adapter, items, batch_size=16, progress=True):
+    """(ids {(col, row, size): tensor[layers + 1, H]}, stats) by the original's procedure over
+    [(image path, GridLayout)] with a = obj1 (fixed) and b = obj2 (moving)."""
+    by_pair = defaultdict(list)
+    for path, layout in items:
+        by_pair[(layout.obj1, layout.obj2)].append((path, layout))
+    pair_ids = []
+    n_groups = 0
+    bar = tqdm(total=len(items), desc="spatial IDs (paper)", unit="img", disable=not progress)
+    for pair in sorted(by_pair):
+        pair_items = by_pair[pair]
+        states = hidden_at_subject(model, processor, adapter, pair_items, batch_size)
+        by_a_cell = defaultdict(list)
+        for i, (_, layout) in enumerate(pair_items):
+            by_a_cell[layout.cell1].append(i)
+        per_loc = defaultdict(list)  # b's (col, row, size) -> one centred state per a's cell
+        for idx in by_a_cell.values():
+            centred = states[idx] - states[idx].mean(0, keepdim=True)
+            within = defaultdict(list)  # several renders of one layout are averaged first
+            for i, state in zip(idx, centred):
+                layout = pair_items[i][1]
+                within[(*layout.cell2, layout.size)].append(state)
+            for loc, rows in within.items():
+                per_loc[loc].append(torch.stack(rows).mean(0))
+        pair_ids.append({loc: torch.stack(rows).mean(0) for loc, rows in per_loc.items()})
+        n_groups += len(by_a_cell)
+        bar.update(len(pair_items))
+    bar.close()
+    locs = sorted({loc for ids in pair_ids for loc in ids})
+    counts = {loc: sum(loc in ids for ids in pair_ids) for loc in locs}
+    ids = {loc: torch.stack([p[loc] for p in pair_ids if loc in p]).mean(0) for loc in locs}
+    stats = {"images": len(items), "groups": n_groups, "pairs": len(by_pair), "cells": len(ids),
+             "min_count": min(counts.values()), "counts": counts}
+    return ids, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# clean recipe
+# ---------------------------------------------------------------------------------------------
+
 @torch.no_grad()
 def derive(model, processor, adapter, samples, batch_size=16, max_groups=None, seed=0, progress=True):
-    """({layer: {(col, row, size): mean centred state}}, stats); stats["counts"] is
-    {(col, row, size): number of centred states averaged into that ID}."""
+    """({layer: {(col, row, size): mean centred state}}, stats) by the clean recipe over training
+    question samples; stats["counts"] is {(col, row, size): number of centred states averaged}."""
     groups = [g for g in data.group_indices(samples, range(len(samples))).values() if len(g) >= 2]
     if not groups:
         raise ValueError("no group of >= 2 questions with obj1 fixed and obj2 moving; "
@@ -50,7 +161,7 @@ def derive(model, processor, adapter, samples, batch_size=16, max_groups=None, s
     collate = data.VLMCollator(processor, adapter.end_of_turn, with_answer=False)
     device = next(model.parameters()).device
     sums, counts = defaultdict(lambda: 0.0), defaultdict(int)
-    for group in tqdm(groups, desc="spatial IDs", disable=not progress):
+    for group in tqdm(groups, desc="spatial IDs (clean)", disable=not progress):
         states, keys = [], []
         for start in range(0, len(group), batch_size):
             chunk = [samples[i] for i in group[start:start + batch_size]]
@@ -64,48 +175,119 @@ def derive(model, processor, adapter, samples, batch_size=16, max_groups=None, s
         for key, state in zip(keys, states):
             sums[key] = sums[key] + state
             counts[key] += 1
-    n_layers = next(iter(sums.values())).shape[0]
-    per_layer = {layer: {key: (sums[key][layer] / counts[key]).contiguous() for key in sorted(sums)}
-                 for layer in range(n_layers)}
+    per_layer = _per_layer({key: sums[key] / counts[key] for key in sums})
     pairs = {(samples[g[0]]["obj1"], samples[g[0]]["obj2"]) for g in groups}
     stats = {"groups": len(groups), "questions": sum(len(g) for g in groups), "pairs": len(pairs),
-             "cells": len(sums), "layers": n_layers, "hidden_size": int(states.shape[-1]),
+             "cells": len(sums), "layers": len(per_layer), "hidden_size": int(states.shape[-1]),
              "min_count": min(counts.values()), "counts": {key: counts[key] for key in sorted(counts)}}
     return per_layer, stats
 
 
-def main(argv=None):
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+RECIPES = {
+    "paper": {"template": PAPER_QUERY,
+              "token_rule": "first occurrence of the last sub-token of ' ' + b (the moving object, the subject)",
+              "centring": "per (pair, a's cell) over all of b's cells and sizes; mean over a's cells, then pairs"},
+    "clean": {"template": data.QUESTION_TEMPLATES,
+              "token_rule": "obj2's last name token (the reference, the token the loss reads)",
+              "centring": "per (pair, obj1's cell, size, question type) over obj2's cells; mean per cell"},
+}
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="alias (tiny, qwen2-2b, ...), hub id, local folder or checkpoint")
-    parser.add_argument("--images", required=True, help="folder of grid images (make_grid_data.py)")
+    parser.add_argument("--images", required=True,
+                        help="extraction set (make_grid_data.py --layout extraction) or a flat grid folder")
     parser.add_argument("--out", required=True, help="output .pt, e.g. embeds/universal_id_90/MODEL.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    protocols.add_protocol_arg(parser)
+    parser.add_argument("--id_recipe", choices=protocols.PROTOCOLS, default=None,
+                        help="paper: the original's procedure; clean: training questions and token "
+                             "(default: --protocol)")
+    parser.add_argument("--train_question_style", choices=data.QUESTION_STYLES, default=None,
+                        help="question wording for the clean recipe (default: --protocol)")
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_groups", type=int, default=None, help="use at most N groups (seeded subset)")
+    parser.add_argument("--max_groups", type=int, default=None,
+                        help="use at most N groups (seeded subset); fewer images per ID, noisier IDs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 weights on CUDA")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
-        parser.error("--batch_size must be >= 1")
+        parser.error(f"argument --batch_size: must be >= 1, not {args.batch_size}")
+    if args.max_groups is not None and args.max_groups < 1:
+        parser.error(f"argument --max_groups: must be >= 1, not {args.max_groups}")
+    if Path(args.out).exists() and not args.overwrite:
+        parser.error(f"argument --out: {args.out} exists; pass --overwrite to replace it")
+    args.choices = protocols.resolve(args)
+    return args
 
+
+def limit_groups(items, max_groups, seed):
+    """A seeded subset of the (pair, a's cell) groups of an extraction set."""
+    keys = sorted({(lay.obj1, lay.obj2, lay.cell1) for _, lay in items})
+    if not max_groups or len(keys) <= max_groups:
+        return items
+    kept = set(random.Random(seed).sample(keys, max_groups))
+    return [(p, lay) for p, lay in items if (lay.obj1, lay.obj2, lay.cell1) in kept]
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
-        grid = data.GridDataset(args.images)
+        items, layout_kind, skipped = data.read_extraction_set(args.images)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
-    print(grid.report())
+    if not items:
+        sys.exit(f"error: {args.images}: no images in the extraction layout or with grid file names "
+                 f"({len(skipped)} unparseable)")
+    print(f"{args.images}: {len(items)} images ({layout_kind} layout)"
+          + (f"; skipped {len(skipped)} unparseable (first: {skipped[0]})" if skipped else ""))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.bf16 and device == "cuda" else torch.float32
-    model, processor, adapter = load_model_and_processor(args.model, dtype=dtype, device=device)
-    per_layer, stats = derive(model, processor, adapter, grid.samples, args.batch_size, args.max_groups, args.seed)
+    try:
+        model, processor, adapter = load_model_and_processor(args.model, dtype=dtype, device=device)
+    except ModelUnavailableError as err:
+        sys.exit(f"error: {err}")
+
+    started = time.time()
+    try:
+        if args.id_recipe == "paper":
+            items = limit_groups(items, args.max_groups, args.seed)
+            ids, stats = derive_paper(model, processor, adapter, items, args.batch_size)
+            per_layer = _per_layer(ids)
+        else:
+            samples = data.questions_for_images(items, args.train_question_style)
+            per_layer, stats = derive(model, processor, adapter, samples, args.batch_size, args.max_groups,
+                                      args.seed)
+    except ValueError as err:  # a token not found, no usable group: the data's fault, named
+        sys.exit(f"error: {err}")
     x_axis, y_axis = {}, {}
-    for layer, ids in per_layer.items():
-        x_axis[layer], y_axis[layer] = axis_directions(ids)
-    x_axis = {k: v for k, v in x_axis.items() if v is not None}
-    y_axis = {k: v for k, v in y_axis.items() if v is not None}
-    save_universal_ids(args.out, per_layer, x_axis=x_axis or None, y_axis=y_axis or None)
+    for layer, layer_ids in per_layer.items():
+        x_axis[layer], y_axis[layer] = axis_directions(layer_ids)
+    save_universal_ids(args.out, per_layer, x_axis={k: v for k, v in x_axis.items() if v is not None} or None,
+                       y_axis={k: v for k, v in y_axis.items() if v is not None} or None)
+
+    recipe = RECIPES[args.id_recipe]
+    hidden_size = int(next(iter(per_layer[0].values())).shape[0])
+    pairs = sorted({(lay.obj1, lay.obj2) for _, lay in items})
+    write_provenance(args.out, {
+        "model": args.model, "model_id": resolve_model_name(args.model), "model_type": model.config.model_type,
+        "hidden_size": hidden_size, "protocol": args.protocol, "choices": args.choices,
+        "images": str(Path(args.images).resolve()), "layout": layout_kind, "object_pairs": pairs,
+        "template": recipe["template"], "token_rule": recipe["token_rule"], "centring": recipe["centring"],
+        "question_style": args.train_question_style if args.id_recipe == "clean" else None,
+        "layers": sorted(per_layer), "counts": {k: v for k, v in stats.items() if k != "counts"},
+        "seconds": round(time.time() - started, 1), **run_metadata(),
+    })
     sizes = sorted({key[2] for key in per_layer[0]})
-    print(f"wrote {args.out}: layers 0..{stats['layers'] - 1}, {stats['cells']} (col, row, size) IDs "
-          f"(sizes {sizes}), hidden size {stats['hidden_size']}, from {stats['pairs']} object pairs, "
-          f"{stats['groups']} groups, {stats['questions']} questions (fewest per ID: {stats['min_count']})")
+    print(f"wrote {args.out} ({args.id_recipe} recipe): layers 0..{len(per_layer) - 1}, {stats['cells']} "
+          f"(col, row, size) IDs (sizes {sizes}), hidden size {hidden_size}, from {stats['pairs']} object pairs, "
+          f"{stats['groups']} groups (fewest averaged per ID: {stats['min_count']}); provenance "
+          f"{Path(args.out).with_suffix('.json')}")
     return per_layer, stats
 
 

@@ -20,7 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 import data
-from models import ModelUnavailableError, load_model_and_processor
+import protocols
+from checkpoints import CheckpointError, load_checkpoint_model
+from models import ModelUnavailableError
 
 
 def parse_answer(text, options):
@@ -50,7 +52,10 @@ def _left_padded_batches(model, processor, adapter, samples, batch_size, progres
     collate = data.VLMCollator(processor, adapter.end_of_turn, with_answer=False)
     device = next(model.parameters()).device
     try:
-        for chunk in tqdm(list(_batches(samples, batch_size)), desc=desc, disable=not progress, leave=False):
+        # Shown only on a terminal (disable=None): a bar nested under the training bar leaves
+        # cursor-movement codes in a log file.
+        for chunk in tqdm(list(_batches(samples, batch_size)), desc=desc, disable=None if progress else True,
+                          leave=False):
             yield chunk, data.split_batch(collate(chunk), device)[0]
     finally:
         tokenizer.padding_side = side
@@ -149,13 +154,20 @@ def add_data_args(parser):
                         help="COCO-Spatial rows [image_id, true_caption, false_caption]")
     parser.add_argument("--coco_val_dir", default="data/coco", help="folder of COCO val2017 {id:012d}.jpg images")
     parser.add_argument("--eval_max_samples", type=int, default=None, help="evaluate the first N questions only")
-    parser.add_argument("--question_style", choices=["ours", "original"], default="ours",
-                        help="'original' reproduces the original code's exact COCO wording")
+    parser.add_argument("--question_style", choices=data.QUESTION_STYLES, default=None,
+                        help="COCO question wording: paper = the original code's exact wording, clean = "
+                             "'the {name}' (default: --protocol)")
+
+
+def check_data_args(parser, args):
+    if args.eval_max_samples is not None and args.eval_max_samples < 1:
+        parser.error(f"argument --eval_max_samples: must be >= 1 (or left out for all), not {args.eval_max_samples}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint folder, hub id or alias (e.g. tiny, qwen2-2b)")
+    protocols.add_protocol_arg(parser)
     add_data_args(parser)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--mode", choices=["generate", "score"], default="generate")
@@ -163,16 +175,25 @@ def main(argv=None):
     parser.add_argument("--bf16", action="store_true", help="bfloat16 weights (CUDA only; float32 on CPU)")
     parser.add_argument("--output", default=None, help="predictions JSONL (default: next to the checkpoint)")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch_size must be >= 1")
+    for flag in ("batch_size", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            parser.error(f"argument --{flag}: must be >= 1, not {getattr(args, flag)}")
+    check_data_args(parser, args)
+    protocols.resolve(args)
 
     # Data first: a missing image or a malformed row stops us before the model loads.
-    samples = data.load_coco_spatial(args.val_json, args.coco_val_dir, args.question_style, args.eval_max_samples)
+    try:
+        samples = data.load_coco_spatial(args.val_json, args.coco_val_dir, args.question_style, args.eval_max_samples)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.bf16 and device == "cuda" else torch.float32
     if args.bf16 and device != "cuda":
         print("--bf16 ignored: no CUDA device, evaluating in float32", file=sys.stderr)
-    model, processor, adapter = load_model_and_processor(args.ckpt, dtype=dtype, device=device)
+    try:
+        model, processor, adapter = load_checkpoint_model(args.ckpt, dtype=dtype, device=device)
+    except (ModelUnavailableError, CheckpointError) as err:
+        sys.exit(f"error: {err}")
     report, rows = evaluate(model, processor, adapter, samples, args.batch_size, args.mode, args.max_new_tokens)
     print(format_report(report))
     output = args.output
@@ -187,5 +208,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ModelUnavailableError) as err:  # user-facing: no traceback
+    except (FileNotFoundError, ModelUnavailableError, CheckpointError) as err:  # user-facing: no traceback
         sys.exit(f"error: {err}")

@@ -228,6 +228,13 @@ def grid_layouts(names, sizes=OBJECT_SIZES, no_same_row_or_col=False, max_pairs=
             for obj1, obj2 in pairs for size in sizes for cell1, cell2 in cells]
 
 
+def planned_layouts(names, sizes, no_same_row_or_col=False, max_pairs=None, max_images=None, seed=0):
+    """The layouts make_grid_images draws, in order."""
+    sizes = list(dict.fromkeys(sizes))  # a repeated size would only overwrite the same files
+    layouts = grid_layouts(names, sizes, no_same_row_or_col, max_pairs, seed)
+    return layouts[:max_images] if max_images is not None else layouts  # whole groups but the last
+
+
 def list_images(folder, what):
     folder = Path(folder)
     if not folder.is_dir():
@@ -245,12 +252,16 @@ def _background(path, size):
 
 
 def render_grid_image(layout, objects, cell=224, local_variation=False, backgrounds=None, seed=0,
-                      _fitted=None):
-    """One grid image (RGB) for a layout. Its random choices come from the seed and its file name
-    only, so it is the same whatever else is drawn in the run."""
+                      _fitted=None, transparent=False):
+    """One grid image for a layout: RGB on white or a background, or with `transparent` RGBA on a
+    fully transparent black canvas (the original's extraction images, which read as black in
+    RGB). Its random choices come from the seed and its file name only, so it is the same
+    whatever else is drawn in the run."""
     rng = random.Random(f"grid:{seed}:{data.format_grid_name(layout)}")
     side = GRID * cell
-    if backgrounds:
+    if transparent:
+        canvas = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    elif backgrounds:
         canvas = _background(str(rng.choice(backgrounds)), side).copy()
     else:
         canvas = Image.new("RGB", (side, side), (255, 255, 255))
@@ -289,11 +300,39 @@ def check_grid_args(cell, sizes):
             )
 
 
+# File layouts: ours (flat, every name parsed by data.parse_grid_name), the original's flat
+# training names (no size in the name), and the original's nested ID-extraction layout.
+LAYOUTS = ("flat", "original", "extraction")
+
+
+def original_grid_name(layout):
+    """The original code's training file name: `{obj1}_{x1}-{y1}_{obj2}_{x2}-{y2}.png`."""
+    (c1, r1), (c2, r2) = layout.cell1, layout.cell2
+    return f"{layout.obj1}_{c1}-{r1}_{layout.obj2}_{c2}-{r2}.png"
+
+
+def layout_path(out_dir, layout, file_layout="flat"):
+    if file_layout == "extraction":
+        return data.extraction_path(out_dir, layout)
+    if file_layout == "original":
+        return Path(out_dir) / original_grid_name(layout)
+    return Path(out_dir) / data.format_grid_name(layout)
+
+
 def make_grid_images(out_dir, objects, cell=224, sizes=OBJECT_SIZES, no_same_row_or_col=False,
                      local_variation=False, bg_dir=None, max_pairs=None, max_images=None, seed=0,
-                     progress=True):
-    """Draw every layout (see grid_layouts) into out_dir as PNGs; returns the written paths."""
+                     progress=True, file_layout="flat"):
+    """Draw every layout (see grid_layouts) into out_dir as PNGs; returns the written paths.
+    `file_layout` (LAYOUTS): "extraction" writes the original's nested ID-extraction set,
+    transparent RGBA images; "original" the original's flat names (one size only)."""
     check_grid_args(cell, sizes)
+    if file_layout not in LAYOUTS:
+        raise ValueError(f"file layout must be one of {LAYOUTS}, not {file_layout!r}")
+    if file_layout == "original" and len(set(sizes)) > 1:
+        raise ValueError(f"the original's file names carry no object size: give one size, not {sorted(set(sizes))}")
+    if file_layout == "extraction" and (bg_dir is not None or local_variation):
+        raise ValueError("the extraction layout draws on a transparent canvas without variation: "
+                         "drop --bg_dir / --local_variation")
     if len(objects) < 2:
         raise ValueError(f"need at least 2 objects, got {len(objects)}")
     for value, what in ((max_pairs, "max_pairs"), (max_images, "max_images")):
@@ -303,17 +342,16 @@ def make_grid_images(out_dir, objects, cell=224, sizes=OBJECT_SIZES, no_same_row
         data.check_object_name(name)
     backgrounds = [str(p) for p in list_images(bg_dir, "background")] if bg_dir is not None else None
 
-    sizes = list(dict.fromkeys(sizes))  # a repeated size would only overwrite the same files
-    layouts = grid_layouts(objects, sizes, no_same_row_or_col, max_pairs, seed)
-    if max_images is not None:
-        layouts = layouts[:max_images]  # whole groups, except perhaps the last one
+    layouts = planned_layouts(objects, sizes, no_same_row_or_col, max_pairs, max_images, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fitted = {}  # objects scaled to each size, reused when there is no per-image variation
     written = []
     for layout in tqdm(layouts, desc=f"grid images -> {out_dir}", disable=not progress, unit="img"):
-        img = render_grid_image(layout, objects, cell, local_variation, backgrounds, seed, fitted)
-        path = out_dir / data.format_grid_name(layout)
+        img = render_grid_image(layout, objects, cell, local_variation, backgrounds, seed, fitted,
+                                transparent=file_layout == "extraction")
+        path = layout_path(out_dir, layout, file_layout)
+        path.parent.mkdir(parents=True, exist_ok=True)
         img.save(path, **PNG_OPTIONS)
         written.append(path)
     return written
@@ -412,6 +450,12 @@ def build_parser():
     p.add_argument("--max_pairs", type=int, default=None, help="keep this many ordered object pairs (seeded)")
     p.add_argument("--max_images", type=int, default=None, help="stop after this many images")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", choices=LAYOUTS, default="flat",
+                   help="flat: our file names (training); original: the original's flat names (one size); "
+                        "extraction: the original's nested ID-extraction set {a}_{b}/{ax}_{ay}/{bx}_{by}_{size}.png, "
+                        "transparent renders that read as black")
+    p.add_argument("--objects", nargs="+", default=None, metavar="NAME",
+                   help="use only these objects (names as in --objects_dir or the built-in set)")
     p.add_argument("--coco_standin", default=None, metavar="DIR",
                    help="also write the synthetic COCO-Spatial stand-in (offline smoke runs) into DIR")
     p.add_argument("--standin_size", type=int, default=40, help="number of stand-in images")
@@ -433,6 +477,10 @@ def main(argv=None):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"argument --{flag}: must be >= 1, not {value}")
+    if args.layout == "original" and len(set(args.sizes)) > 1:
+        parser.error(f"argument --layout original: the original's file names carry no size; give one --sizes value")
+    if args.layout == "extraction" and (args.bg_dir or args.local_variation):
+        parser.error("argument --layout extraction: drawn on a transparent canvas; drop --bg_dir / --local_variation")
     if args.standin_only and not args.coco_standin:
         parser.error("argument --standin_only: needs --coco_standin DIR")
     if args.bg_dir is not None and not args.standin_only:
@@ -451,21 +499,30 @@ def main(argv=None):
         # Render at least as large as the largest drawn object, so nothing is scaled up.
         objects = builtin_objects(max(REFERENCE_CELL, drawn_size(max(args.sizes), args.cell)))
         source = "built-in shapes"
+    if args.objects:
+        unknown = [name for name in args.objects if name not in objects]
+        if unknown:
+            parser.error(f"argument --objects: unknown object(s) {unknown}; available: {sorted(objects)}")
+        objects = {name: objects[name] for name in args.objects}
 
     if not args.standin_only:
         paths = make_grid_images(
             args.out_dir, objects, cell=args.cell, sizes=args.sizes,
             no_same_row_or_col=args.no_same_row_or_col, local_variation=args.local_variation,
             bg_dir=args.bg_dir, max_pairs=args.max_pairs, max_images=args.max_images, seed=args.seed,
+            file_layout=args.layout,
         )
-        layouts = [data.parse_grid_name(p.name) for p in paths]
+        layouts = planned_layouts(objects, args.sizes, args.no_same_row_or_col, args.max_pairs, args.max_images,
+                                  args.seed)
         pairs = {(lay.obj1, lay.obj2) for lay in layouts}
         sizes = sorted({lay.size for lay in layouts})
-        written = {p.name for p in paths}
-        stale = [p for p in Path(args.out_dir).glob("*.png") if p.name not in written]
+        written = set(paths)
+        stale = [p for p in Path(args.out_dir).rglob("*.png") if p not in written]
         print(f"wrote {len(paths)} grid images ({GRID * args.cell} px, cell {args.cell}) to {args.out_dir}: "
               f"{len(pairs)} ordered pairs of {len(objects)} objects ({source}), sizes {sizes}, "
-              f"{len(cell_pairs(args.no_same_row_or_col))} cell pairs per pair and size")
+              f"{len(cell_pairs(args.no_same_row_or_col))} cell pairs per pair and size, {args.layout} layout")
+        if args.layout == "original" and sizes != [REFERENCE_CELL]:
+            print(f"note: the original's names carry no size, so readers take size {REFERENCE_CELL}, not {sizes[0]}")
         if stale:
             print(f"note: {args.out_dir} also holds {len(stale)} other .png files from earlier runs "
                   "(not removed; the training set reads every .png there)")

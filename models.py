@@ -288,10 +288,22 @@ class VLMAdapter:
         return config
 
     # -- processor
+    processor_class = None  # standard class name a saved processor names, where ours is a subclass
+
     def build_processor(self, path):
         from transformers import AutoProcessor
 
         return AutoProcessor.from_pretrained(str(path))
+
+    def save_processor(self, processor, folder):
+        """Save the processor; an image-only subclass of ours is saved under the standard class name
+        so plain AutoProcessor finds it wherever it can build it."""
+        processor.save_pretrained(folder)
+        if self.processor_class:
+            path = Path(folder) / "processor_config.json"
+            config = json.loads(path.read_text())
+            config["processor_class"] = self.processor_class
+            path.write_text(json.dumps(config, indent=2))
 
     def __repr__(self):
         return f"{type(self).__name__}(family={self.family!r})"
@@ -308,14 +320,30 @@ class QwenVLAdapter(VLMAdapter):
     tower_names = ("visual",)
     projector_names = ("merger",)
 
-    def __init__(self, family="qwen2_vl"):
+    processor_class = "Qwen2VLProcessor"  # the standard class a saved processor names
+
+    def __init__(self, family="qwen2_vl", processor_class="Qwen2VLProcessor"):
         self.family = family
+        self.processor_class = processor_class
 
     def projector(self, model):
         return self.vision_tower(model).merger
 
     def build_processor(self, path):
         return _build_qwen_processor(path)
+
+    def save_processor(self, processor, folder):
+        """Save under the standard class name with a video-processor config, so that plain
+        `AutoProcessor.from_pretrained(folder)` builds the standard processor wherever it can be
+        built (it needs torchvision); our image-only subclass is only how we build it without."""
+        processor.save_pretrained(folder)
+        path = Path(folder) / "processor_config.json"
+        config = json.loads(path.read_text())
+        config["processor_class"] = self.processor_class
+        path.write_text(json.dumps(config, indent=2))
+        video = {k: v for k, v in config["image_processor"].items() if k != "image_processor_type"}
+        video["video_processor_type"] = "Qwen2VLVideoProcessor"
+        (Path(folder) / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
 
 
 class LlavaAdapter(VLMAdapter):
@@ -382,6 +410,7 @@ class InternVLAdapter(VLMAdapter):
     family = "internvl"
     model_types = ("internvl",)
     processor_class_names = ("InternVLImageOnlyProcessor",)
+    processor_class = "InternVLProcessor"
     end_of_turn = "<|im_end|>"
 
     def prepare_config(self, config, raw):
@@ -422,7 +451,7 @@ class Gemma3Adapter(VLMAdapter):
 ADAPTER_CLASSES = (QwenVLAdapter, LlavaAdapter, MllamaAdapter, InternVLAdapter, Gemma3Adapter)
 ADAPTERS = {
     "qwen2_vl": QwenVLAdapter("qwen2_vl"),
-    "qwen2_5_vl": QwenVLAdapter("qwen2_5_vl"),
+    "qwen2_5_vl": QwenVLAdapter("qwen2_5_vl", processor_class="Qwen2_5_VLProcessor"),
     "llava": LlavaAdapter(),
     "mllama": MllamaAdapter(),
     "internvl": InternVLAdapter(),
@@ -608,6 +637,24 @@ def _load_lora(path, dtype, device):
                 raise ValueError(f"{path}: tensor {name} is not a parameter of {base}")
             params[name].copy_(tensors[name])
     return model.eval(), processor, adapter
+
+
+def inject_lora_from_tensors(model, names, shapes, alpha=None, dropout=0.0):
+    """Re-create on a base model the LoRA modules that saved tensor names point to (a slim
+    checkpoint stores "...fc1.lora_A.default.weight" etc.): targets from the names, the rank from
+    lora_A's shape, alpha/dropout as the run had them (alpha None = 2 * rank)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    suffix = ".lora_A.default.weight"
+    targets = sorted(n[: -len(suffix)] for n in names if n.endswith(suffix))
+    if not targets:
+        raise ValueError("no LoRA tensors (*.lora_A.default.weight) among the saved names")
+    rank = int(shapes[targets[0] + suffix][0])
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
+                        target_modules=targets, bias="none")
+    inject_adapter_in_model(config, model)
+    model.peft_config = {"default": config}
+    return model
 
 
 def merge_lora(model):

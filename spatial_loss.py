@@ -18,6 +18,7 @@ Unlike the original, nothing here ever falls back to a zero loss: a missing laye
 wrong hidden size is an error that names it.
 """
 import contextlib
+import json
 import os
 import pickle
 import re
@@ -82,8 +83,9 @@ def _read_ids_file(path):
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
         raise ValueError(f"{path}: not a readable torch.save file "
                          f"({detail.group(1).strip() if detail else text.splitlines()[0]})") from None
-    except (RuntimeError, EOFError) as err:
-        raise ValueError(f"{path}: not a readable torch.save file ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # truncated, text, or otherwise not a torch.save archive: torch raises many types
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{path}: not a readable torch.save file ({type(err).__name__}: {first})") from None
 
 
 def load_universal_ids(path, layer, hidden_size, needed_keys=None):
@@ -197,6 +199,69 @@ def save_universal_ids(path, ids_per_layer, x_axis=None, y_axis=None):
             written.append(_atomic_save({layer_of(k): cpu(v, f"axis of layer {k}") for k, v in axis.items()},
                                         axis_path))
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance: what an IDs file was derived from
+# ---------------------------------------------------------------------------------------------
+
+def provenance_path(path):
+    """The JSON next to an IDs file that says how it was derived: `qwen2-2b.pt` -> `qwen2-2b.json`."""
+    return Path(path).with_suffix(".json")
+
+
+def model_identity(name):
+    """What two model names must share to be the same model: the hub id behind an alias, or the
+    absolute path of a local folder."""
+    from models import resolve_model_name
+
+    resolved = resolve_model_name(name)
+    return str(Path(resolved).resolve()) if Path(resolved).is_dir() else resolved
+
+
+def write_provenance(path, info):
+    target = provenance_path(path)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
+    os.replace(tmp, target)
+    return target
+
+
+def read_provenance(path):
+    """The provenance of an IDs file, or None when it has none (IDs from the original code)."""
+    target = provenance_path(path)
+    if not target.is_file():
+        return None
+    try:
+        info = json.loads(target.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{target}: unreadable provenance of {path} ({err})") from None
+    if not isinstance(info, dict) or "model" not in info:
+        raise ValueError(f"{target}: not a provenance file of {path} (no 'model' entry)")
+    return info
+
+
+def check_provenance(path, model_name, holdout_pairs=(), allow_holdout=False):
+    """Raise ValueError when the IDs at `path` were derived from a model other than `model_name`;
+    return warnings (strings): no provenance to check, or holdout pairs among the derivation pairs
+    (unless `allow_holdout`). `holdout_pairs` are unordered pairs (frozensets of two names)."""
+    info = read_provenance(path)
+    if info is None:
+        return [f"{path} has no provenance file ({provenance_path(path).name}): cannot check which model "
+                "or images it was derived from"]
+    derived_from, training = model_identity(info["model"]), model_identity(model_name)
+    if derived_from != training:
+        raise ValueError(f"{path}: these IDs were derived from model {info['model']!r} ({derived_from}), "
+                         f"but this run trains {model_name!r} ({training}). Derive IDs for this model: "
+                         f"{DERIVE_HINT.replace('--model M', '--model ' + model_name)}")
+    warnings = []
+    derivation_pairs = {frozenset(p) for p in info.get("object_pairs", [])}
+    overlap = sorted(" | ".join(sorted(p)) for p in set(holdout_pairs) & derivation_pairs)
+    if overlap and not allow_holdout:
+        warnings.append(f"{len(overlap)} of this run's holdout pairs were among the pairs {path} was derived "
+                        f"from: {', '.join(overlap[:10])}{' ...' if len(overlap) > 10 else ''} "
+                        "(their images shaped the IDs; --allow_holdout_in_ids silences this)")
+    return warnings
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,59 +1,109 @@
 """Spatial finetuning: train a budgeted slice of a VLM on synthetic two-object grid questions,
 optionally with the spatial-ID auxiliary loss, and watch COCO-Spatial accuracy move.
 
-    python train.py --model_name tiny --train_dir data/grid --val_json data/coco_standin/coco_qa_two_obj_standin.json \
+    python train.py --model_name tiny --train_dir data/grid --val_json data/coco_standin/coco_qa_two_obj_standin.json \\
         --coco_val_dir data/coco_standin --max_steps 20 --eval_save_steps 10
+    torchrun --nproc_per_node 4 train.py ...        # or: accelerate launch --num_processes 4 train.py ...
 
-Read top to bottom: arguments -> data (checked before the model loads) -> model -> selection ->
-spatial loss -> optimiser -> evaluate / train / evaluate -> save. The run folder gets
-config.json, metrics.jsonl, predictions/step-N.jsonl, checkpoint-N/ and final/.
+Read `main` top to bottom: arguments -> run folder -> data (checked before the model loads) ->
+model and the trainable slice -> spatial loss -> optimiser -> evaluate / train / evaluate -> save.
+The run folder gets config.json, metrics.jsonl, predictions/step-N.jsonl, checkpoint-N/ and final/.
+
+Several processes: every process takes whole batches (a grouped batch stays one group, so the
+spatial loss centres within it with no communication), N batches per step; gradients are
+averaged, so N processes train exactly like one process with N times the gradient accumulation.
 """
 import argparse
+import contextlib
+import importlib.util
 import json
 import math
-import os
-import platform
-import subprocess
+import shutil
 import sys
-import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+import checkpoints
 import data
 import param_selectors
-from eval_coco import add_data_args, evaluate, format_report, write_jsonl
+import protocols
+import spatial_loss as sl
+from eval_coco import accuracy_report, add_data_args, check_data_args, evaluate, format_report, write_jsonl
 from models import ModelUnavailableError, load_model_and_processor
+from provenance import run_metadata
 
-REPO = Path(__file__).resolve().parent
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+
+def _range_checks(p, args):
+    """Every numeric argument's range, checked at parse time: one line naming the flag."""
+    def need(ok, flag, what):
+        if not ok:
+            p.error(f"argument --{flag}: {what}, not {getattr(args, flag)!r}")
+
+    for flag in ("batch_size", "grad_accum", "epochs", "eval_save_steps", "log_every", "eval_batch_size"):
+        need(getattr(args, flag) is None or getattr(args, flag) >= 1, flag, "must be >= 1")
+    for flag in ("max_steps", "holdout_max_samples", "save_steps", "save_total_limit"):
+        need(getattr(args, flag) is None or getattr(args, flag) >= 1, flag, "must be >= 1 (or left out)")
+    need(args.lr > 0 and math.isfinite(args.lr), "lr", "must be a finite number > 0")
+    need(0 <= args.weight_decay < 1, "weight_decay", "must be in [0, 1)")
+    need(0 <= args.warmup_frac < 1, "warmup_frac", "must be in [0, 1) (a fraction of the optimizer steps)")
+    need(args.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+    need(0 <= args.spatial_holdout_frac < 1, "spatial_holdout_frac", "must be in [0, 1)")
+    need(0 < args.param_budget_frac <= 1, "param_budget_frac", "must be in (0, 1] (a fraction of all parameters)")
+    need(args.last_k_blocks >= 1, "last_k_blocks", "must be >= 1")
+    need(args.num_workers >= 0, "num_workers", "must be >= 0")
+    need(args.spatial_id_layer >= 0, "spatial_id_layer", "must be >= 0 (0 = the input embeddings)")
+    need(args.spatial_id_weight >= 0 and math.isfinite(args.spatial_id_weight), "spatial_id_weight", "must be >= 0")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name", default="qwen2-2b", help="alias (tiny, qwen2-2b, ...), hub id or local folder")
+    protocols.add_protocol_arg(p)
     p.add_argument("--train_dir", default="data/grid", help="folder of grid images (make_grid_data.py)")
+    p.add_argument("--train_question_style", choices=data.QUESTION_STYLES, default=None,
+                   help="grid question wording: paper = bare names, clean = 'the {name}' (default: --protocol)")
     add_data_args(p)
     p.add_argument("--output_dir", default=None, help="run folder (default runs/<model>_<baseline|spatial>_seed<seed>)")
-    p.add_argument("--overwrite_output_dir", action="store_true", help="allow writing into a run folder that has metrics")
+    p.add_argument("--overwrite_output_dir", action="store_true", help="replace the run in --output_dir")
     p.add_argument("--resume_from_checkpoint", default=None,
-                   help="continue a run from one of its checkpoint-N folders, or 'latest' in --output_dir")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=15)
-    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+                   help="continue from a checkpoint-N folder, or 'latest' in --output_dir")
+    p.add_argument("--fork", action="store_true",
+                   help="with --resume_from_checkpoint of another run: continue it in a new, empty --output_dir")
+    p.add_argument("--seed", type=int, default=0, help="model-side randomness and the order of the data")
+    p.add_argument("--data_seed", type=int, default=0,
+                   help="the holdout split and the evaluated holdout subset, kept apart from --seed so that "
+                        "runs of several seeds answer the same questions (paired comparisons)")
+    p.add_argument("--report_to", choices=("none", "tensorboard", "wandb"), default="none",
+                   help="also log losses and accuracies there (the package must be installed)")
+    p.add_argument("--batch_size", type=int, default=15, help="questions per batch, per process")
+    p.add_argument("--grad_accum", type=int, default=1, help="batches per optimizer step, per process")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--weight_decay", type=float, default=0.01)
     p.add_argument("--warmup_frac", type=float, default=0.03)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--sampler", choices=["grouped", "random"], default="grouped",
-                   help="grouped: obj1 and its cell fixed within a batch while obj2 moves (needed by the spatial loss)")
+    p.add_argument("--sampler", choices=tuple(data.SAMPLERS), default=None,
+                   help="shuffle: plain shuffle; obj1_groups: the original's (obj1, cell, obj2) groups; grouped: "
+                        "(pair, cell, size, question) groups. Default by --protocol: paper = shuffle for the "
+                        "baseline, obj1_groups with the spatial loss; clean = grouped")
     p.add_argument("--spatial_holdout_frac", type=float, default=0.15, help="share of object pairs held out")
     p.add_argument("--holdout_max_samples", type=int, default=500, help="holdout questions evaluated (seeded subset)")
     p.add_argument("--eval_batch_size", type=int, default=None, help="default: --batch_size")
     p.add_argument("--eval_mode", choices=["generate", "score"], default="generate")
-    p.add_argument("--eval_save_steps", type=int, default=200, help="evaluate and checkpoint every N optimizer steps")
+    p.add_argument("--eval_save_steps", type=int, default=200, help="evaluate every N optimizer steps")
+    p.add_argument("--save_steps", type=int, default=None, help="checkpoint every N steps (default: --eval_save_steps)")
+    p.add_argument("--save_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
+    p.add_argument("--keep_best", action="store_true", help="with --save_total_limit: also keep the best by COCO accuracy")
+    p.add_argument("--save_full_checkpoints", action="store_true",
+                   help="checkpoints hold the whole model too (default: only the trained tensors + training state)")
     p.add_argument("--log_every", type=int, default=5, help="log the mean losses every N optimizer steps")
     p.add_argument("--bf16", action="store_true", help="bfloat16 weights on CUDA (float32 with a notice on CPU)")
     p.add_argument("--grad_checkpointing", action="store_true")
@@ -64,321 +114,507 @@ def parse_args(argv=None):
     p.add_argument("--spatial_id_layer", type=int, default=11, help="hidden_states index: 0 = embeddings")
     p.add_argument("--spatial_id_weight", type=float, default=1.0)
     p.add_argument("--spatial_head", choices=["none", "linear"], default="none")
+    p.add_argument("--allow_holdout_in_ids", action="store_true",
+                   help="do not warn when holdout pairs were among the pairs the IDs were derived from")
     args = p.parse_args(argv)
+    args.protocol_choices = protocols.resolve(args, arm="spatial" if args.universal_id_path else "baseline")
 
-    for name in ("batch_size", "grad_accum", "epochs", "eval_save_steps", "log_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1")
-    if args.max_steps is not None and args.max_steps < 1:
-        p.error("--max_steps must be >= 1")
-    if not 0 <= args.spatial_holdout_frac < 1:
-        p.error("--spatial_holdout_frac must be in [0, 1)")
-    if args.universal_id_path and args.sampler != "grouped":
-        p.error("the spatial loss centres over a batch with obj1 fixed: use --sampler grouped")
+    _range_checks(p, args)
+    check_data_args(p, args)
+    if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
+        p.error(f"argument --report_to: {args.report_to} is not installed (pip install {args.report_to})")
+    if args.keep_best and not args.save_total_limit:
+        p.error("argument --keep_best: needs --save_total_limit N")
+    if args.fork and not args.resume_from_checkpoint:
+        p.error("argument --fork: needs --resume_from_checkpoint")
+    if args.universal_id_path and not data.SAMPLERS[args.sampler]:
+        p.error(f"argument --sampler: the spatial loss centres over a batch with obj1 fixed, which "
+                f"{args.sampler} batches do not keep; use obj1_groups or grouped")
     if args.universal_id_path and args.batch_size < 2:
-        p.error("the spatial loss centres over the batch: --batch_size must be >= 2")
+        p.error("argument --batch_size: the spatial loss centres over the batch, so it must be >= 2")
     if args.output_dir is None:
         kind = "spatial" if args.universal_id_path else "baseline"
         args.output_dir = f"runs/{Path(args.model_name).name}_{kind}_seed{args.seed}"
     args.eval_batch_size = args.eval_batch_size or args.batch_size
+    args.save_steps = args.save_steps or args.eval_save_steps
     return args
 
 
-def run_metadata():
-    import accelerate
-    import transformers
-
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        except OSError:
-            return ""
-
-    return {
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "accelerate": accelerate.__version__},
-        "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+# Arguments that may change when a run is resumed without changing what it trains.
+RESUME_FREE_ARGS = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "fork", "num_workers",
+                    "eval_batch_size", "eval_max_samples", "holdout_max_samples", "log_every", "save_total_limit",
+                    "keep_best", "save_full_checkpoints", "save_steps"}
 
 
-def load_data(args):
-    grid = data.GridDataset(args.train_dir)
-    print(grid.report())
-    train_idx, holdout_idx = data.split_holdout(grid.samples, args.spatial_holdout_frac, args.seed)
+# ---------------------------------------------------------------------------------------------
+# Training progress: one dataclass, saved and restored with each checkpoint
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps taken (including skipped ones)
+    epoch: int = 0
+    batches_done: int = 0  # batches of `epoch` consumed by all processes together
+    optimizer_steps: int = 0
+    skipped_steps: int = 0  # no finite gradient: not applied
+    nonfinite_losses: int = 0  # micro-batches whose loss was not finite
+    unreadable_images: int = 0  # training images that could not be decoded (left out, named in the log)
+    last_eval: dict = field(default_factory=dict)
+
+
+def training_state(args, progress, optimizer, scheduler, spatial_loss, accelerator):
+    """Everything needed to continue exactly (the trained tensors themselves go beside it)."""
+    from accelerate.utils import gather_object
+
+    return {"progress": asdict(progress), "args": vars(args), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "num_processes": accelerator.num_processes,
+            "rng": gather_object([torch.get_rng_state()])}
+
+
+def restore_training_state(state, optimizer, scheduler, accelerator):
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    if len(rng) == accelerator.num_processes:
+        torch.set_rng_state(rng[accelerator.process_index])
+    else:
+        accelerator.print(f"warning: the checkpoint was written by {len(rng)} processes, this run has "
+                          f"{accelerator.num_processes}: random state restarts from --seed")
+    return Progress(**state["progress"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup steps
+# ---------------------------------------------------------------------------------------------
+
+def _holds_run(out):
+    """A folder holds a run once it has trained a step or kept a checkpoint; a run that failed
+    before its first step leaves nothing that blocks a rerun."""
+    metrics = out / "metrics.jsonl"
+    if checkpoints.list_checkpoints(out) or (out / "final").exists():
+        return True
+    return metrics.is_file() and any('"event": "train"' in line for line in metrics.read_text().splitlines())
+
+
+def _setup_run_folder(args, accelerator):
+    """(checkpoint to resume from or None, its training state or None). Refuses to mix runs."""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output_dir {out}: exists and is not a folder")
+    probe_parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+    if not probe_parent.is_dir() or not _writable(probe_parent):
+        raise ValueError(f"--output_dir {out}: {probe_parent} is not writable")
+    if not args.resume_from_checkpoint:
+        if _holds_run(out) and not args.overwrite_output_dir:
+            raise ValueError(f"{out} already holds a run; choose another --output_dir, pass "
+                             "--resume_from_checkpoint latest to continue it, or --overwrite_output_dir")
+        return None, None
+    resume_dir, warnings = checkpoints.find_resumable(out, args.resume_from_checkpoint)
+    for warning in warnings:
+        accelerator.print(f"warning: {warning}")
+    foreign = resume_dir.resolve().parent != out.resolve()
+    if foreign and not args.fork:
+        raise ValueError(f"--resume_from_checkpoint {resume_dir} belongs to another run than --output_dir {out}; "
+                         "pass --fork to continue it in a new, empty --output_dir")
+    if args.fork and out.exists() and any(out.iterdir()):
+        raise ValueError(f"--fork: --output_dir {out} is not empty")
+    state = checkpoints.load_training_state(resume_dir)
+    changed = {k: (state["args"].get(k), v) for k, v in vars(args).items()
+               if k not in RESUME_FREE_ARGS and state["args"].get(k) != v}
+    if changed:
+        accelerator.print(f"warning: resuming {resume_dir} with different arguments (then, now): {changed}")
+    return resume_dir, state
+
+
+def _writable(folder):
+    import os
+
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _setup_data(args, accelerator):
+    """Grid questions, the holdout split, COCO-Spatial, the ID file's provenance: every data
+    problem surfaces here, before the (slow) model load."""
+    grid = data.GridDataset(args.train_dir, args.train_question_style)
+    accelerator.print(grid.report())
+    train_idx, holdout_idx = data.split_holdout(grid.samples, args.spatial_holdout_frac, args.data_seed)
     if not train_idx:
         raise ValueError(f"{args.train_dir}: the holdout split left no training samples")
     coco = data.load_coco_spatial(args.val_json, args.coco_val_dir, args.question_style, args.eval_max_samples)
-    if args.universal_id_path and not Path(args.universal_id_path).is_file():
-        raise FileNotFoundError(
-            f"universal spatial IDs not found: {args.universal_id_path}. Derive them from the model with "
-            f"`python derive_spatial_ids.py --model {args.model_name} --images {args.train_dir} "
-            f"--out {args.universal_id_path}`"
-        )
-    return grid, coco, train_idx, holdout_idx
-
-
-# Arguments that may change when a run is resumed without changing what it trains.
-RESUME_FREE_ARGS = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "num_workers",
-                    "eval_batch_size", "eval_max_samples", "holdout_max_samples", "log_every"}
-
-
-def find_checkpoint(out, spec):
-    """The checkpoint folder to resume from: `spec` itself, or the newest checkpoint-N in `out`."""
-    if spec == "latest":
-        found = sorted((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*")
-                       if p.name.split("-")[1].isdigit() and (p / "training_state.pt").is_file())
-        if not found:
-            raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint-N with training_state.pt in {out}")
-        return found[-1][1]
-    path = Path(spec)
-    if not (path / "training_state.pt").is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a train.py checkpoint (no training_state.pt)")
-    return path
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import get_linear_schedule_with_warmup
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    if accelerator.num_processes > 1:  # the loop neither shards batches nor syncs gradients yet
-        sys.exit("train.py runs as a single process for now; launch it with plain `python`, not multi-process")
-    set_seed(args.seed)
-    out = Path(args.output_dir)
-    resume_dir, state = None, None
-    if args.resume_from_checkpoint:
-        try:
-            resume_dir = find_checkpoint(out, args.resume_from_checkpoint)
-        except FileNotFoundError as err:
-            sys.exit(f"error: {err}")
-        state = torch.load(resume_dir / "training_state.pt", map_location="cpu", weights_only=True)
-        changed = {k: (state["args"].get(k), v) for k, v in vars(args).items()
-                   if k not in RESUME_FREE_ARGS and state["args"].get(k) != v}
-        if changed:
-            print(f"warning: resuming {resume_dir} with different arguments (then, now): {changed}")
-    elif (out / "metrics.jsonl").exists() and not args.overwrite_output_dir:
-        sys.exit(f"{out} already holds a run (metrics.jsonl); choose another --output_dir, pass "
-                 "--resume_from_checkpoint latest to continue it, or --overwrite_output_dir")
-
-    # --- data: every file problem surfaces here, before the (slow) model load -----------------
-    try:
-        grid, coco, train_idx, holdout_idx = load_data(args)
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    if not coco:
+        raise ValueError(f"{args.val_json}: no COCO-Spatial questions (an empty list?)")
+    if args.universal_id_path:
+        if not Path(args.universal_id_path).is_file():
+            raise FileNotFoundError(
+                f"universal spatial IDs not found: {args.universal_id_path}. Derive them from the model with "
+                f"`python derive_spatial_ids.py --model {args.model_name} --images DIR --out {args.universal_id_path}` "
+                "(DIR: an extraction set, make_grid_data.py --layout extraction)"
+            )
+        holdout_pairs = {frozenset((grid.samples[i]["obj1"], grid.samples[i]["obj2"])) for i in holdout_idx}
+        for warning in sl.check_provenance(args.universal_id_path, args.model_name, holdout_pairs,
+                                           args.allow_holdout_in_ids):
+            accelerator.print(f"warning: {warning}")
     holdout = [grid.samples[i] for i in holdout_idx]
     if len(holdout) > args.holdout_max_samples:
-        rng = torch.Generator().manual_seed(args.seed)
+        rng = torch.Generator().manual_seed(args.data_seed)
         keep = sorted(torch.randperm(len(holdout), generator=rng)[:args.holdout_max_samples].tolist())
         holdout = [holdout[i] for i in keep]
-    if args.sampler == "grouped":
-        batch_sampler = data.GroupedBatchSampler(grid.samples, train_idx, args.batch_size, seed=args.seed)
-    else:
-        batch_sampler = data.RandomBatchSampler(train_idx, args.batch_size, seed=args.seed)
-    if len(batch_sampler) == 0:
-        sys.exit(f"{args.train_dir}: no training batch of >= 2 samples (groups too small for --batch_size {args.batch_size}?)")
-    steps_per_epoch = math.ceil(len(batch_sampler) / args.grad_accum)
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-    print(f"train: {len(train_idx)} questions in {len(batch_sampler)} batches/epoch; "
-          f"holdout: {len(holdout_idx)} questions ({len(holdout)} evaluated); COCO-Spatial: {len(coco)}; "
-          f"{total_steps} optimizer steps")
+    sampler = data.make_batch_sampler(args.sampler, grid.samples, train_idx, args.batch_size, args.seed)
+    sampler.shard(accelerator.num_processes, accelerator.process_index)
+    if len(sampler) == 0:
+        raise ValueError(f"{args.train_dir}: no training batch of >= 2 questions for each of "
+                         f"{accelerator.num_processes} process(es) (groups too small for --batch_size {args.batch_size}?)")
+    return grid, coco, holdout, train_idx, holdout_idx, sampler
 
-    # --- model and the trainable slice ---------------------------------------------------------
+
+def _setup_model(args, accelerator, resume_dir):
+    """(model, processor, adapter, selection): the base model with the trainable slice chosen and,
+    when resuming, the checkpoint's trained tensors applied."""
     cuda = accelerator.device.type == "cuda"
-    if args.bf16 and not cuda:
-        print("--bf16: no CUDA device here, training in float32 (bf16 on a CPU is slow)")
     dtype = torch.bfloat16 if args.bf16 and cuda else torch.float32
-    model, processor, adapter = load_model_and_processor(str(resume_dir) if resume_dir else args.model_name,
-                                                         dtype=dtype, device=accelerator.device)
+    accelerator.print(f"model: {args.model_name} in {str(dtype).removeprefix('torch.')} on {accelerator.device}"
+                      + (" (--bf16 applies on CUDA only)" if args.bf16 and not cuda else ""))
+    model, processor, adapter = load_model_and_processor(args.model_name, dtype=dtype, device=accelerator.device)
     selection = param_selectors.select_from_args(model, adapter, args)
-    print(selection.summary())
+    accelerator.print(selection.summary())
+    if resume_dir is not None:
+        tensors = checkpoints.read_trainable(resume_dir)
+        checkpoints.apply_trainable(model, {k: v for k, v in tensors.items()
+                                            if not k.startswith(checkpoints.SPATIAL_HEAD_PREFIX)}, source=str(resume_dir))
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    return model, processor, adapter, selection
 
-    spatial_loss = None
-    if args.universal_id_path:
-        import spatial_loss as sl
 
-        n_layers = len(adapter.lm_layers(model))
-        if not 0 <= args.spatial_id_layer <= n_layers:
-            sys.exit(f"--spatial_id_layer {args.spatial_id_layer} is outside 0..{n_layers} for {args.model_name}")
-        needed = {(*s["cell2"], s["size"]) for s in grid.samples}
-        try:
-            ids = sl.load_universal_ids(args.universal_id_path, args.spatial_id_layer,
-                                        adapter.lm_hidden_size(model), needed_keys=needed)
-        except (FileNotFoundError, ValueError) as err:
-            sys.exit(f"error: {err}")
-        spatial_loss = sl.SpatialIDLoss(ids, head=args.spatial_head).to(accelerator.device)
-        print(f"spatial loss: layer {args.spatial_id_layer}, weight {args.spatial_id_weight}, "
-              f"{len(ids)} IDs from {args.universal_id_path}")
+def _setup_spatial_loss(args, model, adapter, grid, accelerator, resume_dir):
+    if not args.universal_id_path:
+        return None
+    n_layers = len(adapter.lm_layers(model))
+    if args.spatial_id_layer > n_layers:
+        raise ValueError(f"--spatial_id_layer {args.spatial_id_layer} is outside 0..{n_layers} for {args.model_name}")
+    needed = {(*s["cell2"], s["size"]) for s in grid.samples}
+    ids = sl.load_universal_ids(args.universal_id_path, args.spatial_id_layer, adapter.lm_hidden_size(model),
+                                needed_keys=needed)
+    spatial_loss = sl.SpatialIDLoss(ids, head=args.spatial_head).to(accelerator.device)
+    if resume_dir is not None:
+        head = {k: v for k, v in checkpoints.read_trainable(resume_dir).items()
+                if k.startswith(checkpoints.SPATIAL_HEAD_PREFIX)}
+        if head:
+            checkpoints.apply_trainable(model, head, spatial_loss, source=str(resume_dir))
+    accelerator.print(f"spatial loss: layer {args.spatial_id_layer}, weight {args.spatial_id_weight}, "
+                      f"{len(ids)} IDs from {args.universal_id_path}")
+    return spatial_loss
+
+
+def _setup_optimizer(args, model, spatial_loss, total_steps):
+    from transformers import get_linear_schedule_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]
     if spatial_loss is not None:
         params += [p for p in spatial_loss.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_frac * total_steps), total_steps)
+    return params, optimizer, scheduler
+
+
+def _start_metrics(args, out, config, progress, resume_dir):
+    """config.json and metrics.jsonl: fresh, or the history up to the resumed checkpoint (what came
+    after it is about to be redone). Returns the open metrics file."""
+    for stale in out.glob(".*.tmp*"):  # what a run killed while saving left behind
+        shutil.rmtree(stale, ignore_errors=True)
+    if resume_dir is None:
+        for stale in [p for _, p in checkpoints.list_checkpoints(out)] + [out / "final", out / "predictions"]:
+            shutil.rmtree(stale, ignore_errors=True)  # --overwrite_output_dir: nothing of the old run stays
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        return (out / "metrics.jsonl").open("w")
+    source = resume_dir.parent
+    history = [line for line in (source / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    kept = [line for line in history if json.loads(line)["event"] != "end" and json.loads(line)["step"] <= progress.step]
+    if (source / "config.json").exists():
+        config = json.loads((source / "config.json").read_text())  # the run's identity stays its own
+    resumed = {"from": str(resume_dir), "step": progress.step, **run_metadata()}
+    config.setdefault("resumed", []).append(resumed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    metrics = (out / "metrics.jsonl").open("w")
+    metrics.write("".join(line + "\n" for line in kept))
+    return metrics
+
+
+def _scalars(event):
+    """{name: number} of a metrics event, for TensorBoard / W&B."""
+    if event["event"] == "train":
+        return {f"train/{k}": event[k] for k in ("loss", "lm_loss", "spatial_loss", "lr", "grad_norm") if k in event}
+    if event["event"] == "eval":
+        out = {}
+        for name in ("coco", "holdout"):
+            if name in event:
+                out[f"eval/{name}_accuracy"] = event[name]["accuracy"]
+                out.update({f"eval/{name}_{rel}": r["accuracy"] for rel, r in event[name]["per_relation"].items()})
+        return out
+    return {}
+
+
+def _setup_reporter(args, out, config):
+    """A function that mirrors each event's scalars to --report_to, or None."""
+    if args.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+
+        def report(event):
+            for name, value in _scalars(event).items():
+                writer.add_scalar(name, value, event["step"])
+            writer.flush()
+        return report
+    if args.report_to == "wandb":
+        import wandb
+
+        wandb.init(project="spatial-finetuning", name=out.name, dir=str(out), config=config)
+        return lambda event: wandb.log(_scalars(event), step=event["step"]) if _scalars(event) else None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# One step of work
+# ---------------------------------------------------------------------------------------------
+
+def _loss_step(forward_model, model, adapter, batch, spatial_loss, args, device):
+    """(total loss, LM loss, spatial loss or None) of one micro-batch."""
+    inputs, target_positions, cells = data.split_batch(batch, device)
+    if spatial_loss is None:
+        lm_loss = forward_model(**inputs).loss
+        return lm_loss, lm_loss, None
+    with sl.capture_layer(model, adapter, args.spatial_id_layer) as captured:
+        lm_loss = forward_model(**inputs).loss
+    aux = spatial_loss(sl.gather_target_states(captured.states, target_positions), cells)
+    return lm_loss + args.spatial_id_weight * aux, lm_loss, aux
+
+
+def _weights_in_sync(params, accelerator):
+    """True when every process holds the same trained tensors (a cheap checksum per tensor)."""
+    from accelerate.utils import gather_object
+
+    sums = [float(p.detach().double().sum()) for p in params]
+    return all(other == sums for other in gather_object([sums]))
+
+
+def _evaluate_split(model, processor, adapter, samples, args, accelerator, desc):
+    """(report, rows) of `samples`, each process answering every N-th question."""
+    if accelerator.num_processes == 1:
+        return evaluate(model, processor, adapter, samples, args.eval_batch_size, args.eval_mode, desc=desc)
+    from accelerate.utils import gather_object
+
+    mine = list(range(accelerator.process_index, len(samples), accelerator.num_processes))
+    _, rows = evaluate(model, processor, adapter, [samples[i] for i in mine], args.eval_batch_size, args.eval_mode,
+                       progress=accelerator.is_main_process, desc=desc)
+    gathered = sorted(gather_object(list(zip(mine, rows))), key=lambda pair: pair[0])
+    rows = [row for _, row in gathered]
+    return accuracy_report(samples, [r["prediction"] for r in rows]), rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+    # Unused-parameter handling: a selected block whose output the LM never reads (LLaVA's last
+    # vision block under --protocol paper) gets no gradient, which plain DDP treats as an error.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        sys.exit(f"error: train.py trains data-parallel (DDP), not {accelerator.distributed_type.name}: the trained "
+                 "slice is small, so sharding its optimizer state saves nothing, and every model here fits one "
+                 "GPU in bf16. Launch with a MULTI_GPU config (configs/accelerate/) or torchrun")
+    is_main = accelerator.is_main_process
+    set_seed(args.seed)
+    out = Path(args.output_dir)
+
+    # 1. run folder and resume point, 2. data: every input problem stops us here, before the model
+    try:
+        resume_dir, state = _setup_run_folder(args, accelerator)
+        grid, coco, holdout, train_idx, holdout_idx, batch_sampler = _setup_data(args, accelerator)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    processes = accelerator.num_processes
+    steps_per_epoch = math.ceil(len(batch_sampler) / args.grad_accum)
+    total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
+    accelerator.print(f"train: {len(train_idx)} questions in {len(batch_sampler) * processes} batches/epoch "
+                      f"({processes} process(es) x {len(batch_sampler)}); holdout: {len(holdout_idx)} questions "
+                      f"({len(holdout)} evaluated); COCO-Spatial: {len(coco)}; {total_steps} optimizer steps")
+
+    # 3. model and trainable slice, 4. spatial loss, 5. optimiser and schedule
+    try:
+        model, processor, adapter, selection = _setup_model(args, accelerator, resume_dir)
+        spatial_loss = _setup_spatial_loss(args, model, adapter, grid, accelerator, resume_dir)
+    except (ValueError, ModelUnavailableError) as err:
+        sys.exit(f"error: {err}")
+    params, optimizer, scheduler = _setup_optimizer(args, model, spatial_loss, total_steps)
+    progress = Progress()
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if spatial_loss is not None and state["spatial_loss"] is not None:
-            spatial_loss.load_state_dict(state["spatial_loss"])
-        torch.set_rng_state(state["torch_rng"])
+        progress = restore_training_state(state, optimizer, scheduler, accelerator)
+    forward_model = accelerator.prepare(model) if processes > 1 else model
     loader = torch.utils.data.DataLoader(
         grid, batch_sampler=batch_sampler, num_workers=args.num_workers,
-        collate_fn=data.VLMCollator(processor, adapter.end_of_turn),
+        collate_fn=data.VLMCollator(processor, adapter.end_of_turn, skip_unreadable=True),
     )
 
-    # --- run folder ------------------------------------------------------------------------------
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "predictions").mkdir(exist_ok=True)
-    config = {"args": vars(args), **run_metadata(), "total_steps": total_steps,
+    # 6. run folder files (main process only)
+    config = {"args": vars(args), "protocol": args.protocol, "protocol_choices": args.protocol_choices,
+              **run_metadata(), "num_processes": processes, "total_steps": total_steps,
               "steps_per_epoch": steps_per_epoch, "selected_parameters": selection.names,
               "selected_count": selection.selected_params, "total_parameters": selection.total_params,
               "train_questions": len(train_idx), "holdout_questions": len(holdout_idx),
               "holdout_pairs": sorted({" | ".join(sorted((grid.samples[i]["obj1"], grid.samples[i]["obj2"])))
                                        for i in holdout_idx})}
-    if state is None:
-        (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        metrics = (out / "metrics.jsonl").open("w")
-    else:
-        # Keep the history up to the checkpoint; what came after it is about to be redone.
-        source = out if (out / "metrics.jsonl").exists() else resume_dir.parent
-        history = [line for line in (source / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        kept = [line for line in history
-                if json.loads(line)["event"] != "end" and json.loads(line)["step"] <= state["step"]]
-        if (out / "config.json").exists():
-            config = json.loads((out / "config.json").read_text())
-        config.setdefault("resumed", []).append({"from": str(resume_dir), "step": state["step"], **run_metadata()})
-        (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        metrics = (out / "metrics.jsonl").open("w")
-        metrics.write("".join(line + "\n" for line in kept))
+    metrics = _start_metrics(args, out, config, progress, resume_dir) if is_main else None
+    report = _setup_reporter(args, out, config) if is_main else None
 
     def log(event):
-        metrics.write(json.dumps(event) + "\n")
-        metrics.flush()
+        if is_main:
+            metrics.write(json.dumps(event) + "\n")
+            metrics.flush()
+            if report is not None:
+                report(event)
 
-    def evaluate_and_save(step, epoch, batches_done):
-        coco_report, coco_rows = evaluate(model, processor, adapter, coco, args.eval_batch_size, args.eval_mode,
-                                          desc=f"COCO-Spatial @{step}")
-        event = {"event": "eval", "step": step, "coco": coco_report}
-        rows = [dict(r, set="coco") for r in coco_rows]
-        print(format_report(coco_report, f"step {step} COCO-Spatial"))
-        if holdout:
-            hold_report, hold_rows = evaluate(model, processor, adapter, holdout, args.eval_batch_size,
-                                              args.eval_mode, desc=f"holdout @{step}")
-            event["holdout"] = hold_report
-            rows += [dict(r, set="holdout") for r in hold_rows]
-            print(format_report(hold_report, f"step {step} holdout pairs"))
-        write_jsonl(out / "predictions" / f"step-{step}.jsonl", rows)
-        checkpoint = out / f"checkpoint-{step}"
-        model.save_pretrained(checkpoint)
-        processor.save_pretrained(checkpoint)
-        event["checkpoint"] = str(checkpoint)
-        # Everything needed to continue exactly from here (--resume_from_checkpoint).
-        torch.save({"step": step, "epoch": epoch, "batches_done": batches_done, "args": vars(args),
-                    "counters": [optimizer_steps, skipped_steps, nonfinite_losses],
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "spatial_loss": spatial_loss.state_dict() if spatial_loss is not None else None,
-                    "torch_rng": torch.get_rng_state(), "eval_event": json.dumps(event)},
-                   checkpoint / "training_state.pt")
-        log(event)
+    def evaluate_and_save(step):
+        event = {"event": "eval", "step": step}
+        rows = []
+        for name, samples, title in (("coco", coco, "COCO-Spatial"), ("holdout", holdout, "holdout pairs")):
+            if not samples:
+                continue
+            report, set_rows = _evaluate_split(model, processor, adapter, samples, args, accelerator,
+                                               desc=f"{title} @{step}")
+            event[name] = report
+            rows += [dict(r, set=name) for r in set_rows]
+            accelerator.print(format_report(report, f"step {step} {title}"))
+        if is_main:
+            write_jsonl(out / "predictions" / f"step-{step}.jsonl", rows)
+        progress.last_eval = event
         model.train()
         return event
 
-    # --- train -----------------------------------------------------------------------------------
+    saved_steps = set()
+
+    def save_checkpoint(step):
+        saved_steps.add(step)
+        train_state = training_state(args, progress, optimizer, scheduler, spatial_loss, accelerator)
+        if is_main:
+            folder = out / f"checkpoint-{step}"
+            info = {"base_model": args.model_name, "step": step,
+                    "coco_accuracy": progress.last_eval.get("coco", {}).get("accuracy")
+                    if progress.last_eval.get("step") == step else None}
+            checkpoints.save_checkpoint(folder, model, processor, adapter, train_state, info, spatial_loss,
+                                        full=args.save_full_checkpoints)
+            for deleted in checkpoints.rotate(out, args.save_total_limit, args.keep_best):
+                accelerator.print(f"removed {deleted} (--save_total_limit {args.save_total_limit})")
+            log({"event": "checkpoint", "step": step, "checkpoint": str(folder)})
+        accelerator.wait_for_everyone()
+
+    # 7. evaluate before training (or pick up where the checkpoint left off)
     if state is None:
-        step = optimizer_steps = skipped_steps = nonfinite_losses = 0
-        position = (0, 0)
-        last_eval = evaluate_and_save(0, *position)
+        log(evaluate_and_save(0))
+        save_checkpoint(0)
     else:
-        step = state["step"]
-        optimizer_steps, skipped_steps, nonfinite_losses = state["counters"]
-        position = (state["epoch"], state["batches_done"])
-        last_eval = json.loads(state["eval_event"])
-        print(f"resuming from {resume_dir}: step {step}, epoch {position[0]}, {position[1]} batches into it")
+        accelerator.print(f"resuming from {resume_dir}: step {progress.step}, epoch {progress.epoch}, "
+                          f"{progress.batches_done} batches into it")
+
+    # 8. the loop: micro-batches -> one optimizer step -> log / evaluate / save
     model.train()
     window = {"loss": [], "lm_loss": [], "spatial_loss": []}
-    bar = tqdm(total=total_steps, initial=step, desc="train")
-    micro, finite_micro, accum_n = 0, 0, args.grad_accum
-    for epoch in range(position[0], args.epochs):
-        if step >= total_steps:
+    bar = tqdm(total=total_steps, initial=progress.step, desc="train", disable=not is_main, dynamic_ncols=True,
+               mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
+    micro = 0
+    for epoch in range(progress.epoch, args.epochs):
+        if progress.step >= total_steps:
             break
-        # A resumed run skips the batches its epoch had already trained on.
-        first = position[1] if epoch == position[0] else 0
+        first = progress.batches_done if epoch == progress.epoch else 0  # global batches already trained
         batch_sampler.set_epoch(epoch, skip=first)
-        n_batches = first + len(batch_sampler)
-        for b, batch in enumerate(loader, start=first):
+        local_batches = len(batch_sampler)
+        for b, batch in enumerate(loader):
             if micro == 0:  # the epoch's last step may gather fewer micro-batches
-                accum_n = min(args.grad_accum, n_batches - b)
-            batch, target_positions, cells = data.split_batch(batch, accelerator.device)
-            aux = None
-            if spatial_loss is not None:
-                with sl.capture_layer(model, adapter, args.spatial_id_layer) as captured:
-                    outputs = model(**batch)
-                aux = spatial_loss(sl.gather_target_states(captured.states, target_positions), cells)
-                loss = outputs.loss + args.spatial_id_weight * aux
-            else:
-                outputs = model(**batch)
-                loss = outputs.loss
-            if torch.isfinite(loss):
+                accum_n = min(args.grad_accum, local_batches - b)
+            for path in batch.pop("unreadable_images", []):
+                progress.unreadable_images += 1
+                print(f"warning: skipped unreadable training image {path}", file=sys.stderr)
+            last_micro = micro + 1 == accum_n
+            sync = contextlib.nullcontext() if last_micro or processes == 1 else accelerator.no_sync(forward_model)
+            with sync:
+                loss, lm_loss, aux = _loss_step(forward_model, model, adapter, batch, spatial_loss, args,
+                                                accelerator.device)
+                # Backward even when the loss is not finite, so that every process joins the
+                # gradient exchange; the step is then skipped below on all of them alike.
                 accelerator.backward(loss / accum_n)
-                finite_micro += 1
+            if torch.isfinite(loss):
                 window["loss"].append(loss.item())
-                window["lm_loss"].append(outputs.loss.item())
+                window["lm_loss"].append(lm_loss.item())
                 if aux is not None:
                     window["spatial_loss"].append(aux.item())
             else:
-                nonfinite_losses += 1
+                progress.nonfinite_losses += 1
             micro += 1
-            if micro < accum_n:
+            if not last_micro:
                 continue
 
-            # One optimizer step; skipped (and counted) when nothing finite reached the gradients.
             grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            if finite_micro and torch.isfinite(grad_norm):
+            if torch.isfinite(grad_norm):
                 optimizer.step()
                 scheduler.step()
-                optimizer_steps += 1
+                progress.optimizer_steps += 1
             else:
-                skipped_steps += 1
+                progress.skipped_steps += 1
             optimizer.zero_grad(set_to_none=True)
-            micro = finite_micro = 0
-            step += 1
-            position = (epoch, b + 1)
+            micro = 0
+            progress.step += 1
+            progress.epoch, progress.batches_done = epoch, first + (b + 1) * processes
             bar.update(1)
             if window["loss"]:
                 bar.set_postfix(loss=f"{window['loss'][-1]:.4f}")
-            if step % args.log_every == 0 or step == total_steps:
-                event = {"event": "train", "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                         "grad_norm": float(grad_norm), "optimizer_steps": optimizer_steps,
-                         "skipped_steps": skipped_steps, "nonfinite_losses": nonfinite_losses}
+            if progress.step % args.log_every == 0 or progress.step == total_steps:
+                event = {"event": "train", "step": progress.step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                         "grad_norm": float(grad_norm), "optimizer_steps": progress.optimizer_steps,
+                         "skipped_steps": progress.skipped_steps, "nonfinite_losses": progress.nonfinite_losses,
+                         "unreadable_images": progress.unreadable_images}
                 event.update({k: sum(v) / len(v) for k, v in window.items() if v})
+                if processes > 1:
+                    event["weights_in_sync"] = _weights_in_sync(params, accelerator)
                 log(event)
                 window = {k: [] for k in window}
-            if step % args.eval_save_steps == 0 and step < total_steps:
-                last_eval = evaluate_and_save(step, *position)
-            if step >= total_steps:
+            if progress.step < total_steps:
+                if progress.step % args.eval_save_steps == 0:
+                    log(evaluate_and_save(progress.step))
+                if progress.step % args.save_steps == 0:
+                    save_checkpoint(progress.step)
+            if progress.step >= total_steps:
                 break
     bar.close()
 
-    # --- final evaluation and model --------------------------------------------------------------
-    if last_eval["step"] != step:
-        last_eval = evaluate_and_save(step, *position)
-    model.save_pretrained(out / "final")
-    processor.save_pretrained(out / "final")
-    summary = {"event": "end", "step": step, "optimizer_steps": optimizer_steps, "skipped_steps": skipped_steps,
-               "nonfinite_losses": nonfinite_losses, "scheduler_steps": scheduler.last_epoch,
-               "coco_accuracy": last_eval["coco"]["accuracy"],
-               "holdout_accuracy": last_eval.get("holdout", {}).get("accuracy")}
+    # 9. final evaluation, checkpoint and model
+    if progress.last_eval.get("step") != progress.step:
+        log(evaluate_and_save(progress.step))
+    if progress.step not in saved_steps:
+        save_checkpoint(progress.step)
+    if is_main:
+        checkpoints.save_final(out / "final", model, processor, adapter)
+    summary = {"event": "end", "step": progress.step, "optimizer_steps": progress.optimizer_steps,
+               "skipped_steps": progress.skipped_steps, "nonfinite_losses": progress.nonfinite_losses,
+               "unreadable_images": progress.unreadable_images,
+               "scheduler_steps": scheduler.last_epoch, "coco_accuracy": progress.last_eval["coco"]["accuracy"],
+               "holdout_accuracy": progress.last_eval.get("holdout", {}).get("accuracy")}
     log(summary)
-    metrics.close()
-    print(f"done: {step} steps, {optimizer_steps} optimizer updates ({skipped_steps} skipped: no finite loss "
-          f"or gradient; {nonfinite_losses} micro-batches with a non-finite loss); run folder {out}")
+    if is_main:
+        metrics.close()
+    accelerator.print(f"done: {progress.step} steps, {progress.optimizer_steps} optimizer updates "
+                      f"({progress.skipped_steps} skipped: no finite gradient; {progress.nonfinite_losses} "
+                      f"micro-batches with a non-finite loss; {progress.unreadable_images} unreadable training images "
+                      f"left out); run folder {out}")
+    accelerator.wait_for_everyone()
     return summary
 
 

@@ -210,7 +210,7 @@ def test_coco_rows_articles_multi_word_nouns_and_all_relations(tmp_path):
     assert samples[2]["question"] == 'Is the dining table above or below the apple? Answer with "above" or "below" only.'
     assert (samples[3]["obj1"], samples[3]["obj2"]) == ("teddy bear", "fire hydrant")
     assert samples[0]["image_path"].endswith("000000000139.jpg")
-    original = data.load_coco_spatial(path, root, question_style="original")
+    original = data.load_coco_spatial(path, root, question_style="paper")
     assert original[0]["question"].startswith("Is a dog to the left or right of a chair?")
     assert original[2]["question"].startswith("Is a dining table above or below an apple?")
     assert original[3]["question"].startswith("Is a teddy bear above or below fire hydrant?")

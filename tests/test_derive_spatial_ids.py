@@ -34,7 +34,7 @@ def grid_samples(grid_dir):
 def derived(grid_dir, tiny_path, tmp_path_factory):
     """(per_layer, stats, ids path) of one CLI run over the whole grid folder."""
     out = tmp_path_factory.mktemp("derived") / "ids" / "tiny.pt"
-    per_layer, stats = dsi.main(["--model", "tiny", "--images", str(grid_dir), "--out", str(out),
+    per_layer, stats = dsi.main(["--model", "tiny", "--images", str(grid_dir), "--out", str(out), "--protocol", "clean",
                                  "--batch_size", "16"])
     return per_layer, stats, out
 

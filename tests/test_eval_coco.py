@@ -230,7 +230,7 @@ def test_score_mode_on_the_plain_model(tiny_ro, standin):
 
 def cli_args(standin, ckpt, output=None, batch_size=4):
     json_path, folder, _ = standin
-    args = ["--ckpt", str(ckpt), "--val_json", str(json_path), "--coco_val_dir", str(folder),
+    args = ["--ckpt", str(ckpt), "--protocol", "clean", "--val_json", str(json_path), "--coco_val_dir", str(folder),
             "--batch_size", str(batch_size)]
     return args + (["--output", str(output)] if output is not None else [])
 

@@ -120,10 +120,18 @@ def test_a_lora_training_run_saves_adapters_and_eval_reproduces_its_accuracy(tmp
     train.main(["--model_name", "tiny", "--train_dir", str(grid), *coco, "--output_dir", str(out),
                 "--batch_size", "6", "--lr", "1e-2", "--holdout_max_samples", "4", "--max_steps", "3",
                 "--eval_save_steps", "3", "--eval_mode", "score", "--lora_rank", "2"])
+    import checkpoints
+
     ckpt = out / "checkpoint-3"
-    assert (ckpt / "adapter_config.json").is_file() and not (ckpt / "model.safetensors").exists()
-    assert json.loads((ckpt / "adapter_config.json").read_text())["r"] == 2
-    trained, _, _ = models.load_model_and_processor(str(ckpt))
+    # A slim checkpoint holds the adapter pairs only; final/ the adapter folder (base + adapter).
+    saved = checkpoints.read_trainable(ckpt)
+    assert len(saved) == 24 and all(".lora_" in k for k in saved)
+    assert (out / "final" / "adapter_config.json").is_file() and not (out / "final" / "model.safetensors").exists()
+    assert json.loads((out / "final" / "adapter_config.json").read_text())["r"] == 2
+    trained, _, _ = checkpoints.load_checkpoint_model(ckpt)
+    final, _, _ = checkpoints.load_checkpoint_model(out / "final")  # base + adapter folder
+    assert {n: p for n, p in final.named_parameters()}.keys() == {n: p for n, p in trained.named_parameters()}.keys()
+    assert all(torch.equal(a, b) for a, b in zip(final.parameters(), trained.parameters()))
     base, _, _ = models.load_model_and_processor("tiny")
     lora_b = {n: p for n, p in trained.named_parameters() if ".lora_B." in n}
     assert len(lora_b) == 12 and all(p.abs().sum() > 0 for p in lora_b.values())  # trained, not fresh zeros

@@ -1,0 +1,222 @@
+"""Checkpoints: what a run keeps, written so that a kill at any moment leaves nothing half-made.
+
+    checkpoint-N/                      (at each evaluation)
+      trainable.safetensors            the trained tensors, by parameter name (the selected slice,
+                                       and the spatial head's weights when there is one)
+      training_state.pt                optimizer, schedule, progress, RNG, arguments (resume)
+      checkpoint.json                  base model, step, tensor names, COCO accuracy
+      model.safetensors, config.json,  only with --save_full_checkpoints: the whole model and
+      processor files ...              processor (from_pretrained loads it)
+    final/                             the whole model and processor
+
+A checkpoint is written into a hidden temporary folder and renamed into place, so a
+`checkpoint-N/` folder always holds a complete checkpoint; one damaged later (a truncated file)
+is skipped, by name, when resuming from `latest`. Files are 0644 and folders 0755 whatever the
+umask, so a run can be read by the rest of a group.
+"""
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_JSON = "checkpoint.json"
+TRAINABLE = "trainable.safetensors"
+TRAINING_STATE = "training_state.pt"
+SPATIAL_HEAD_PREFIX = "spatial_loss."  # tensors of the spatial loss's head in trainable.safetensors
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names it."""
+
+
+def _publish(folder):
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+
+
+@contextlib.contextmanager
+def atomic_folder(target):
+    """Yield a temporary folder beside `target`; on success make it `target` (replacing an older
+    one), on failure remove it. Nothing else ever sees a half-written `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _publish(tmp)
+        if target.exists():
+            old = target.parent / f".{target.name}.old{os.getpid()}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(folder, model, processor, adapter):
+    """The whole model and processor, loadable with from_pretrained (and AutoProcessor where the
+    family's standard processor class can be built)."""
+    model.save_pretrained(folder)
+    if hasattr(adapter, "save_processor"):
+        adapter.save_processor(processor, folder)
+    else:
+        processor.save_pretrained(folder)
+
+
+def trainable_tensors(model, spatial_loss=None):
+    """{name: tensor} of everything that trains: the model's selected parameters and the spatial
+    loss's learned head, if any."""
+    tensors = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    if spatial_loss is not None:
+        tensors.update({SPATIAL_HEAD_PREFIX + name: p.detach() for name, p in spatial_loss.named_parameters()})
+    return tensors
+
+
+def save_checkpoint(folder, model, processor, adapter, state, info, spatial_loss=None, full=False):
+    """Write one checkpoint atomically (see the module docstring). `state` goes to
+    training_state.pt, `info` (JSON) to checkpoint.json, which is written last."""
+    from safetensors.torch import save_file
+
+    with atomic_folder(folder) as tmp:
+        tensors = {k: v.contiguous().cpu() for k, v in trainable_tensors(model, spatial_loss).items()}
+        save_file(tensors, str(tmp / TRAINABLE))
+        torch.save(state, tmp / TRAINING_STATE)
+        if full:
+            save_model(tmp, model, processor, adapter)
+        (tmp / CHECKPOINT_JSON).write_text(json.dumps({**info, "tensors": sorted(tensors), "full": full},
+                                                      indent=2, default=str))
+    return Path(folder)
+
+
+def save_final(folder, model, processor, adapter):
+    with atomic_folder(folder) as tmp:
+        save_model(tmp, model, processor, adapter)
+    return Path(folder)
+
+
+def read_info(folder):
+    path = Path(folder) / CHECKPOINT_JSON
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{folder}: not a usable checkpoint ({CHECKPOINT_JSON}: {err})") from None
+
+
+def list_checkpoints(out):
+    """[(step, folder)] of the checkpoint-N folders in `out`, oldest first."""
+    found = []
+    for path in Path(out).glob("checkpoint-*"):
+        suffix = path.name.split("-", 1)[1]
+        if path.is_dir() and suffix.isdigit():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def load_training_state(folder):
+    path = Path(folder) / TRAINING_STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: no {TRAINING_STATE} (not a train.py checkpoint)") from None
+    except Exception as err:  # truncated or corrupt: torch raises several types
+        raise CheckpointError(f"{path}: unreadable ({str(err).splitlines()[0]})") from None
+
+
+def read_trainable(folder):
+    from safetensors.torch import load_file
+
+    path = Path(folder) / TRAINABLE
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: no {TRAINABLE}") from None
+    except Exception as err:
+        raise CheckpointError(f"{path}: unreadable ({str(err).splitlines()[0]})") from None
+
+
+def check_checkpoint(folder):
+    """Raise CheckpointError unless every file of the checkpoint reads back."""
+    read_info(folder)
+    load_training_state(folder)
+    read_trainable(folder)
+
+
+def find_resumable(out, spec):
+    """(checkpoint folder, warnings): `spec` itself, or with "latest" the newest checkpoint in `out`
+    that reads back, damaged ones skipped and named."""
+    if spec != "latest":
+        check_checkpoint(spec)
+        return Path(spec), []
+    warnings = []
+    for _, folder in reversed(list_checkpoints(out)):
+        try:
+            check_checkpoint(folder)
+            return folder, warnings
+        except CheckpointError as err:
+            warnings.append(f"skipping damaged checkpoint {err}")
+    raise CheckpointError(f"--resume_from_checkpoint latest: no complete checkpoint-N in {out}"
+                          + (f" ({len(warnings)} damaged)" if warnings else ""))
+
+
+def apply_trainable(model, tensors, spatial_loss=None, source=""):
+    """Copy saved tensors into the model (and the spatial head) by name; every name must exist."""
+    params = dict(model.named_parameters())
+    if spatial_loss is not None:
+        params.update({SPATIAL_HEAD_PREFIX + n: p for n, p in spatial_loss.named_parameters()})
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise CheckpointError(f"{source}: tensors not in this model: {unknown[:5]} (a checkpoint of another model?)")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if params[name].shape != value.shape:
+                raise CheckpointError(f"{source}: {name} has shape {tuple(value.shape)}, the model's is "
+                                      f"{tuple(params[name].shape)}")
+            params[name].copy_(value.to(params[name].dtype))
+
+
+def rotate(out, limit, keep_best=False):
+    """Delete the oldest checkpoints beyond the newest `limit` (the best by COCO accuracy stays too
+    with `keep_best`). Returns the deleted folders."""
+    found = list_checkpoints(out)
+    if limit is None or len(found) <= limit:
+        return []
+    keep = {path for _, path in found[-limit:]}
+    if keep_best:
+        scored = [(read_info(p).get("coco_accuracy"), -s, p) for s, p in found]
+        scored = [x for x in scored if x[0] is not None]
+        if scored:
+            keep.add(max(scored)[2])
+    deleted = [p for _, p in found if p not in keep]
+    for path in deleted:
+        shutil.rmtree(path)
+    return deleted
+
+
+def load_checkpoint_model(folder, dtype=torch.float32, device="cpu"):
+    """(model, processor, adapter) of a checkpoint folder: a full one through from_pretrained, a
+    slim one as its base model with the trained tensors applied."""
+    from models import load_model_and_processor
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file() or not (folder / CHECKPOINT_JSON).is_file():
+        return load_model_and_processor(str(folder), dtype=dtype, device=device)
+    info = read_info(folder)
+    model, processor, adapter = load_model_and_processor(info["base_model"], dtype=dtype, device=device)
+    tensors = {k: v for k, v in read_trainable(folder).items() if not k.startswith(SPATIAL_HEAD_PREFIX)}
+    if any(".lora_" in k for k in tensors):  # a --lora_rank run: put the adapters back first
+        from models import inject_lora_from_tensors
+
+        run = load_training_state(folder).get("args", {})
+        inject_lora_from_tensors(model, tensors, {k: v.shape for k, v in tensors.items()},
+                                 run.get("lora_alpha"), run.get("lora_dropout", 0.0))
+    apply_trainable(model, tensors, source=str(folder))
+    return model, processor, adapter
