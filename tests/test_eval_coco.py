@@ -261,12 +261,12 @@ def test_cli_missing_image_fails_before_the_model_loads(standin, tmp_path, monke
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(eval_coco, "load_model_and_processor", no_model)
+    monkeypatch.setattr(eval_coco, "load_checkpoint_model", no_model)  # what --ckpt loads through
     monkeypatch.setattr(models, "load_model_and_processor", no_model)
     out = tmp_path / "preds.jsonl"
     args = ["--ckpt", "tiny", "--val_json", str(broken / json_path.name), "--coco_val_dir", str(broken),
             "--output", str(out)]
-    with pytest.raises(FileNotFoundError, match=rf"^1 of {N} COCO-Spatial images missing.*{7:012d}\.jpg"):
+    with pytest.raises(SystemExit, match=rf"^error: 1 of {N} COCO-Spatial images missing.*{7:012d}\.jpg"):
         eval_coco.main(args)
     assert not out.exists()
 
