@@ -16,6 +16,18 @@ clean (ours): for each group that training's grouped sampler forms (pair, obj1's
 question type; obj2 moving), ask the training question and take the state at obj2's last name
 token, the token the loss reads; centre within the group, then average per (col, row, size).
 
+Speed and memory: the LM head never runs (the decoder stops at its last hidden state), forward hooks
+keep only the `--layers` asked for and only at the target token (a forward pass stops after the
+deepest one), and the clean recipe batches questions across groups (`--batch_size` questions per
+forward pass), centring each group once all its questions are in. A progress bar over questions
+shows the rate and the time left.
+
+`--max_groups N` keeps a seeded subset of N groups: each ID then averages about N / (all groups)
+as many centred states, so its sampling noise (standard error) grows by about sqrt(all groups / N);
+the clean recipe measures it and prints the median relative standard error of the IDs
+(||standard error|| / ||ID|| per cell, at the deepest kept layer; also in the provenance JSON as
+counts.relative_stderr). It scales as 1 / sqrt(states per cell): a quarter of the groups doubles it.
+
 Images: the original's nested extraction layout `{a}_{b}/{a_col}_{a_row}/{b_col}_{b_row}_{size}.png`
 or a flat folder of grid file names (a = the first-named object). Layer L is `hidden_states[L]`
 (0 = embeddings). Writes `{layer: {"universal": {(col, row, size): tensor}}}` (the original's
@@ -34,9 +46,10 @@ from tqdm.auto import tqdm
 
 import data
 import protocols
+from lm_loss import last_hidden_state
 from models import ModelUnavailableError, load_model_and_processor, resolve_model_name
 from provenance import run_metadata
-from spatial_loss import gather_target_states, save_universal_ids, write_provenance
+from spatial_loss import save_universal_ids, write_provenance
 
 PAPER_QUERY = "Is {b} to the left or right of {a}?"
 
@@ -57,10 +70,74 @@ def _batches(items, size):
         yield items[start:start + size]
 
 
-def _per_layer(ids):
-    """{key: tensor[layers, H]} -> {layer: {key: tensor[H]}}."""
-    n_layers = next(iter(ids.values())).shape[0]
-    return {layer: {key: ids[key][layer].contiguous() for key in sorted(ids)} for layer in range(n_layers)}
+def _per_layer(ids, layers):
+    """{key: tensor[len(layers), H]} -> {layer: {key: tensor[H]}}."""
+    return {layer: {key: ids[key][j].contiguous() for key in sorted(ids)} for j, layer in enumerate(layers)}
+
+
+def resolve_layers(layers, n_layers):
+    """Sorted hidden_states indices to keep: None / "all" = 0..n_layers; else ints, or a string of
+    comma-separated indices and ranges ("11", "6,11", "8-12")."""
+    if layers is None or layers == "all":
+        return list(range(n_layers + 1))
+    if isinstance(layers, str):
+        picked = set()
+        for part in layers.split(","):
+            part = part.strip()
+            lo, dash, hi = part.partition("-")
+            if not lo.strip().isdigit() or (dash and not hi.strip().isdigit()):
+                raise ValueError(f"--layers {layers!r}: {part!r} is not an index or a range like 8-12")
+            picked.update(range(int(lo), int(hi or lo) + 1))
+        layers = picked
+    layers = sorted({int(layer) for layer in layers})
+    if not layers or layers[0] < 0 or layers[-1] > n_layers:
+        raise ValueError(f"layers {layers} outside 0..{n_layers} (0 = embeddings, {n_layers} = after the final norm)")
+    return layers
+
+
+class _StopForward(Exception):
+    """Raised by the deepest tap: nothing after it is needed."""
+
+
+@torch.no_grad()
+def collect_states(model, adapter, inputs, positions, layers):
+    """[B, len(layers), H] float32 on the CPU: HF's hidden_states[layer] at each row's position,
+    for each of `layers` (sorted), from one forward pass that runs no LM head, keeps nothing else
+    and stops after the deepest layer asked for."""
+    blocks = adapter.lm_layers(model)
+    n = len(blocks)
+    rows = torch.arange(len(positions))
+    got = {}
+    handles = []
+
+    def tap(layer, stop):
+        def record(hidden):
+            got[layer] = hidden[rows.to(hidden.device), positions.to(hidden.device)].float().cpu()
+            if stop:
+                raise _StopForward
+        return record
+
+    def first(output):
+        return output[0] if isinstance(output, (tuple, list)) else output
+
+    try:
+        for layer in layers:
+            record = tap(layer, stop=layer == layers[-1] and layer < n)
+            if layer == 0:
+                handles.append(blocks[0].register_forward_pre_hook(
+                    lambda m, args, kwargs, r=record: r(args[0] if args else kwargs["hidden_states"]),
+                    with_kwargs=True))
+            else:
+                module = blocks[layer - 1] if layer < n else adapter.lm_final_norm(model)
+                handles.append(module.register_forward_hook(lambda m, args, out, r=record: r(first(out))))
+        try:
+            last_hidden_state(model, adapter, inputs)
+        except _StopForward:
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack([got[layer] for layer in layers], 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,8 +161,9 @@ def first_position(tokens, token, image_path):
 
 
 @torch.no_grad()
-def hidden_at_subject(model, processor, adapter, pair_items, batch_size):
-    """[n, layers + 1, H] float32: every layer's state at the subject b's token, per image."""
+def hidden_at_subject(model, processor, adapter, pair_items, batch_size, layers=None, bar=None):
+    """[n, len(layers), H] float32: each kept layer's state at the subject b's token, per image."""
+    layers = resolve_layers(layers, len(adapter.lm_layers(model)))
     tokenizer = processor.tokenizer
     collate = data.VLMCollator(processor, adapter.end_of_turn, with_answer=False)
     device = next(model.parameters()).device
@@ -102,15 +180,17 @@ def hidden_at_subject(model, processor, adapter, pair_items, batch_size):
         positions = torch.tensor([first_position(tokenizer.convert_ids_to_tokens(row), token, s["image_path"])
                                   for row, s in zip(rows, chunk)])
         inputs, _, _ = data.split_batch(batch, device)
-        hidden = model(**inputs, output_hidden_states=True).hidden_states
-        positions = positions.to(hidden[0].device)
-        states.append(torch.stack([gather_target_states(h, positions) for h in hidden], 1).float().cpu())
+        states.append(collect_states(model, adapter, inputs, positions, layers))
+        if bar is not None:
+            bar.update(len(chunk))
     return torch.cat(states)
 
 
-def derive_paper(model, processor, adapter, items, batch_size=16, progress=True):
-    """(ids {(col, row, size): tensor[layers + 1, H]}, stats) by the original's procedure over
-    [(image path, GridLayout)] with a = obj1 (fixed) and b = obj2 (moving)."""
+def derive_paper(model, processor, adapter, items, batch_size=16, progress=True, layers=None):
+    """(ids {(col, row, size): tensor[len(layers), H]}, stats) by the original's procedure over
+    [(image path, GridLayout)] with a = obj1 (fixed) and b = obj2 (moving); stats["layer_ids"]
+    names the rows (default: every hidden_states index)."""
+    layers = resolve_layers(layers, len(adapter.lm_layers(model)))
     by_pair = defaultdict(list)
     for path, layout in items:
         by_pair[(layout.obj1, layout.obj2)].append((path, layout))
@@ -119,7 +199,7 @@ def derive_paper(model, processor, adapter, items, batch_size=16, progress=True)
     bar = tqdm(total=len(items), desc="spatial IDs (paper)", unit="img", disable=not progress)
     for pair in sorted(by_pair):
         pair_items = by_pair[pair]
-        states = hidden_at_subject(model, processor, adapter, pair_items, batch_size)
+        states = hidden_at_subject(model, processor, adapter, pair_items, batch_size, layers, bar)
         by_a_cell = defaultdict(list)
         for i, (_, layout) in enumerate(pair_items):
             by_a_cell[layout.cell1].append(i)
@@ -134,13 +214,12 @@ def derive_paper(model, processor, adapter, items, batch_size=16, progress=True)
                 per_loc[loc].append(torch.stack(rows).mean(0))
         pair_ids.append({loc: torch.stack(rows).mean(0) for loc, rows in per_loc.items()})
         n_groups += len(by_a_cell)
-        bar.update(len(pair_items))
     bar.close()
     locs = sorted({loc for ids in pair_ids for loc in ids})
     counts = {loc: sum(loc in ids for ids in pair_ids) for loc in locs}
     ids = {loc: torch.stack([p[loc] for p in pair_ids if loc in p]).mean(0) for loc in locs}
     stats = {"images": len(items), "groups": n_groups, "pairs": len(by_pair), "cells": len(ids),
-             "min_count": min(counts.values()), "counts": counts}
+             "layer_ids": layers, "min_count": min(counts.values()), "counts": counts}
     return ids, stats
 
 
@@ -149,38 +228,75 @@ def derive_paper(model, processor, adapter, items, batch_size=16, progress=True)
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def derive(model, processor, adapter, samples, batch_size=16, max_groups=None, seed=0, progress=True):
+def derive(model, processor, adapter, samples, batch_size=16, max_groups=None, seed=0, progress=True, layers=None):
     """({layer: {(col, row, size): mean centred state}}, stats) by the clean recipe over training
-    question samples; stats["counts"] is {(col, row, size): number of centred states averaged}."""
+    question samples; stats["counts"] is {(col, row, size): number of centred states averaged}.
+
+    Questions are batched across groups (`batch_size` per forward pass, groups kept contiguous);
+    a group is centred once all its questions are in, so memory holds at most a batch and the
+    groups it touches. `layers`: hidden_states indices to keep (default all)."""
     groups = [g for g in data.group_indices(samples, range(len(samples))).values() if len(g) >= 2]
     if not groups:
         raise ValueError("no group of >= 2 questions with obj1 fixed and obj2 moving; "
                          "make grid data with every cell pair (make_grid_data.py)")
     if max_groups and len(groups) > max_groups:
         groups = random.Random(seed).sample(groups, max_groups)
+    layers = resolve_layers(layers, len(adapter.lm_layers(model)))
     collate = data.VLMCollator(processor, adapter.end_of_turn, with_answer=False)
     device = next(model.parameters()).device
-    sums, counts = defaultdict(lambda: 0.0), defaultdict(int)
-    for group in tqdm(groups, desc="spatial IDs (clean)", disable=not progress):
-        states, keys = [], []
-        for start in range(0, len(group), batch_size):
-            chunk = [samples[i] for i in group[start:start + batch_size]]
-            batch, positions, cells = data.split_batch(collate(chunk), device)
-            hidden = model(**batch, output_hidden_states=True).hidden_states
-            # [n, layers + 1, H] at obj2's token, in float32 whatever the model dtype
-            states.append(torch.stack([gather_target_states(h, positions) for h in hidden], 1).float().cpu())
-            keys += cells
-        states = torch.cat(states)
+    order = [(g, i) for g, group in enumerate(groups) for i in group]
+    sums, squares, counts = {}, {}, defaultdict(int)
+    pending = defaultdict(list)  # group -> [(key, state [len(layers), H])] until the group is complete
+
+    def finish(g):
+        keys, states = zip(*pending.pop(g))
+        states = torch.stack(states)
         states = states - states.mean(0, keepdim=True)
         for key, state in zip(keys, states):
-            sums[key] = sums[key] + state
+            sums[key] = sums[key] + state if key in sums else state.clone()
+            squares[key] = squares[key] + state * state if key in squares else state * state
             counts[key] += 1
-    per_layer = _per_layer({key: sums[key] / counts[key] for key in sums})
+
+    bar = tqdm(total=len(order), desc="spatial IDs (clean)", unit="q", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch, positions, cells = data.split_batch(collate([samples[i] for _, i in chunk]), device)
+        states = collect_states(model, adapter, batch, positions, layers)
+        for (g, _), key, state in zip(chunk, cells, states):
+            pending[g].append((key, state))
+            if len(pending[g]) == len(groups[g]):
+                finish(g)
+        bar.update(len(chunk))
+    bar.close()
+    means = {key: sums[key] / counts[key] for key in sums}
+    per_layer = _per_layer(means, layers)
     pairs = {(samples[g[0]]["obj1"], samples[g[0]]["obj2"]) for g in groups}
-    stats = {"groups": len(groups), "questions": sum(len(g) for g in groups), "pairs": len(pairs),
-             "cells": len(sums), "layers": len(per_layer), "hidden_size": int(states.shape[-1]),
-             "min_count": min(counts.values()), "counts": {key: counts[key] for key in sorted(counts)}}
+    hidden_size = int(next(iter(means.values())).shape[-1])
+    stats = {"groups": len(groups), "questions": len(order), "pairs": len(pairs),
+             "images": len({samples[i]["image_path"] for _, i in order}),
+             "cells": len(sums), "layers": len(per_layer), "layer_ids": layers, "hidden_size": hidden_size,
+             "min_count": min(counts.values()),
+             "relative_stderr": relative_stderr(means, squares, counts, layers),
+             "counts": {key: counts[key] for key in sorted(counts)}}
     return per_layer, stats
+
+
+def relative_stderr(means, squares, counts, layers):
+    """{layer: median over cells of ||standard error of the mean|| / ||mean||}: how noisy the
+    IDs are (it grows as sqrt(1 / count) when --max_groups keeps fewer groups); None for a
+    layer whose IDs are all zero, or when no cell has two states."""
+    out = {}
+    for j, layer in enumerate(layers):
+        ratios = []
+        for key, mean in means.items():
+            n = counts[key]
+            norm = mean[j].norm()
+            if n < 2 or not norm > 0:
+                continue
+            var = (squares[key][j] / n - mean[j] ** 2).clamp_min(0) * n / (n - 1)
+            ratios.append(float((var.sum() / n).sqrt() / norm))
+        out[layer] = float(torch.tensor(ratios).median()) if ratios else None
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,9 +326,14 @@ def parse_args(argv=None):
                              "(default: --protocol)")
     parser.add_argument("--train_question_style", choices=data.QUESTION_STYLES, default=None,
                         help="question wording for the clean recipe (default: --protocol)")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=32,
+                        help="questions per forward pass (across groups in the clean recipe, within a pair in the paper's)")
+    parser.add_argument("--layers", default="all",
+                        help="hidden_states indices to derive and store: all (default), or e.g. 11, 6,11, 8-12")
     parser.add_argument("--max_groups", type=int, default=None,
-                        help="use at most N groups (seeded subset); fewer images per ID, noisier IDs")
+                        help="use at most N groups (seeded subset): each ID averages ~N/(all groups) as many "
+                             "states, so its standard error grows by ~sqrt(all groups / N); the clean recipe "
+                             "prints the IDs' median relative standard error")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 weights on CUDA")
     args = parser.parse_args(argv)
@@ -224,6 +345,10 @@ def parse_args(argv=None):
         parser.error(f"argument --out: {args.out} exists; pass --overwrite to replace it")
     args.choices = protocols.resolve(args)
     return args
+
+
+def _layer_text(layers):
+    return f"{layers[0]}..{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
 
 
 def limit_groups(items, max_groups, seed):
@@ -255,16 +380,21 @@ def main(argv=None):
 
     started = time.time()
     try:
+        layers = resolve_layers(args.layers, len(adapter.lm_layers(model)))
+    except ValueError as err:
+        sys.exit(f"error: --layers: {err}")
+    try:
         if args.id_recipe == "paper":
             items = limit_groups(items, args.max_groups, args.seed)
-            ids, stats = derive_paper(model, processor, adapter, items, args.batch_size)
-            per_layer = _per_layer(ids)
+            ids, stats = derive_paper(model, processor, adapter, items, args.batch_size, layers=layers)
+            per_layer = _per_layer(ids, layers)
         else:
             samples = data.questions_for_images(items, args.train_question_style)
             per_layer, stats = derive(model, processor, adapter, samples, args.batch_size, args.max_groups,
-                                      args.seed)
+                                      args.seed, layers=layers)
     except ValueError as err:  # a token not found, no usable group: the data's fault, named
         sys.exit(f"error: {err}")
+    seconds = time.time() - started
     x_axis, y_axis = {}, {}
     for layer, layer_ids in per_layer.items():
         x_axis[layer], y_axis[layer] = axis_directions(layer_ids)
@@ -272,7 +402,8 @@ def main(argv=None):
                        y_axis={k: v for k, v in y_axis.items() if v is not None} or None)
 
     recipe = RECIPES[args.id_recipe]
-    hidden_size = int(next(iter(per_layer[0].values())).shape[0])
+    first_layer = per_layer[layers[0]]
+    hidden_size = int(next(iter(first_layer.values())).shape[0])
     pairs = sorted({(lay.obj1, lay.obj2) for _, lay in items})
     write_provenance(args.out, {
         "model": args.model, "model_id": resolve_model_name(args.model), "model_type": model.config.model_type,
@@ -281,10 +412,14 @@ def main(argv=None):
         "template": recipe["template"], "token_rule": recipe["token_rule"], "centring": recipe["centring"],
         "question_style": args.train_question_style if args.id_recipe == "clean" else None,
         "layers": sorted(per_layer), "counts": {k: v for k, v in stats.items() if k != "counts"},
-        "seconds": round(time.time() - started, 1), **run_metadata(),
+        "seconds": round(seconds, 1), **run_metadata(),
     })
-    sizes = sorted({key[2] for key in per_layer[0]})
-    print(f"wrote {args.out} ({args.id_recipe} recipe): layers 0..{len(per_layer) - 1}, {stats['cells']} "
+    sizes = sorted({key[2] for key in first_layer})
+    noise = stats.get("relative_stderr", {}).get(layers[-1])
+    n_images = stats["images"]
+    print(f"{n_images} images in {seconds:.1f} s ({n_images / max(seconds, 1e-9):.1f} images/s)"
+          + (f"; median relative standard error of the layer-{layers[-1]} IDs: {noise:.3f}" if noise else ""))
+    print(f"wrote {args.out} ({args.id_recipe} recipe): layers {_layer_text(layers)}, {stats['cells']} "
           f"(col, row, size) IDs (sizes {sizes}), hidden size {hidden_size}, from {stats['pairs']} object pairs, "
           f"{stats['groups']} groups (fewest averaged per ID: {stats['min_count']}); provenance "
           f"{Path(args.out).with_suffix('.json')}")

@@ -5,8 +5,10 @@
 
 `--mode generate` (the original's metric) decodes at most 5 new tokens greedily, batched with
 left padding and the KV cache, and parses the answer as the original did. `--mode score` compares
-the log-probabilities of the two option words in one forward pass per batch, and also runs
-`generate` to report how often the two agree. train.py calls `evaluate` from here.
+the log-probabilities of the two option words in one forward pass per batch and nothing else: the
+decoder runs to its last hidden state and the LM head is applied at the last position only
+(lm_loss.last_position_logits). `--agreement` also runs `generate` and reports how often the two
+agree. train.py calls `evaluate` from here.
 """
 import argparse
 import json
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 import data
 import protocols
 from checkpoints import CheckpointError, load_checkpoint_model
+from lm_loss import last_position_logits
 from models import ModelUnavailableError
 
 
@@ -75,11 +78,12 @@ def generate_answers(model, processor, adapter, samples, batch_size=8, max_new_t
 
 @torch.no_grad()
 def score_answers(model, processor, adapter, samples, batch_size=8, progress=True, desc="score"):
-    """The option whose first token has the higher log-probability at the answer position."""
+    """The option whose first token has the higher log-probability at the answer position: one
+    forward pass per batch, LM head at the last (answer) position only."""
     answers = []
     option_ids = {}  # tokenise each option pair once, not once per question
     for chunk, batch in _left_padded_batches(model, processor, adapter, samples, batch_size, progress, desc):
-        logprobs = torch.log_softmax(model(**batch).logits[:, -1].float(), dim=-1)
+        logprobs = torch.log_softmax(last_position_logits(model, adapter, batch), dim=-1)
         for row, sample in zip(logprobs, chunk):
             options = tuple(sample["options"])
             if options not in option_ids:
@@ -105,27 +109,34 @@ def accuracy_report(samples, predictions):
     }
 
 
-def evaluate(model, processor, adapter, samples, batch_size=8, mode="generate", max_new_tokens=5, progress=True, desc="eval"):
+def evaluate(model, processor, adapter, samples, batch_size=8, mode="generate", max_new_tokens=5, progress=True,
+             desc="eval", agreement=False):
     """(report, prediction rows) for `samples`. The model is left in eval mode; callers that
-    train switch it back."""
+    train switch it back.
+
+    mode="score" runs one forward pass per batch and nothing else; with agreement=True it also
+    generates, and the report gains "agreement_with_generate" and "generate_accuracy" (rows'
+    "generated" is None without it)."""
     if mode not in ("generate", "score"):
         raise ValueError(f"mode must be 'generate' or 'score', not {mode!r}")
     model.eval()
-    texts = generate_answers(model, processor, adapter, samples, batch_size, max_new_tokens, progress, desc)
-    parsed = [parse_answer(t, s["options"]) for t, s in zip(texts, samples)]
+    texts = parsed = None
+    if mode == "generate" or agreement:
+        texts = generate_answers(model, processor, adapter, samples, batch_size, max_new_tokens, progress, desc)
+        parsed = [parse_answer(t, s["options"]) for t, s in zip(texts, samples)]
     if mode == "generate":
         predictions = parsed
     else:
         predictions = score_answers(model, processor, adapter, samples, batch_size, progress, desc + " (score)")
     report = accuracy_report(samples, predictions)
-    if mode == "score":
+    if mode == "score" and agreement:
         agree = sum(a == b for a, b in zip(predictions, parsed))
         report["agreement_with_generate"] = agree / len(samples) if samples else float("nan")
         report["generate_accuracy"] = accuracy_report(samples, parsed)["accuracy"]
     rows = []
-    for s, text, pred in zip(samples, texts, predictions):
+    for i, (s, pred) in enumerate(zip(samples, predictions)):
         rows.append({k: s[k] for k in ("row", "image_id", "image_path") if k in s} | {
-            "question": s["question"], "answer": s["answer"], "generated": text,
+            "question": s["question"], "answer": s["answer"], "generated": texts[i] if texts else None,
             "prediction": pred, "correct": pred == s["answer"],
         })
     return report, rows
@@ -172,6 +183,8 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--mode", choices=["generate", "score"], default="generate")
     parser.add_argument("--max_new_tokens", type=int, default=5)
+    parser.add_argument("--agreement", action="store_true",
+                        help="score mode: also generate and report how often score and generate agree (slower)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 weights (CUDA only; float32 on CPU)")
     parser.add_argument("--output", default=None, help="predictions JSONL (default: next to the checkpoint)")
     args = parser.parse_args(argv)
@@ -194,7 +207,8 @@ def main(argv=None):
         model, processor, adapter = load_checkpoint_model(args.ckpt, dtype=dtype, device=device)
     except (ModelUnavailableError, CheckpointError) as err:
         sys.exit(f"error: {err}")
-    report, rows = evaluate(model, processor, adapter, samples, args.batch_size, args.mode, args.max_new_tokens)
+    report, rows = evaluate(model, processor, adapter, samples, args.batch_size, args.mode, args.max_new_tokens,
+                            agreement=args.agreement)
     print(format_report(report))
     output = args.output
     if output is None:

@@ -32,6 +32,7 @@ import param_selectors
 import protocols
 import spatial_loss as sl
 from eval_coco import accuracy_report, add_data_args, check_data_args, evaluate, format_report, write_jsonl
+from lm_loss import supervised_lm_loss
 from models import ModelUnavailableError, load_model_and_processor
 from provenance import run_metadata
 
@@ -382,15 +383,17 @@ def _setup_reporter(args, out, config):
 # ---------------------------------------------------------------------------------------------
 
 def _loss_step(forward_model, model, adapter, batch, spatial_loss, args, device):
-    """(total loss, LM loss, spatial loss or None) of one micro-batch."""
+    """(total loss, LM loss, spatial loss or None) of one micro-batch. The LM head runs only where
+    a label is set (lm_loss.py): full-vocabulary logits at every position were most of a step's
+    time and memory."""
     inputs, target_positions, cells = data.split_batch(batch, device)
     if spatial_loss is None:
-        lm_loss = forward_model(**inputs).loss
-        return lm_loss, lm_loss, None
+        lm = supervised_lm_loss(forward_model, adapter, inputs).loss
+        return lm, lm, None
     with sl.capture_layer(model, adapter, args.spatial_id_layer) as captured:
-        lm_loss = forward_model(**inputs).loss
+        lm = supervised_lm_loss(forward_model, adapter, inputs).loss
     aux = spatial_loss(sl.gather_target_states(captured.states, target_positions), cells)
-    return lm_loss + args.spatial_id_weight * aux, lm_loss, aux
+    return lm + args.spatial_id_weight * aux, lm, aux
 
 
 def _weights_in_sync(params, accelerator):

@@ -195,7 +195,7 @@ def test_known_answers_score_mode(tiny, standin):
     samples = standin[2]
     model, processor, adapter = rig(*tiny, first="right", second="below")
     report, rows = eval_coco.evaluate(model, processor, adapter, samples, batch_size=5, mode="score",
-                                      progress=False)
+                                      progress=False, agreement=True)
     predictions = [r["prediction"] for r in rows]
     assert all(p in s["options"] for p, s in zip(predictions, samples))  # an option, always
     # Score mode compares the two options' logits: 'right' (10) beats 'left' (0), 'below' (5)
@@ -216,7 +216,7 @@ def test_score_mode_on_the_plain_model(tiny_ro, standin):
     model, processor, adapter = tiny_ro
     samples = standin[2][:6]
     report, rows = eval_coco.evaluate(model, processor, adapter, samples, batch_size=4, mode="score",
-                                      progress=False)
+                                      progress=False, agreement=True)
     assert all(r["prediction"] in s["options"] for r, s in zip(rows, samples))
     parsed = [eval_coco.parse_answer(r["generated"], s["options"]) for r, s in zip(rows, samples)]
     agreement = sum(r["prediction"] == p for r, p in zip(rows, parsed)) / len(samples)
@@ -261,7 +261,7 @@ def test_cli_missing_image_fails_before_the_model_loads(standin, tmp_path, monke
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(eval_coco, "load_checkpoint_model", no_model)  # what --ckpt loads through
+    monkeypatch.setattr(eval_coco, "load_checkpoint_model", no_model)
     monkeypatch.setattr(models, "load_model_and_processor", no_model)
     out = tmp_path / "preds.jsonl"
     args = ["--ckpt", "tiny", "--val_json", str(broken / json_path.name), "--coco_val_dir", str(broken),
@@ -289,7 +289,7 @@ def test_cli_evaluates_a_saved_checkpoint(standin, generated, tiny_path, tmp_pat
     model.save_pretrained(rigged)
     processor.save_pretrained(rigged)
     out = tmp_path / "rigged.jsonl"
-    report = eval_coco.main(cli_args(standin, rigged, out) + ["--mode", "score"])
+    report = eval_coco.main(cli_args(standin, rigged, out) + ["--mode", "score", "--agreement"])
     assert [r["prediction"] for r in read_jsonl(out)] == [
         "left" if s["options"] == LR else "above" for s in samples]
     assert report["accuracy"] == pytest.approx(6 / N)
