@@ -212,5 +212,11 @@ def load_checkpoint_model(folder, dtype=torch.float32, device="cpu"):
     info = read_info(folder)
     model, processor, adapter = load_model_and_processor(info["base_model"], dtype=dtype, device=device)
     tensors = {k: v for k, v in read_trainable(folder).items() if not k.startswith(SPATIAL_HEAD_PREFIX)}
+    if any(".lora_" in k for k in tensors):  # a --lora_rank run: put the adapters back first
+        from models import inject_lora_from_tensors
+
+        run = load_training_state(folder).get("args", {})
+        inject_lora_from_tensors(model, tensors, {k: v.shape for k, v in tensors.items()},
+                                 run.get("lora_alpha"), run.get("lora_dropout", 0.0))
     apply_trainable(model, tensors, source=str(folder))
     return model, processor, adapter

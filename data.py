@@ -459,14 +459,26 @@ class VLMCollator:
     sample, the position of the last sub-token of obj2's name and, for grid samples, obj2's
     (col, row, size) as `target_cells` (both for the spatial loss; pop them before the forward).
 
-    `with_answer=False` builds generation prompts (evaluation). An image that cannot be decoded is
-    an error naming it, or with `skip_unreadable` (training: never a crash hours in) its sample is
-    left out of the batch and named in `batch["unreadable_images"]` (pop it before the forward)."""
+    Prompt and answer rendering, encoding, and locating tokens are the family adapter's
+    (models.VLMAdapter): positions are found by matching token ids and the obj2 token is checked
+    by decoding, so a tokenizer that splits differently is an error naming the sample, never a
+    silently wrong position. `adapter` may still be the legacy end-of-turn string: the adapter is
+    then the one that built `processor`. `with_answer=False` builds generation prompts
+    (evaluation). An image that cannot be decoded is an error naming it, or with
+    `skip_unreadable` (training: never a crash hours in) its sample is left out of the batch and
+    named in `batch["unreadable_images"]` (pop it before the forward)."""
 
-    def __init__(self, processor, end_of_turn, with_answer=True, skip_unreadable=False):
+    def __init__(self, processor, adapter, with_answer=True, skip_unreadable=False):
+        if isinstance(adapter, str):
+            import models
+
+            end_of_turn, adapter = adapter, models.adapter_for_processor(processor)
+            if end_of_turn != adapter.end_of_turn:
+                raise ValueError(f"end of turn {end_of_turn!r} is not {adapter.family}'s {adapter.end_of_turn!r}")
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.end_of_turn = end_of_turn
+        self.adapter = adapter
+        self.end_of_turn = adapter.end_of_turn
         self.with_answer = with_answer
         self.skip_unreadable = skip_unreadable
 
@@ -487,11 +499,10 @@ class VLMCollator:
 
     def __call__(self, samples):
         samples, images, unreadable = self._load_images(samples)
-        prompts = [self.processor.apply_chat_template(user_messages(s["question"]), tokenize=False,
-                                                      add_generation_prompt=True) for s in samples]
-        suffixes = [s["answer"] + self.end_of_turn if self.with_answer else "" for s in samples]
-        texts = [p + a for p, a in zip(prompts, suffixes)]
-        batch = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        adapter = self.adapter
+        prompts = [adapter.render_prompt(self.processor, s["question"]) for s in samples]
+        texts = [p + adapter.render_answer(s["answer"]) if self.with_answer else p for p, s in zip(prompts, samples)]
+        batch = adapter.encode(self.processor, texts, images)
         if unreadable:
             batch["unreadable_images"] = unreadable
         input_ids, attention = batch["input_ids"], batch["attention_mask"]
@@ -500,23 +511,23 @@ class VLMCollator:
         positions = torch.arange(seq_len).expand_as(input_ids)
         last_real = torch.where(attention.bool(), positions, -1).max(dim=1).values
 
-        # Text after obj2's name: its token count locates obj2's last sub-token from the end.
-        # Names end in a letter and punctuation follows, so this is a token boundary.
-        tails = []
-        for s, text, suffix in zip(samples, texts, suffixes):
-            q_start = text.rindex(s["question"])
-            tails.append(text[q_start + s["obj2_span"][1]:])
-        tail_lens = [len(ids) for ids in self.tokenizer(tails, add_special_tokens=False)["input_ids"]]
-        batch["target_positions"] = last_real - torch.tensor(tail_lens)
+        targets = []
+        for i, (s, prompt, text) in enumerate(zip(samples, prompts, texts)):
+            name_end = prompt.rindex(s["question"]) + s["obj2_span"][1]
+            label = f"sample {s['image_path']} ({s['question']!r})"
+            targets.append(adapter.target_position(self.tokenizer, text, name_end, s["obj2"], input_ids[i],
+                                                   last_real[i], label))
+        batch["target_positions"] = torch.tensor(targets)
         if all("cell2" in s for s in samples):  # grid samples: where obj2 is, for the spatial loss
             batch["target_cells"] = torch.tensor([(*s["cell2"], s["size"]) for s in samples])
 
         if self.with_answer:
             labels = torch.full_like(input_ids, -100)
-            answer_lens = [len(ids) for ids in self.tokenizer(suffixes, add_special_tokens=False)["input_ids"]]
-            for i, n in enumerate(answer_lens):
+            for i, (s, prompt, text) in enumerate(zip(samples, prompts, texts)):
+                label = f"sample {s['image_path']} ({s['question']!r})"
+                start = adapter.token_span_from(self.tokenizer, text, len(prompt), input_ids[i], last_real[i], label)
                 end = int(last_real[i]) + 1
-                labels[i, end - n:end] = input_ids[i, end - n:end]
+                labels[i, start:end] = input_ids[i, start:end]
             batch["labels"] = labels
         return batch
 

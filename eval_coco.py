@@ -76,13 +76,6 @@ def generate_answers(model, processor, adapter, samples, batch_size=8, max_new_t
     return texts
 
 
-def _option_token_ids(tokenizer, options):
-    ids = [tokenizer(o, add_special_tokens=False)["input_ids"][0] for o in options]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"options {options} share their first token; score mode cannot tell them apart")
-    return ids
-
-
 @torch.no_grad()
 def score_answers(model, processor, adapter, samples, batch_size=8, progress=True, desc="score"):
     """The option whose first token has the higher log-probability at the answer position: one
@@ -94,7 +87,7 @@ def score_answers(model, processor, adapter, samples, batch_size=8, progress=Tru
         for row, sample in zip(logprobs, chunk):
             options = tuple(sample["options"])
             if options not in option_ids:
-                option_ids[options] = _option_token_ids(processor.tokenizer, options)
+                option_ids[options] = adapter.option_token_ids(processor, options)  # as the answer follows the prompt
             answers.append(options[int(torch.argmax(row[option_ids[options]]))])
     return answers
 

@@ -1,36 +1,55 @@
-"""Model loading, the alias registry, the per-family adapter and the built-in tiny model.
+"""Model loading, the alias registry, and the per-family adapters (the one place that knows how a
+VLM family is built, prompted and tokenized).
 
-Everything that differs between VLM families lives in one small adapter object here, so the
-training loop, the parameter selectors and the spatial loss never branch on a model's name.
+Everything that differs between VLM families lives behind `VLMAdapter` (documented below), so the
+collator, the parameter selectors, the spatial loss, the ID derivation and both evaluation modes
+never branch on a model's name. Adapters find modules by structure (an attribute name at any
+depth, the ModuleLists under a tower), never by a fixed parameter-name prefix: transformers 4.x and
+5.x nest the same towers differently (5.x CLIP/SigLIP towers have no `.vision_model` level).
 
-The built-in `tiny` model is a real `Qwen2VLForConditionalGeneration` with random weights from a
-fixed seed and an offline byte-level BPE tokenizer. It is built once into a cache folder and then
-loaded through the very same `from_pretrained` path as a real checkpoint.
+Tiny random models of every family (`tiny`, `tiny-qwen2.5`, `tiny-llava`, `tiny-mllama`,
+`tiny-internvl`, `tiny-gemma3`) are built offline by `tiny_models.py` and loaded through the same
+`from_pretrained` path as real checkpoints.
 """
 import json
 import os
-import shutil
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+import tiny_models
+
 REPO_ROOT = Path(__file__).resolve().parent
 
-# Short names used by the run scripts; any hub id or local folder works as well.
+# Short names used by the run scripts; any hub id or local folder works as well. The original's
+# aliases (its utils/extract_embeds.py) are kept exactly, so ID files named after them match.
 MODEL_ALIASES = {
-    "tiny": "tiny",
+    # the original's
     "qwen2-2b": "Qwen/Qwen2-VL-2B-Instruct",
+    "qwen-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "llava-7b": "llava-hf/llava-1.5-7b-hf",
+    "llava-13b": "llava-hf/llava-1.5-13b-hf",
+    "llama-11b": "meta-llama/Llama-3.2-11B-Vision-Instruct",
+    "llava-cot": "Xkev/Llama-3.2V-11B-cot",
+    "internvl-1b": "OpenGVLab/InternVL3-1B-hf",
+    "internvl-2b": "OpenGVLab/InternVL3-2B-hf",
+    "internvl-8b": "OpenGVLab/InternVL3-8B-hf",
+    "internvl-14b": "OpenGVLab/InternVL3-14B-hf",
+    "gemma-4b": "google/gemma-3-4b-it",
+    "gemma-12b": "google/gemma-3-12b-it",
+    # ours
     "qwen2-7b": "Qwen/Qwen2-VL-7B-Instruct",
     "qwen2.5-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
     "qwen2.5-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
 }
+MODEL_ALIASES.update({alias: alias for alias in tiny_models.TINY_ALIASES})
 
-# Bump when anything about the tiny model changes, so stale caches are never reused.
-TINY_VERSION = "v1"
-TINY_SEED = 0
+# Kept for callers of the former single tiny model.
+TINY_SEED = tiny_models.TINY_SEED
+SPECIAL_TOKENS = tiny_models.QWEN_SPECIAL_TOKENS
+QWEN2VL_CHAT_TEMPLATE = tiny_models.QWEN2VL_CHAT_TEMPLATE
 
 
 def resolve_model_name(name):
@@ -39,68 +58,276 @@ def resolve_model_name(name):
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-family adapter
+# Structural look-ups
 # ---------------------------------------------------------------------------------------------
 
-def _first_attr(root, paths):
-    """The first dotted attribute path that exists under `root` (handles 4.x vs 5.x layouts)."""
-    for path in paths:
-        obj = root
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        return obj
-    raise AttributeError(f"{type(root).__name__} has none of {paths}")
+def _find_child(root, names, what):
+    """The first submodule (in registration order, at any depth) whose attribute name is one of
+    `names`: `model.model.vision_tower` and `model.vision_tower` are both found."""
+    for full_name, module in root.named_modules():
+        if full_name.rsplit(".", 1)[-1] in names:
+            return module
+    raise AttributeError(f"{type(root).__name__} has no {what} (looked for a submodule named {' or '.join(names)})")
 
 
-@dataclass(frozen=True)
-class QwenVLAdapter:
-    """Qwen2-VL and Qwen2.5-VL: `visual.blocks[i]` with `.mlp`, `.attn`, `.norm1/.norm2`,
-    `visual.merger` as projector, `language_model.layers` as LM blocks."""
+def _block_lists(tower):
+    """The ModuleLists of transformer blocks under a tower, in registration (= forward) order.
+    Lists nested inside a block (e.g. a block's own sub-layers) are not separate lists."""
+    lists = []
+    for name, module in tower.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and not any(
+                name.startswith(outer + ".") for outer, _ in lists):
+            lists.append((name, module))
+    return [m for _, m in lists]
 
-    family: str = "qwen2_vl"
-    processor_class: str = "Qwen2VLProcessor"  # the standard class a saved processor names
-    end_of_turn: str = "<|im_end|>"
-    # Generation with a batch needs left padding; training works with either side.
-    padding_side: str = "left"
 
+def _is_norm(module):
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(("Norm", "RMSNorm"))
+
+
+def generic_block_parts(block):
+    """MLP, attention, norms and extra weights of one transformer block, by its direct children:
+    the attention module (`attn`, `self_attn`, `attention` or `cross_attn`), the MLP (`mlp` or
+    `feed_forward`: Qwen2.5-VL's vision gate/up/down included), every direct child that is a norm
+    layer (q/k norms inside attention stay with attention), and the block's own parameters
+    (InternViT's layer scale `lambda_1/2`, Mllama's `gate_attn`/`gate_ffn`, cross-attention gates)."""
+    children = dict(block.named_children())
+    attn = next((children[n] for n in ("attn", "self_attn", "attention", "cross_attn") if n in children), None)
+    mlp = next((children[n] for n in ("mlp", "feed_forward") if n in children), None)
+    if attn is None or mlp is None:
+        raise ValueError(f"{type(block).__name__}: no attention or MLP child among {sorted(children)}")
+    norms = [m for n, m in children.items() if m is not attn and m is not mlp and _is_norm(m)]
+    extra = list(block.parameters(recurse=False))
+    return {"mlp": mlp, "attn": attn, "norms": norms, "extra": extra}
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapter interface
+# ---------------------------------------------------------------------------------------------
+
+class VLMAdapter:
+    """Everything family-specific about a VLM, in one object. Subclasses set the class attributes
+    and override what their family does differently; the defaults below are the common case.
+
+    Vision side
+      vision_tower(model)          the image encoder module
+      vision_block_lists(model)    [(label, [block, ...]), ...]: every stack of transformer blocks
+                                   in the tower, in forward order ("vision block", or Mllama's
+                                   "local block" / "global block")
+      used_vision_blocks(model)    [(label, index, block), ...] in forward order: only blocks whose
+                                   output reaches the LM (LLaVA reads layer -2: its last block is
+                                   listed but unused)
+      unused_reason(model)         why listed blocks are unused ("" when all are used)
+      vision_blocks(model)         [block, ...] of used_vision_blocks
+      block_parts(block)           {"mlp": module, "attn": module, "norms": [modules],
+                                    "extra": [parameters]} for vision and LM blocks alike
+      projector(model)             the module mapping vision features to LM embeddings
+    Language side
+      lm_layers(model)             the LM's decoder layers (all of them, cross-attention included)
+      hidden_state_layers(model, with_image=True)
+                                   the layers whose outputs are HF's hidden_states[1..N-1]
+                                   (hidden_states[N] is after lm_final_norm); Mllama skips its
+                                   cross-attention layers without an image, which shifts indices
+      lm_final_norm / lm_embeddings / lm_head / lm_hidden_size
+    Text
+      end_of_turn, answer_prefix   an answer is rendered as answer_prefix + answer + end_of_turn
+      padding_side                 for batched generation (training works with either side)
+      render_prompt(processor, question)   chat prompt with one image, up to the answer
+      render_answer(answer)                what follows the prompt in training
+      encode(processor, texts, images)     model inputs (BOS handled once)
+      token_span_from(tokenizer, text, char_start, row_ids, last_real, label)
+                                   where the tokens of text[char_start:] sit in a processed row,
+                                   found by matching token ids (labels, targets)
+      target_position(tokenizer, text, name_end, name, row_ids, last_real, label)
+                                   position of the token ending an object's name, checked by
+                                   decoding it; errors name `label`
+      option_token_ids(processor, options) first token of each option as it follows the prompt
+    Processor
+      build_processor(path)        image-only processor from a checkpoint folder or hub id
+    """
+
+    family = "?"
+    model_types = ()  # config.model_type values served
+    processor_class_names = ()  # processor classes this family's build_processor returns
+    end_of_turn = ""
+    answer_prefix = ""
+    padding_side = "left"
+    # The chat template writes BOS itself (Llama 3, Gemma): the processor must not add another.
+    template_adds_bos = False
+    tower_names = ("vision_tower", "vision_model", "visual")
+    projector_names = ("multi_modal_projector",)
+    block_label = "vision block"
+
+    # -- vision
     def vision_tower(self, model):
-        return _first_attr(model, ["model.visual", "visual"])
+        return _find_child(model, self.tower_names, "vision tower")
+
+    def vision_block_lists(self, model):
+        lists = _block_lists(self.vision_tower(model))
+        if len(lists) != 1:
+            raise ValueError(f"{type(model).__name__}: expected one list of vision blocks, found {len(lists)}")
+        return [(self.block_label, list(lists[0]))]
+
+    def used_vision_blocks(self, model):
+        return [(label, i, b) for label, blocks in self.vision_block_lists(model) for i, b in enumerate(blocks)]
+
+    def unused_reason(self, model):
+        return ""
 
     def vision_blocks(self, model):
-        """The ordered vision blocks whose output reaches the language model (all of them here)."""
-        return list(self.vision_tower(model).blocks)
+        """The ordered vision blocks whose output reaches the language model."""
+        return [b for _, _, b in self.used_vision_blocks(model)]
 
     def block_parts(self, block):
-        """MLP, attention and norm modules of one transformer block (vision or LM)."""
-        attn = block.attn if hasattr(block, "attn") else block.self_attn
-        if hasattr(block, "norm1"):
-            norms = [block.norm1, block.norm2]
-        else:
-            norms = [block.input_layernorm, block.post_attention_layernorm]
-        return {"mlp": block.mlp, "attn": attn, "norms": norms}
+        return generic_block_parts(block)
 
     def projector(self, model):
-        return self.vision_tower(model).merger
+        return _find_child(model, self.projector_names, "projector")
+
+    # -- language model
+    def language_model(self, model):
+        return _find_child(model, ("language_model",), "language model")
 
     def lm_layers(self, model):
-        return list(_first_attr(model, ["model.language_model.layers", "model.layers"]))
+        return list(_find_child(self.language_model(model), ("layers",), "decoder layer list"))
+
+    def hidden_state_layers(self, model, with_image=True):
+        return self.lm_layers(model)
 
     def lm_final_norm(self, model):
         """The norm after the last LM layer (its output is `hidden_states[num_layers]`)."""
-        return _first_attr(model, ["model.language_model.norm", "model.norm"])
+        lm = self.language_model(model)
+        return lm.norm if hasattr(lm, "norm") else _find_child(lm, ("norm",), "final norm")
 
     def lm_embeddings(self, model):
         return model.get_input_embeddings()
 
     def lm_head(self, model):
-        return model.lm_head
+        return model.get_output_embeddings()
 
     def lm_hidden_size(self, model):
-        cfg = model.config
-        return getattr(cfg, "text_config", cfg).hidden_size
+        cfg = getattr(model, "config", model)
+        return cfg.get_text_config().hidden_size
+
+    # -- text
+    def render_prompt(self, processor, question):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def render_answer(self, answer):
+        return self.answer_prefix + answer + self.end_of_turn
+
+    def encode(self, processor, texts, images):
+        return processor(text=texts, images=images, padding=True, return_tensors="pt",
+                         add_special_tokens=not self.template_adds_bos)
+
+    def _tail(self, tokenizer, text, char_index, label):
+        """(index, ids, offsets) of `text` tokenized alone, where index is the first token that
+        ends after character `char_index` (the one holding it; with trimmed offsets a leading space
+        belongs to no token). The image placeholder precedes the question, so the tokens after it
+        are the same in the processor's expanded sequence."""
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        for k, (s, e) in enumerate(offsets):
+            if e > char_index and e > s:
+                return k, ids, offsets
+        raise ValueError(f"{label}: no token covers character {char_index} of {text!r}")
+
+    def token_span_from(self, tokenizer, text, char_start, row_ids, last_real, label):
+        """Start of the tokens of text[char_start:] in a processed row ending at `last_real`.
+        The first of them must start exactly at char_start (a token boundary), and the row must
+        end with exactly these ids."""
+        k, ids, offsets = self._tail(tokenizer, text, char_start, label)
+        begin = offsets[k][0]
+        # Only whitespace may lie between the text's start and its first token's (a leading
+        # space/"▁" belongs to the token that follows it, or to none with trimmed offsets).
+        if text[min(begin, char_start):max(begin, char_start)].strip():
+            raise ValueError(f"{label}: {text[char_start:char_start + 20]!r} does not start on a token boundary "
+                             f"(the token {tokenizer.decode([ids[k]])!r} starts earlier)")
+        return self._match(ids[k:], row_ids, last_real, label)
+
+    def _match(self, tail, row_ids, last_real, label):
+        start = int(last_real) - len(tail) + 1
+        row = [int(x) for x in row_ids[max(start, 0):int(last_real) + 1]]
+        if start < 0 or row != list(tail):
+            raise ValueError(f"{label}: the processed tokens do not end with the text's own tokenization "
+                             f"(expected {list(tail)[:8]}..., got {row[:8]}...)")
+        return start
+
+    def target_position(self, tokenizer, text, name_end, name, row_ids, last_real, label):
+        """Position in the processed row of the token that ends `name` (which ends at character
+        `name_end` of `text`), found by matching and checked by decoding."""
+        k, ids, offsets = self._tail(tokenizer, text, name_end - 1, label)
+        pos = self._match(ids[k:], row_ids, last_real, label)
+        piece = tokenizer.decode([int(row_ids[pos])]).strip()
+        if offsets[k][1] != name_end or not piece or not name.endswith(piece):
+            raise ValueError(f"{label}: the token at the end of {name!r} decodes to {piece!r}, which does not "
+                             f"end the name (it runs on past it: the name does not end on a token boundary)")
+        return pos
+
+    def option_token_ids(self, processor, options):
+        """The id of each option's first token where it follows the generation prompt (so a
+        SentencePiece "▁left" or a byte-level "left" as the model would emit it), checked by
+        decoding, and distinct across the options."""
+        tokenizer = processor.tokenizer
+        prompt = self.render_prompt(processor, "?")
+        ids = []
+        for option in options:
+            text = prompt + self.render_answer(option)
+            k, toks, _ = self._tail(tokenizer, text, len(prompt) + len(self.answer_prefix), f"option {option!r}")
+            piece = tokenizer.decode([toks[k]]).strip()
+            if not piece or not option.startswith(piece):
+                raise ValueError(f"option {option!r}: its first token after the prompt decodes to {piece!r}")
+            ids.append(toks[k])
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"options {options} share their first token; score mode cannot tell them apart")
+        return ids
+
+    def prepare_config(self, config, raw):
+        """Fix a loaded config before the weights load (`raw`: the config.json dict)."""
+        return config
+
+    # -- processor
+    processor_class = None  # standard class name a saved processor names, where ours is a subclass
+
+    def build_processor(self, path):
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(str(path))
+
+    def save_processor(self, processor, folder):
+        """Save the processor; an image-only subclass of ours is saved under the standard class name
+        so plain AutoProcessor finds it wherever it can build it."""
+        processor.save_pretrained(folder)
+        if self.processor_class:
+            path = Path(folder) / "processor_config.json"
+            config = json.loads(path.read_text())
+            config["processor_class"] = self.processor_class
+            path.write_text(json.dumps(config, indent=2))
+
+    def __repr__(self):
+        return f"{type(self).__name__}(family={self.family!r})"
+
+
+class QwenVLAdapter(VLMAdapter):
+    """Qwen2-VL and Qwen2.5-VL: `visual.blocks` (all feed `visual.merger`, the projector),
+    `language_model.layers`. Qwen2.5-VL's vision MLP is gate/up/down like its LM's."""
+
+    family = "qwen2_vl"
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    processor_class_names = ("Qwen2VLImageOnlyProcessor",)
+    end_of_turn = "<|im_end|>"
+    tower_names = ("visual",)
+    projector_names = ("merger",)
+
+    processor_class = "Qwen2VLProcessor"  # the standard class a saved processor names
+
+    def __init__(self, family="qwen2_vl", processor_class="Qwen2VLProcessor"):
+        self.family = family
+        self.processor_class = processor_class
+
+    def projector(self, model):
+        return self.vision_tower(model).merger
 
     def build_processor(self, path):
         return _build_qwen_processor(path)
@@ -119,9 +346,116 @@ class QwenVLAdapter:
         (Path(folder) / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
 
 
+class LlavaAdapter(VLMAdapter):
+    """LLaVA-1.5: CLIP tower, two-layer MLP projector, Llama-2 LM with SentencePiece pieces.
+    Image features come from `vision_feature_layer` (-2): later blocks and `post_layernorm` are
+    listed in the tower but never reach the LM."""
+
+    family = "llava"
+    model_types = ("llava",)
+    processor_class_names = ("LlavaProcessor",)
+    end_of_turn = "</s>"
+    answer_prefix = " "  # "ASSISTANT:" then " left</s>", as the template renders an assistant turn
+
+    def _feature_layers(self, model):
+        layer = model.config.vision_feature_layer
+        return [layer] if isinstance(layer, int) else list(layer)
+
+    def used_vision_blocks(self, model):
+        (label, blocks), = self.vision_block_lists(model)
+        # hidden_states[0] is the embedding output, hidden_states[i] the output of block i-1.
+        n = len(blocks)
+        used = max(f if f >= 0 else n + 1 + f for f in self._feature_layers(model))
+        return [(label, i, blocks[i]) for i in range(used)]
+
+    def unused_reason(self, model):
+        return f"vision_feature_layer={model.config.vision_feature_layer}"
+
+
+class MllamaAdapter(VLMAdapter):
+    """Llama-3.2-Vision: a local encoder (`transformer.layers`, 32) whose output and intermediate
+    layers feed a gated global encoder (`global_transformer.layers`, 8; gates are `extra`), then
+    one Linear projector; the LM interleaves cross-attention layers. Without an image the LM skips
+    its cross-attention layers, and HF's hidden_states then count self-attention layers only."""
+
+    family = "mllama"
+    model_types = ("mllama",)
+    processor_class_names = ("MllamaProcessor",)
+    end_of_turn = "<|eot_id|>"
+    template_adds_bos = True
+
+    def vision_block_lists(self, model):
+        lists = _block_lists(self.vision_tower(model))
+        if len(lists) != 2:
+            raise ValueError(f"{type(model).__name__}: expected local and global vision block lists, found {len(lists)}")
+        return [("local block", list(lists[0])), ("global block", list(lists[1]))]
+
+    def hidden_state_layers(self, model, with_image=True):
+        layers = self.lm_layers(model)
+        if with_image:
+            return layers
+        cross = set(model.config.get_text_config().cross_attention_layers)
+        return [layer for i, layer in enumerate(layers) if i not in cross]
+
+    def encode(self, processor, texts, images):
+        # One image per prompt: Mllama's processor wants the images nested per text.
+        return processor(text=texts, images=[[im] for im in images], padding=True, return_tensors="pt",
+                         add_special_tokens=False)
+
+
+class InternVLAdapter(VLMAdapter):
+    """InternVL3 -hf: InternViT (`encoder.layer`, layer scale `lambda_1/2` as extra weights),
+    pixel-shuffle + MLP projector, Qwen2.5 LM; separate lm_head and input embeddings."""
+
+    family = "internvl"
+    model_types = ("internvl",)
+    processor_class_names = ("InternVLImageOnlyProcessor",)
+    processor_class = "InternVLProcessor"
+    end_of_turn = "<|im_end|>"
+
+    def prepare_config(self, config, raw):
+        # The -hf checkpoints store lm_head.weight apart from the embeddings; a config.json that
+        # does not say so would get tied weights in 5.x, silently dropping the stored head.
+        if "tie_word_embeddings" not in raw and "tie_word_embeddings" not in raw.get("text_config", {}):
+            config.tie_word_embeddings = False
+            config.get_text_config().tie_word_embeddings = False
+        return config
+
+    def build_processor(self, path):
+        from transformers import AutoTokenizer, GotOcr2ImageProcessorPil
+
+        image_processor = GotOcr2ImageProcessorPil.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        kwargs = _processor_config(path)
+        return image_only_internvl_processor_class()(
+            image_processor, tokenizer, image_seq_length=kwargs.get("image_seq_length", 256),
+            chat_template=_read_chat_template(path, tokenizer))
+
+
+class Gemma3Adapter(VLMAdapter):
+    """Gemma-3: SigLIP tower (all blocks used, then post_layernorm), average-pool + projection,
+    Gemma LM with tied lm_head; SentencePiece pieces without a prefix space."""
+
+    family = "gemma3"
+    model_types = ("gemma3",)
+    processor_class_names = ("Gemma3Processor",)
+    end_of_turn = "<end_of_turn>"
+    template_adds_bos = True
+
+    def encode(self, processor, texts, images):
+        # token_type_ids mark image tokens (Gemma-3 attends bidirectionally within an image).
+        return processor(text=texts, images=[[im] for im in images], padding=True, return_tensors="pt",
+                         add_special_tokens=False, return_mm_token_type_ids=True)
+
+
+ADAPTER_CLASSES = (QwenVLAdapter, LlavaAdapter, MllamaAdapter, InternVLAdapter, Gemma3Adapter)
 ADAPTERS = {
-    "qwen2_vl": QwenVLAdapter(family="qwen2_vl"),
-    "qwen2_5_vl": QwenVLAdapter(family="qwen2_5_vl", processor_class="Qwen2_5_VLProcessor"),
+    "qwen2_vl": QwenVLAdapter("qwen2_vl"),
+    "qwen2_5_vl": QwenVLAdapter("qwen2_5_vl", processor_class="Qwen2_5_VLProcessor"),
+    "llava": LlavaAdapter(),
+    "mllama": MllamaAdapter(),
+    "internvl": InternVLAdapter(),
+    "gemma3": Gemma3Adapter(),
 }
 
 
@@ -132,16 +466,26 @@ def adapter_for(model_or_config):
     if model_type not in ADAPTERS:
         raise ValueError(
             f"model type {model_type!r} has no adapter yet; supported: {sorted(ADAPTERS)}. "
-            "Add one to models.ADAPTERS (where the vision blocks, projector and LM layers live)."
+            "Add a VLMAdapter subclass to models.py (where the vision blocks, projector and LM layers live)."
         )
     return ADAPTERS[model_type]
+
+
+def adapter_for_processor(processor):
+    """The adapter whose `build_processor` makes this processor's class (for callers that hold only
+    a processor, e.g. the collator given the legacy end-of-turn string)."""
+    names = {c.__name__ for c in type(processor).__mro__}
+    for adapter in ADAPTERS.values():
+        if names & set(adapter.processor_class_names):
+            return adapter
+    raise ValueError(f"no adapter for processor {type(processor).__name__}; pass the adapter explicitly")
 
 
 # ---------------------------------------------------------------------------------------------
 # Processors
 # ---------------------------------------------------------------------------------------------
 
-def _image_only_qwen_processor_class():
+def image_only_qwen_processor_class():
     from transformers import Qwen2VLProcessor
     from transformers.processing_utils import ProcessorMixin
 
@@ -157,6 +501,39 @@ def _image_only_qwen_processor_class():
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
     return Qwen2VLImageOnlyProcessor
+
+
+_image_only_qwen_processor_class = image_only_qwen_processor_class  # former name (bench scripts)
+
+
+def image_only_internvl_processor_class():
+    from transformers import InternVLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class InternVLImageOnlyProcessor(InternVLProcessor):
+        """InternVLProcessor without the video processor (it needs torchvision)."""
+
+        def __init__(self, image_processor=None, tokenizer=None, image_seq_length=256, chat_template=None, **kwargs):
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+            self.image_seq_length = image_seq_length
+            self.start_image_token = tokenizer.start_image_token
+            self.end_image_token = tokenizer.end_image_token
+            self.start_image_token_id = tokenizer.start_image_token_id
+            self.end_image_token_id = tokenizer.end_image_token_id
+            self.image_token = tokenizer.context_image_token
+            self.video_token = tokenizer.video_token
+            self.image_token_id = tokenizer.context_image_token_id
+            import re
+
+            self.multimodal_pattern = re.compile(
+                f"(?P<image>{re.escape(self.image_token)})|(?P<video>{re.escape(self.video_token)})")
+
+    return InternVLImageOnlyProcessor
+
+
+def _processor_config(path):
+    file = Path(path) / "processor_config.json"
+    return json.loads(file.read_text()) if file.is_file() else {}
 
 
 def _read_chat_template(path, tokenizer):
@@ -183,8 +560,7 @@ def _build_qwen_processor(path):
 
         file = hf_hub_download(str(path), "chat_template.json")
         chat_template = json.loads(Path(file).read_text())["chat_template"]
-    processor = _image_only_qwen_processor_class()(image_processor, tokenizer, chat_template=chat_template)
-    return processor
+    return image_only_qwen_processor_class()(image_processor, tokenizer, chat_template=chat_template)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,15 +571,120 @@ class ModelUnavailableError(RuntimeError):
     pass
 
 
+def ensure_tiny_model(cache_dir=None, alias="tiny"):
+    """The folder of a tiny model (built once; see tiny_models.py)."""
+    return tiny_models.ensure_tiny(alias, cache_dir)
+
+
+def build_tiny_model(out_dir, alias="tiny"):
+    return tiny_models.build_tiny(alias, out_dir)
+
+
+LORA_CONFIG = "adapter_config.json"
+LORA_WEIGHTS = "adapter_model.safetensors"
+
+
+def is_lora_folder(path):
+    return os.path.isdir(path) and (Path(path) / LORA_CONFIG).is_file()
+
+
+def save_lora_adapter(model, out_dir, base_model):
+    """Write only the LoRA adapter (peft's adapter_config.json + adapter_model.safetensors, with
+    `base_model`, an alias, hub id or folder, as base_model_name_or_path) plus every other trainable
+    tensor of the selection (biases, norms), so `load_model_and_processor(out_dir)` rebuilds the
+    trained model from base + adapter."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    config = model.peft_config["default"]
+    config.base_model_name_or_path = str(base_model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out_dir))
+    # No embedding layers are adapted; saying so keeps peft from looking the base up on the hub.
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    # Non-LoRA tensors the selection trained directly, stored under their model names.
+    extra = {n: p for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in {**state, **extra}.items()}
+    save_file(tensors, str(out_dir / LORA_WEIGHTS), metadata={"format": "pt", "extra": json.dumps(sorted(extra))})
+    return out_dir
+
+
+def _load_lora(path, dtype, device):
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    config = LoraConfig.from_pretrained(str(path))
+    base = config.base_model_name_or_path
+    if not base:
+        raise ValueError(f"{path}/{LORA_CONFIG} names no base_model_name_or_path")
+    model, processor, adapter = load_model_and_processor(base, dtype=dtype, device=device)
+    inject_adapter_in_model(config, model)
+    model.peft_config = {"default": config}
+    model.save_pretrained = lambda save_directory, **kwargs: save_lora_adapter(model, save_directory, base)
+    tensors = load_file(str(Path(path) / LORA_WEIGHTS), device=str(device))
+    with safe_open(str(Path(path) / LORA_WEIGHTS), "pt") as f:
+        extra = set(json.loads((f.metadata() or {}).get("extra", "[]")))
+    result = set_peft_model_state_dict(model, {k: v for k, v in tensors.items() if k not in extra})
+    missing = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
+    if missing:
+        raise ValueError(f"{path}: adapter tensors that match no module of {base}: {missing[:3]}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in extra:
+            if name not in params:
+                raise ValueError(f"{path}: tensor {name} is not a parameter of {base}")
+            params[name].copy_(tensors[name])
+    return model.eval(), processor, adapter
+
+
+def inject_lora_from_tensors(model, names, shapes, alpha=None, dropout=0.0):
+    """Re-create on a base model the LoRA modules that saved tensor names point to (a slim
+    checkpoint stores "...fc1.lora_A.default.weight" etc.): targets from the names, the rank from
+    lora_A's shape, alpha/dropout as the run had them (alpha None = 2 * rank)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    suffix = ".lora_A.default.weight"
+    targets = sorted(n[: -len(suffix)] for n in names if n.endswith(suffix))
+    if not targets:
+        raise ValueError("no LoRA tensors (*.lora_A.default.weight) among the saved names")
+    rank = int(shapes[targets[0] + suffix][0])
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
+                        target_modules=targets, bias="none")
+    inject_adapter_in_model(config, model)
+    model.peft_config = {"default": config}
+    return model
+
+
+def merge_lora(model):
+    """Fold every LoRA pair into its base Linear and put the plain Linear back, so the model's
+    parameter names and save_pretrained output are those of a full checkpoint (`--merge_lora`)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    model.__dict__.pop("save_pretrained", None)  # a full checkpoint again (see param_selectors._inject_lora)
+    return model
+
+
 def load_model_and_processor(name, dtype=torch.float32, device="cpu"):
-    """Load any supported VLM (alias, hub id, local folder, or `tiny`) and its processor.
+    """Load any supported VLM (alias, hub id, local folder, or a tiny alias) and its processor; a
+    folder with adapter_config.json loads its base model plus the LoRA adapter.
 
     Returns (model, processor, adapter). The model is in eval mode on `device`."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    if is_lora_folder(name):
+        return _load_lora(name, dtype, device)
     path = resolve_model_name(name)
-    if path == "tiny":
-        path = str(ensure_tiny_model())
+    if path in tiny_models.TINY_ALIASES:
+        path = str(ensure_tiny_model(alias=path))
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -216,7 +697,9 @@ def load_model_and_processor(name, dtype=torch.float32, device="cpu"):
             "use the built-in offline model: --model_name tiny (train.py) or --ckpt tiny (eval_coco.py)"
         ) from err
     adapter = adapter_for(config)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    raw, _ = type(config).get_config_dict(path)
+    config = adapter.prepare_config(config, raw)
+    model = AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=dtype)
     model.to(device).eval()
     processor = adapter.build_processor(path)
     processor.tokenizer.padding_side = adapter.padding_side
@@ -224,171 +707,126 @@ def load_model_and_processor(name, dtype=torch.float32, device="cpu"):
 
 
 # ---------------------------------------------------------------------------------------------
-# The built-in tiny model
+# Full-size architectures (meta device, no weights)
 # ---------------------------------------------------------------------------------------------
 
-SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
-]
-
-# Same conversation format as Qwen2-VL-Instruct (system prompt, image placeholder, turns).
-QWEN2VL_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-# Qwen2's pre-tokenizer split: letters, digits and punctuation never merge across a boundary,
-# so an object's name ends on a token boundary when punctuation follows it.
-_QWEN_PRETOKENIZE = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-
-TINY_VISION = dict(depth=8, embed_dim=32, num_heads=2, mlp_ratio=4, patch_size=14,
-                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=12, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6)
-TINY_MIN_PIXELS = 56 * 56
-TINY_MAX_PIXELS = 112 * 112
+_QWEN2_VISION = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, patch_size=14,
+                     spatial_merge_size=2, temporal_patch_size=2)
+_QWEN25_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                      fullatt_block_indexes=[7, 15, 23, 31])
+_CLIP_L_336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                   num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+_MLLAMA_VISION = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_global_layers=8,
+                      attention_heads=16, image_size=560, patch_size=14, max_num_tiles=4, vision_output_dim=7680,
+                      intermediate_layers_indices=[3, 7, 15, 23, 30],
+                      supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]])
+_MLLAMA_TEXT = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=40,
+                    num_attention_heads=32, num_key_value_heads=8, cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38],
+                    pad_token_id=128004, bos_token_id=128000, eos_token_id=128009)
+_INTERNVIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=[448, 448], patch_size=[14, 14])
+_SIGLIP_400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                    image_size=896, patch_size=14, vision_use_head=False)
 
 
-def tiny_cache_dir():
-    """Where the tiny model lives: $SPATIAL_FT_CACHE or `.cache/` in the repo."""
-    root = Path(os.environ.get("SPATIAL_FT_CACHE", REPO_ROOT / ".cache"))
-    return root / f"tiny-qwen2vl-{TINY_VERSION}"
+def _qwen2_text(hidden, inter, layers, heads, kv, vocab):
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
 
 
-def _tokenizer_corpus():
-    from data import ANSWER_WORDS, BUILTIN_OBJECT_NAMES, COCO_OBJECT_NAMES, QUESTION_TEMPLATES
-
-    names = list(BUILTIN_OBJECT_NAMES) + list(COCO_OBJECT_NAMES)
-    lines = ["You are a helpful assistant.", "system", "user", "assistant"]
-    for template in QUESTION_TEMPLATES.values():
-        for i, a in enumerate(names):
-            b = names[(i * 7 + 3) % len(names)]
-            lines.append(template.format(obj1=a, obj2=b))
-    for word in ANSWER_WORDS:
-        lines += [word, word.capitalize(), f"{word}.", f"It is {word}."]
-    lines += [" ".join(names), "a an the photo of to is or only with Answer"]
-    lines += [f"{i}" for i in range(10)]
-    return lines
+def _llama2_text(hidden, inter, layers, heads):
+    return dict(model_type="llama", vocab_size=32064, hidden_size=hidden, intermediate_size=inter,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                pad_token_id=32001, tie_word_embeddings=False)
 
 
-def build_tiny_tokenizer():
-    """A byte-level BPE tokenizer trained offline on the question templates and object names."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN_PRETOKENIZE), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1024, min_frequency=1, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        unk_token=None, padding_side="left",
-    )
-    tokenizer.chat_template = QWEN2VL_CHAT_TEMPLATE
-    return tokenizer
+def _internvl_text(hidden, inter, layers, heads, kv):
+    return dict(model_type="qwen2", vocab_size=151674, hidden_size=hidden, intermediate_size=inter,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=False)
 
 
-def tiny_config(tokenizer):
-    from transformers import Qwen2VLConfig
-
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    head_dim = TINY_TEXT["hidden_size"] // TINY_TEXT["num_attention_heads"]
-    # M-RoPE splits each head's rotary half into (time, height, width) sections.
-    half = head_dim // 2
-    mrope = [half - 2 * (half // 3), half // 3, half // 3]
-    text = dict(TINY_TEXT, vocab_size=len(tokenizer), bos_token_id=ids["<|endoftext|>"],
-                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope})
-    vision = dict(TINY_VISION, hidden_size=TINY_TEXT["hidden_size"])
-    return Qwen2VLConfig(
-        text_config=text, vision_config=vision,
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
+def _gemma3_text(hidden, inter, layers, heads, kv):
+    return dict(vocab_size=262208, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv, head_dim=256, sliding_window=1024)
 
 
-def build_tiny_model(out_dir):
-    """Build the tiny model, tokenizer and processor config into `out_dir` (deterministic)."""
-    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
-
-    out_dir = Path(out_dir)
-    tokenizer = build_tiny_tokenizer()
-    config = tiny_config(tokenizer)
-    torch.manual_seed(TINY_SEED)
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(
-        do_sample=False, eos_token_id=config.text_config.eos_token_id,
-        pad_token_id=config.text_config.pad_token_id,
-    )
-    model.save_pretrained(out_dir)
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
-    processor = _image_only_qwen_processor_class()(image_processor, tokenizer, chat_template=QWEN2VL_CHAT_TEMPLATE)
-    processor.save_pretrained(out_dir)
-    return out_dir
-
-
-def ensure_tiny_model(cache_dir=None):
-    """Build the tiny model once (atomically, so an interrupted build is never half-used)."""
-    target = Path(cache_dir) if cache_dir else tiny_cache_dir()
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        build_tiny_model(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process built it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-# Architectures of real checkpoints, for meta-device checks and benchmarks without weights.
+# alias -> config kwargs of the published architecture (class in FULL_SIZE_CONFIG_CLASSES).
 FULL_SIZE_CONFIGS = {
     "qwen2-2b": dict(
-        vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        text_config=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                         max_position_embeddings=32768, rms_norm_eps=1e-6,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                          "mrope_section": [16, 24, 24]}),
-        tie_word_embeddings=True,
-    ),
+        vision_config=dict(_QWEN2_VISION, hidden_size=1536),
+        text_config=_qwen2_text(1536, 8960, 28, 12, 2, 151936), tie_word_embeddings=True),
+    "qwen2-7b": dict(
+        vision_config=dict(_QWEN2_VISION, hidden_size=3584),
+        text_config=_qwen2_text(3584, 18944, 28, 28, 4, 152064), tie_word_embeddings=False),
+    "qwen-3b": dict(
+        vision_config=dict(_QWEN25_VISION, out_hidden_size=2048),
+        text_config=_qwen2_text(2048, 11008, 36, 16, 2, 151936), tie_word_embeddings=True),
+    "qwen-7b": dict(
+        vision_config=dict(_QWEN25_VISION, out_hidden_size=3584),
+        text_config=_qwen2_text(3584, 18944, 28, 28, 4, 152064), tie_word_embeddings=False),
+    "llava-7b": dict(
+        vision_config=_CLIP_L_336, text_config=_llama2_text(4096, 11008, 32, 32), image_token_id=32000,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False),
+    "llava-13b": dict(
+        vision_config=_CLIP_L_336, text_config=_llama2_text(5120, 13824, 40, 40), image_token_id=32000,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False),
+    "llama-11b": dict(
+        vision_config=_MLLAMA_VISION, text_config=_MLLAMA_TEXT, image_token_id=128256, tie_word_embeddings=False),
+    "internvl-1b": dict(
+        vision_config=_INTERNVIT_300M, text_config=_internvl_text(896, 4864, 24, 14, 2), image_token_id=151667,
+        downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=False),
+    "internvl-2b": dict(
+        vision_config=_INTERNVIT_300M, text_config=_internvl_text(1536, 8960, 28, 12, 2), image_token_id=151667,
+        downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=False),
+    "internvl-8b": dict(
+        vision_config=_INTERNVIT_300M, text_config=_internvl_text(3584, 18944, 28, 28, 4), image_token_id=151667,
+        downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=False),
+    "internvl-14b": dict(
+        vision_config=_INTERNVIT_300M, text_config=_internvl_text(5120, 13824, 48, 40, 8), image_token_id=151667,
+        downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=False),
+    "gemma-4b": dict(
+        vision_config=_SIGLIP_400M, text_config=_gemma3_text(2560, 10240, 34, 8, 4), mm_tokens_per_image=256,
+        tie_word_embeddings=True),
+    "gemma-12b": dict(
+        vision_config=_SIGLIP_400M, text_config=_gemma3_text(3840, 15360, 48, 16, 8), mm_tokens_per_image=256,
+        tie_word_embeddings=True),
 }
+FULL_SIZE_CONFIGS["llava-cot"] = FULL_SIZE_CONFIGS["llama-11b"]  # same architecture, other weights
+FULL_SIZE_CONFIG_CLASSES = {
+    "qwen2-2b": "Qwen2VLConfig",
+    "qwen2-7b": "Qwen2VLConfig",
+    "qwen-3b": "Qwen2_5_VLConfig",
+    "qwen-7b": "Qwen2_5_VLConfig",
+    "llava-7b": "LlavaConfig",
+    "llava-13b": "LlavaConfig",
+    "llama-11b": "MllamaConfig",
+    "internvl-1b": "InternVLConfig",
+    "internvl-2b": "InternVLConfig",
+    "internvl-8b": "InternVLConfig",
+    "internvl-14b": "InternVLConfig",
+    "gemma-4b": "Gemma3Config",
+    "gemma-12b": "Gemma3Config",
+}
+FULL_SIZE_CONFIG_CLASSES["llava-cot"] = "MllamaConfig"
+
+
+def full_size_config(alias):
+    import transformers
+
+    if alias not in FULL_SIZE_CONFIGS:
+        raise ValueError(f"no full-size config for {alias!r}; known: {', '.join(sorted(FULL_SIZE_CONFIGS))}")
+    return getattr(transformers, FULL_SIZE_CONFIG_CLASSES[alias])(**FULL_SIZE_CONFIGS[alias])
 
 
 def full_size_model(alias="qwen2-2b", device="meta"):
     """The real architecture with no weights (meta device): for selection checks and shapes."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
-    config = Qwen2VLConfig(**FULL_SIZE_CONFIGS[alias])
+    config = full_size_config(alias)
     with torch.device(device):
-        return Qwen2VLForConditionalGeneration(config)
+        return AutoModelForImageTextToText.from_config(config)
 
 
 def count_parameters(model):

@@ -71,3 +71,45 @@ def test_full_size_architecture_matches_qwen2vl_2b():
     assert adapter.lm_hidden_size(model) == 1536
     assert model.get_input_embeddings().weight.shape[0] == 151936
     assert 2.2e9 < models.count_parameters(model) < 2.22e9
+
+
+def test_the_originals_aliases_exactly():
+    original = {
+        "llava-7b": "llava-hf/llava-1.5-7b-hf", "llava-13b": "llava-hf/llava-1.5-13b-hf",
+        "qwen2-2b": "Qwen/Qwen2-VL-2B-Instruct", "qwen-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+        "qwen-3b": "Qwen/Qwen2.5-VL-3B-Instruct", "llama-11b": "meta-llama/Llama-3.2-11B-Vision-Instruct",
+        "llava-cot": "Xkev/Llama-3.2V-11B-cot", "internvl-1b": "OpenGVLab/InternVL3-1B-hf",
+        "internvl-2b": "OpenGVLab/InternVL3-2B-hf", "internvl-8b": "OpenGVLab/InternVL3-8B-hf",
+        "internvl-14b": "OpenGVLab/InternVL3-14B-hf", "gemma-4b": "google/gemma-3-4b-it",
+        "gemma-12b": "google/gemma-3-12b-it",
+    }
+    assert {a: models.resolve_model_name(a) for a in original} == original
+    assert set(original) <= set(models.FULL_SIZE_CONFIGS)  # each has a meta-device architecture
+
+
+@pytest.mark.parametrize("alias,family,n_vision,n_lm,billions", [
+    ("qwen-3b", "qwen2_5_vl", 32, 36, (3.7, 3.8)),
+    ("llava-7b", "llava", 24, 32, (7.0, 7.1)),
+    ("llama-11b", "mllama", 40, 40, (10.6, 10.7)),
+    ("internvl-8b", "internvl", 24, 28, (7.9, 8.0)),
+    ("gemma-4b", "gemma3", 27, 34, (4.2, 4.4)),
+])
+def test_full_size_architectures_on_the_meta_device(alias, family, n_vision, n_lm, billions):
+    model = models.full_size_model(alias)
+    adapter = models.adapter_for(model)
+    assert adapter.family == family
+    assert all(p.is_meta for p in model.parameters())  # no memory allocated for weights
+    assert sum(len(b) for _, b in adapter.vision_block_lists(model)) == n_vision
+    assert len(adapter.lm_layers(model)) == n_lm
+    assert billions[0] < models.count_parameters(model) / 1e9 < billions[1]
+
+
+def test_unknown_model_type_and_processor_are_one_line_errors():
+    from transformers import BertConfig
+
+    with pytest.raises(ValueError, match="model type 'bert' has no adapter"):
+        models.adapter_for(BertConfig())
+    with pytest.raises(ValueError, match="no adapter for processor object"):
+        models.adapter_for_processor(object())
+    with pytest.raises(ValueError, match="no full-size config for 'nope'"):
+        models.full_size_model("nope")

@@ -200,3 +200,116 @@ def test_cli_flags(tiny):
         parser.parse_args(["--train_projector", "--no_projector"])
     with pytest.raises(SystemExit):
         parser.parse_args(["--selector", "nope"])
+
+
+# ------------------------------------------------------------------ protocols: projector and last_k_of
+
+def test_cli_projector_and_last_k_of_flags():
+    import protocols
+
+    parser = protocols.add_protocol_arg(add_selector_args(argparse.ArgumentParser()))
+    args = parser.parse_args([])
+    assert (args.projector, args.last_k_of) == (None, None)
+    assert parser.parse_args(["--train_projector"]).projector == "on"
+    assert parser.parse_args(["--no_projector"]).projector == "off"
+    assert parser.parse_args(["--projector", "name_match", "--last_k_of", "listed"]).last_k_of == "listed"
+    for bad in (["--projector", "on", "--no_projector"], ["--train_projector", "--projector", "off"],
+                ["--projector", "all"], ["--last_k_of", "first"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    # protocols.resolve fills what the command line left None, and a flag given wins.
+    args = parser.parse_args(["--protocol", "paper"])
+    protocols.resolve(args)
+    assert (args.projector, args.last_k_of) == ("name_match", "listed")
+    args = parser.parse_args(["--protocol", "clean", "--train_projector"])
+    protocols.resolve(args)
+    assert (args.projector, args.last_k_of) == ("on", "used")
+
+
+def test_name_match_never_matches_qwen_merger_and_on_takes_it(big):
+    model, adapter = big
+    fc = expect(VIS, range(26, 32), ["mlp.fc1.weight", "mlp.fc2.weight"])
+    sel = select_parameters(model, adapter, projector="name_match", last_k_of="listed")
+    check_exact(model, sel, fc)
+    assert any("projector=name_match: no parameter name contains" in n for n in sel.notes)
+    assert "projector=name_match last_k_of=listed" in sel.summary().splitlines()[0]
+    sel = select_parameters(model, adapter, projector="on")
+    assert {n for n in sel.names if ".merger." in n} == {"model.visual.merger." + s for s in
+                                                         ["ln_q.weight", "mlp.0.weight", "mlp.2.weight"]}
+    with pytest.raises(ValueError, match="projector must be one of"):
+        select_parameters(model, adapter, projector="yes")
+    with pytest.raises(ValueError, match="contradicts"):
+        select_parameters(model, adapter, projector="off", train_projector=True)
+    with pytest.raises(ValueError, match="last_k_of must be one of"):
+        select_parameters(model, adapter, last_k_of="all")
+
+
+@pytest.fixture(scope="module")
+def llava7b():
+    model = models.full_size_model("llava-7b")
+    return model, models.adapter_for(model)
+
+
+def test_llava_listed_picks_the_unused_last_block_and_warns(llava7b):
+    model, adapter = llava7b
+    tower = "model.vision_tower.encoder.layers.{}."
+    fc = ["mlp.fc1.weight", "mlp.fc2.weight"]
+    projector = {f"model.multi_modal_projector.linear_{i}.{w}" for i in (1, 2) for w in ("weight", "bias")}
+    sel = select_parameters(model, adapter, projector="name_match", last_k_of="listed")
+    check_exact(model, sel, expect(tower, range(18, 24), fc) | projector)
+    assert [n for n in sel.notes if "WARNING" in n] == [
+        "WARNING: selected (last_k_of=listed) but the output never reaches the language model "
+        "(vision_feature_layer=-2), so no gradient, no change: vision block 23"]
+    sel = select_parameters(model, adapter, projector="off", last_k_of="used")
+    check_exact(model, sel, expect(tower, range(17, 23), fc))
+    assert (sel.num_tensors, sel.selected_params) == (12, 50_331_648)
+    assert not any("WARNING" in n for n in sel.notes)
+    with pytest.raises(ValueError, match="only 23 vision blocks feed"):
+        select_parameters(model, adapter, last_k_blocks=24, last_k_of="used")
+    select_parameters(model, adapter, selector="vision_norms_lastk", last_k_blocks=24, last_k_of="listed")
+
+
+def test_mllama_listed_is_local_26_31_and_used_is_global_2_7():
+    model = models.full_size_model("llama-11b")
+    adapter = models.adapter_for(model)
+    assert [(label, len(b)) for label, b in adapter.vision_block_lists(model)] == [("local block", 32),
+                                                                                    ("global block", 8)]
+    fc = ["mlp.fc1.weight", "mlp.fc2.weight"]
+    sel = select_parameters(model, adapter, projector="name_match", last_k_of="listed")
+    check_exact(model, sel, expect("model.vision_model.transformer.layers.{}.", range(26, 32), fc)
+                | {"model.multi_modal_projector.weight", "model.multi_modal_projector.bias"})
+    sel = select_parameters(model, adapter, projector="off", last_k_of="used")
+    check_exact(model, sel, expect("model.vision_model.global_transformer.layers.{}.", range(2, 8), fc))
+    # Norms and gates of the gated global blocks: the gates are "extra", never a norm or the MLP.
+    sel = select_parameters(model, adapter, selector="vision_norms_lastk", last_k_blocks=1)
+    assert all("gate" not in n for n in sel.names) and len(sel.names) == 4
+
+
+def read_families_table():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "FAMILIES.md").read_text()
+    table = re.search(r"<!-- table:start -->\n(.*?)<!-- table:end -->", text, re.S).group(1)
+    return [line for line in table.strip().splitlines()]
+
+
+def test_families_table_matches_the_full_size_selection():
+    """FAMILIES.md's table == the default selection on every full-size alias under both protocols
+    (e.g. qwen2-2b: 12 tensors, 78,643,200 params, 3.56%; llava-7b clean: blocks 17-22)."""
+    from param_selectors import selection_table
+
+    rows = read_families_table()
+    assert "| qwen2_vl | qwen2-2b | paper | vision block 26-31 | 12 | 78,643,200 | 3.56% |" in rows
+    assert "| qwen2_5_vl | qwen-3b | clean | vision block 26-31 | 18 | 78,796,800 | 2.10% |" in rows
+    assert "| llava | llava-7b | clean | vision block 17-22 | 12 | 50,331,648 | 0.71% |" in rows
+    assert rows == selection_table(list(models.FULL_SIZE_CONFIGS))
+
+
+def test_a_namespace_with_the_former_boolean_flags_still_selects_the_projector(big):
+    model, adapter = big
+    ns = argparse.Namespace(selector="vision_mlp_lastk", last_k_blocks=6, param_budget_frac=0.3,
+                            bitfit_bias_only=False, train_biases=False, no_lm_head=False,
+                            train_projector=True, no_projector=False)
+    sel = select_from_args(model, adapter, ns)
+    assert sel.projector == "on" and any(".merger." in n for n in sel.names)
