@@ -165,7 +165,7 @@ def hidden_at_subject(model, processor, adapter, pair_items, batch_size, layers=
     """[n, len(layers), H] float32: each kept layer's state at the subject b's token, per image."""
     layers = resolve_layers(layers, len(adapter.lm_layers(model)))
     tokenizer = processor.tokenizer
-    collate = data.VLMCollator(processor, adapter.end_of_turn, with_answer=False)
+    collate = data.VLMCollator(processor, adapter, with_answer=False)
     device = next(model.parameters()).device
     a, b = pair_items[0][1].obj1, pair_items[0][1].obj2
     question = PAPER_QUERY.format(a=a, b=b)
@@ -242,7 +242,7 @@ def derive(model, processor, adapter, samples, batch_size=16, max_groups=None, s
     if max_groups and len(groups) > max_groups:
         groups = random.Random(seed).sample(groups, max_groups)
     layers = resolve_layers(layers, len(adapter.lm_layers(model)))
-    collate = data.VLMCollator(processor, adapter.end_of_turn, with_answer=False)
+    collate = data.VLMCollator(processor, adapter, with_answer=False)
     device = next(model.parameters()).device
     order = [(g, i) for g, group in enumerate(groups) for i in group]
     sums, squares, counts = {}, {}, defaultdict(int)

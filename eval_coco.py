@@ -52,7 +52,7 @@ def _left_padded_batches(model, processor, adapter, samples, batch_size, progres
     is restored afterwards."""
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    collate = data.VLMCollator(processor, adapter.end_of_turn, with_answer=False)
+    collate = data.VLMCollator(processor, adapter, with_answer=False)
     device = next(model.parameters()).device
     try:
         # Shown only on a terminal (disable=None): a bar nested under the training bar leaves

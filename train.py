@@ -33,7 +33,7 @@ import protocols
 import spatial_loss as sl
 from eval_coco import accuracy_report, add_data_args, check_data_args, evaluate, format_report, write_jsonl
 from lm_loss import supervised_lm_loss
-from models import ModelUnavailableError, load_model_and_processor
+from models import ModelUnavailableError, load_model_and_processor, merge_lora
 from provenance import run_metadata
 
 
@@ -103,6 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--save_steps", type=int, default=None, help="checkpoint every N steps (default: --eval_save_steps)")
     p.add_argument("--save_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
     p.add_argument("--keep_best", action="store_true", help="with --save_total_limit: also keep the best by COCO accuracy")
+    p.add_argument("--merge_lora", action="store_true",
+                   help="with --lora_rank: final/ holds the model with the adapters merged in (a plain checkpoint)")
     p.add_argument("--save_full_checkpoints", action="store_true",
                    help="checkpoints hold the whole model too (default: only the trained tensors + training state)")
     p.add_argument("--log_every", type=int, default=5, help="log the mean losses every N optimizer steps")
@@ -126,6 +128,8 @@ def parse_args(argv=None):
         p.error(f"argument --report_to: {args.report_to} is not installed (pip install {args.report_to})")
     if args.keep_best and not args.save_total_limit:
         p.error("argument --keep_best: needs --save_total_limit N")
+    if args.merge_lora and not getattr(args, "lora_rank", 0):
+        p.error("argument --merge_lora: needs --lora_rank R")
     if args.fork and not args.resume_from_checkpoint:
         p.error("argument --fork: needs --resume_from_checkpoint")
     if args.universal_id_path and not data.SAMPLERS[args.sampler]:
@@ -465,7 +469,7 @@ def main(argv=None):
     forward_model = accelerator.prepare(model) if processes > 1 else model
     loader = torch.utils.data.DataLoader(
         grid, batch_sampler=batch_sampler, num_workers=args.num_workers,
-        collate_fn=data.VLMCollator(processor, adapter.end_of_turn, skip_unreadable=True),
+        collate_fn=data.VLMCollator(processor, adapter, skip_unreadable=True),
     )
 
     # 6. run folder files (main process only)
@@ -604,6 +608,8 @@ def main(argv=None):
     if progress.step not in saved_steps:
         save_checkpoint(progress.step)
     if is_main:
+        if args.merge_lora:
+            merge_lora(model)  # after the last checkpoint: final/ becomes a plain full model
         checkpoints.save_final(out / "final", model, processor, adapter)
     summary = {"event": "end", "step": progress.step, "optimizer_steps": progress.optimizer_steps,
                "skipped_steps": progress.skipped_steps, "nonfinite_losses": progress.nonfinite_losses,

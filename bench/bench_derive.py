@@ -31,7 +31,7 @@ def plain_derive(model, processor, adapter, samples):
     """The recipe before: one group per forward pass, output_hidden_states=True (and the full
     logits the forward computes), centre within the group, mean per cell."""
     groups = [g for g in data.group_indices(samples, range(len(samples))).values() if len(g) >= 2]
-    collate = data.VLMCollator(processor, adapter.end_of_turn, with_answer=False)
+    collate = data.VLMCollator(processor, adapter, with_answer=False)
     device = next(model.parameters()).device
     sums, counts = defaultdict(lambda: 0.0), defaultdict(int)
     for group in groups:

@@ -35,7 +35,7 @@ def worker(args):
     device, dtype = common.device_and_dtype(args.bf16)
     model, processor, adapter = common.bench_model(args.full_size, device, dtype)
     samples = standin(args.data_dir, args.n, args.image_size)
-    lengths = data.VLMCollator(processor, adapter.end_of_turn, with_answer=False)(samples[:4])["attention_mask"].sum(1)
+    lengths = data.VLMCollator(processor, adapter, with_answer=False)(samples[:4])["attention_mask"].sum(1)
     kw = dict(progress=False)
     fns = {
         "generate_1": lambda: generate_answers(model, processor, adapter, samples, 1, args.max_new_tokens, **kw),

@@ -52,7 +52,7 @@ def main():
     model.train()
 
     chunk = grid_group_samples(args.cell, args.batch_size)
-    batch, positions, cells = data.split_batch(data.VLMCollator(processor, adapter.end_of_turn)(chunk), device)
+    batch, positions, cells = data.split_batch(data.VLMCollator(processor, adapter)(chunk), device)
     hidden = adapter.lm_hidden_size(model)
     loss_fn = sl.SpatialIDLoss({c: torch.randn(hidden) for c in set(cells)}).to(device)
 

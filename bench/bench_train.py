@@ -46,7 +46,7 @@ def worker(args):
         model.enable_input_require_grads()
     model.train()
     samples = batch_samples(common.grid_folder(args.cell, folder=args.grid_dir), args.batch_size)
-    batch, positions, cells = data.split_batch(data.VLMCollator(processor, adapter.end_of_turn)(samples), device)
+    batch, positions, cells = data.split_batch(data.VLMCollator(processor, adapter)(samples), device)
     loss_fn = sl.SpatialIDLoss({c: torch.randn(adapter.lm_hidden_size(model)) for c in set(cells)}).to(device)
     losses = {}
 

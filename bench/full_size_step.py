@@ -56,7 +56,7 @@ def main():
     processor = models._image_only_qwen_processor_class()(
         Qwen2VLImageProcessorPil(), tokenizer, chat_template=models.QWEN2VL_CHAT_TEMPLATE)
     group = grid_group_samples(args.cell, args.batch_size)
-    batch, positions, cells = data.split_batch(data.VLMCollator(processor, adapter.end_of_turn)(group), device)
+    batch, positions, cells = data.split_batch(data.VLMCollator(processor, adapter)(group), device)
     print(f"batch {len(group)}, sequence {batch['input_ids'].shape[1]} tokens, "
           f"{int((batch['input_ids'][0] == ids['<|image_pad|>']).sum())} visual tokens per image")
     loss_fn = sl.SpatialIDLoss({c: torch.randn(adapter.lm_hidden_size(model)) for c in set(cells)}).to(device)

@@ -145,7 +145,7 @@ def test_collator_supervises_exactly_answer_and_end_of_turn(tiny, tmp_path, side
         data.sample_record(img, "ab", "below", "dining table", "red circle", cell1=(0, 3), cell2=(0, 0), size=74),
         data.sample_record(img, "lr", "right", "potted plant", "cat", cell1=(3, 0), cell2=(0, 0), size=74),
     ]
-    batch = data.VLMCollator(processor, adapter.end_of_turn)(samples)
+    batch = data.VLMCollator(processor, adapter)(samples)
     tok = processor.tokenizer
     lengths = batch["attention_mask"].sum(1)
     assert len(set(lengths.tolist())) > 1  # padding really happens
@@ -172,7 +172,7 @@ def test_collator_left_and_right_padding_give_the_same_loss(tiny, tmp_path):
     losses = []
     for side in ("left", "right"):
         processor.tokenizer.padding_side = side
-        batch = data.VLMCollator(processor, adapter.end_of_turn)(samples)
+        batch = data.VLMCollator(processor, adapter)(samples)
         batch.pop("target_positions")
         with torch.no_grad():
             losses.append(model(**batch).loss.item())

@@ -155,7 +155,7 @@ def test_one_group_matches_hand_computation(tiny_ro, grid_samples):
     assert len(group) == 12 and len({s["cell2"] for s in group}) == 12
 
     # By hand: HF's hidden_states at obj2's last name token, centred over the group.
-    batch = data.VLMCollator(processor, adapter.end_of_turn, with_answer=False)(group)
+    batch = data.VLMCollator(processor, adapter, with_answer=False)(group)
     positions = batch.pop("target_positions")
     cells = [tuple(c) for c in batch.pop("target_cells").tolist()]
     with torch.no_grad():

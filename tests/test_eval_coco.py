@@ -158,7 +158,7 @@ def test_batched_left_padding_equals_one_at_a_time_when_answers_vary(sensitive, 
     model, processor, adapter = sensitive
     samples = standin[2]
     tokenizer = processor.tokenizer
-    lengths = data.VLMCollator(processor, adapter.end_of_turn, with_answer=False)(samples)["attention_mask"].sum(1)
+    lengths = data.VLMCollator(processor, adapter, with_answer=False)(samples)["attention_mask"].sum(1)
     assert len(set(lengths.tolist())) > 1  # the batches really need padding
     one_by_one = eval_coco.generate_answers(model, processor, adapter, samples, batch_size=1, progress=False)
     assert len(set(one_by_one)) >= N // 2  # answers that tell the questions apart

@@ -145,3 +145,19 @@ def test_a_lora_training_run_saves_adapters_and_eval_reproduces_its_accuracy(tmp
     recorded = [r["prediction"] for r in map(json.loads, (out / "predictions" / "step-3.jsonl").read_text().splitlines())
                 if r["set"] == "coco"]
     assert [json.loads(l)["prediction"] for l in (tmp_path / "e.jsonl").read_text().splitlines()] == recorded
+
+    # --merge_lora: final/ becomes a plain full model whose weights are base + the trained adapter
+    merged_run = tmp_path / "merged"
+    train.main(["--model_name", "tiny", "--train_dir", str(grid), *coco, "--output_dir", str(merged_run),
+                "--batch_size", "6", "--lr", "1e-2", "--holdout_max_samples", "4", "--max_steps", "3",
+                "--eval_save_steps", "3", "--eval_mode", "score", "--lora_rank", "2", "--merge_lora"])
+    assert (merged_run / "final" / "model.safetensors").is_file()
+    assert not (merged_run / "final" / "adapter_config.json").exists()
+    from transformers import AutoModelForImageTextToText
+
+    plain = AutoModelForImageTextToText.from_pretrained(merged_run / "final")
+    assert not any(".lora_" in n or ".base_layer" in n for n, _ in plain.named_parameters())
+    models.merge_lora(trained)  # the same run's checkpoint, merged by hand
+    expected = dict(trained.named_parameters())
+    for n, p in plain.named_parameters():
+        torch.testing.assert_close(p, expected[n], rtol=0, atol=1e-6)

@@ -55,7 +55,7 @@ def test_tiny_generates_through_the_kv_cache(tiny, tmp_path):
     model, processor, adapter = tiny
     path = tmp_path / "x.png"
     Image.new("RGB", (112, 112), "white").save(path)
-    batch = data.VLMCollator(processor, adapter.end_of_turn, with_answer=False)(
+    batch = data.VLMCollator(processor, adapter, with_answer=False)(
         [data.sample_record(path, "lr", "left", "dog", "cat")])
     batch.pop("target_positions")
     out = model.generate(**batch, max_new_tokens=3, do_sample=False)

@@ -33,7 +33,7 @@ def _mixed_batch(samples, processor, adapter, n=6, side="right"):
     tokenizer = processor.tokenizer
     old, tokenizer.padding_side = tokenizer.padding_side, side
     try:
-        batch = data.VLMCollator(processor, adapter.end_of_turn)(lr + ab)
+        batch = data.VLMCollator(processor, adapter)(lr + ab)
     finally:
         tokenizer.padding_side = old
     assert (batch["attention_mask"] == 0).any(), "the batch should need padding"
@@ -220,7 +220,7 @@ def _one_group_per_forward(model, processor, adapter, samples):
     """The recipe as it was: one group per forward pass, all hidden states, full logits;
     centre within the group, mean per cell."""
     groups = [g for g in data.group_indices(samples, range(len(samples))).values() if len(g) >= 2]
-    collate = data.VLMCollator(processor, adapter.end_of_turn, with_answer=False)
+    collate = data.VLMCollator(processor, adapter, with_answer=False)
     sums, counts = defaultdict(lambda: 0.0), defaultdict(int)
     with torch.no_grad():
         for group in groups:
@@ -360,3 +360,25 @@ def test_forward_path_goes_through_a_wrapper(tiny_ro_module, grid_samples):
     assert len(calls) == 2 and "labels" not in calls[0] and "logits_to_keep" in calls[0]
     assert abs(ours.loss.item() - reference.item()) <= 1e-5
     assert logits.shape == (batch["input_ids"].shape[0], adapter.lm_head(model).out_features)
+
+
+@pytest.mark.parametrize("family", ["tiny-qwen2.5", "tiny-llava", "tiny-mllama", "tiny-internvl", "tiny-gemma3"])
+def test_supervised_loss_equals_hf_loss_for_every_family(family, tmp_path):
+    """The loss path train.py uses (the head at supervised positions through the model's own
+    forward) gives HF's `labels=` loss for every family's forward, not only Qwen2-VL's."""
+    import models
+
+    objects = mg.builtin_objects(64)
+    mg.make_grid_images(tmp_path, {n: objects[n] for n in ("red circle", "blue square")}, cell=28, sizes=(124,),
+                        max_pairs=1, max_images=4, seed=0, progress=False)
+    model, processor, adapter = models.load_model_and_processor(family)
+    samples = data.GridDataset(tmp_path, "paper").samples[:4]
+    inputs, _, _ = data.split_batch(data.VLMCollator(processor, adapter)(samples), "cpu")
+    with torch.no_grad():
+        reference = model(**inputs).loss
+        ours = lm_loss.supervised_lm_loss(model, adapter, inputs).loss
+        unshifted = torch.nn.functional.cross_entropy(  # the check can fail: labels not shifted
+            model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()[inputs["labels"] != -100],
+            inputs["labels"][inputs["labels"] != -100])
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    assert not torch.isclose(unshifted, reference, rtol=1e-3)

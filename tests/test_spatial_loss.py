@@ -44,7 +44,7 @@ def grid_batch(processor, adapter, tmp_path, cells2):
         image = make_image(tmp_path / f"img{i}.png", i)
         samples.append(data.sample_record(image, "lr", "left", "red circle", "blue square",
                                           cell1=(0, 0), cell2=cell, size=SIZE))
-    batch = data.VLMCollator(processor, adapter.end_of_turn)(samples)
+    batch = data.VLMCollator(processor, adapter)(samples)
     return samples, batch
 
 
