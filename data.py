@@ -483,16 +483,20 @@ class VLMCollator:
         self.skip_unreadable = skip_unreadable
 
     def _load_images(self, samples):
-        """(samples whose image decodes, their images, paths of the others)."""
-        kept, images, unreadable = [], [], []
+        """(samples whose image decodes, their images, paths of the others). An image asked about
+        twice in a batch (its left/right and above/below questions) is decoded once."""
+        kept, images, unreadable, decoded = [], [], [], {}
         for s in samples:
+            path = str(s["image_path"])
             try:
-                images.append(load_image(s["image_path"]))
+                if path not in decoded:
+                    decoded[path] = load_image(path)
+                images.append(decoded[path])
                 kept.append(s)
             except (OSError, ValueError) as err:  # PIL: truncated, corrupt or not an image
                 if not self.skip_unreadable:
-                    raise ValueError(f"{s['image_path']}: unreadable image ({err})") from None
-                unreadable.append(str(s["image_path"]))
+                    raise ValueError(f"{path}: unreadable image ({err})") from None
+                unreadable.append(path)
         if not kept:
             raise ValueError(f"no image of a batch could be read: {', '.join(unreadable)}")
         return kept, images, unreadable

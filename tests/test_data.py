@@ -242,3 +242,16 @@ def test_missing_coco_images_are_counted_and_listed(tmp_path):
     text = str(err.value)
     assert text.startswith("9 of 10 COCO-Spatial images missing")
     assert text.count("coco/0000") == 5 and "000000000285.jpg" in text and "000000001005" not in text
+
+
+def test_an_image_asked_about_twice_in_a_batch_is_decoded_once(tiny, tmp_path, monkeypatch):
+    _, processor, adapter = tiny
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "camel_0-0_frog_1-1.png")
+    samples = data.GridDataset(tmp_path, "paper").samples  # a left/right and an above/below question
+    assert len(samples) == 2 and samples[0]["image_path"] == samples[1]["image_path"]
+    opened = []
+    real = data.load_image
+    monkeypatch.setattr(data, "load_image", lambda path: opened.append(path) or real(path))
+    batch = data.VLMCollator(processor, adapter)(samples)
+    assert len(opened) == 1
+    assert batch["input_ids"].shape[0] == 2 and torch.equal(*batch["pixel_values"].chunk(2))
