@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import make_grid_data  # noqa: E402
 import models  # noqa: E402
+import tiny_models  # noqa: E402
 
 REAL_VOCAB = 151936  # Qwen2-VL's vocabulary: the bench model's head has this many rows
 
@@ -70,7 +71,7 @@ def bench_model(full_size=False, device="cpu", dtype=torch.float32):
                                video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                                vision_end_token_id=ids["<|vision_end|>"])
     else:
-        config = models.tiny_config(tokenizer)
+        config = tiny_models.tiny_qwen2vl_config(tokenizer)
         config.text_config.vocab_size = REAL_VOCAB
     torch.manual_seed(0)
     with torch.device(device):
