@@ -80,11 +80,8 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=32, help="questions per forward pass (ours)")
     p.add_argument("--cell", type=int, default=112, help="grid cell px (images are 4 x cell); 112 = 448 px")
     p.add_argument("--layer", type=int, default=11, help="the single layer of the third path")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions after one warm-up")
-    p.add_argument("--full_size", action="store_true", help="the real Qwen2-VL-2B architecture (for a GPU)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 weights (CUDA only)")
     p.add_argument("--grid_dir", default=None, help="reuse a folder of grid images (drawn if empty)")
-    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    common.add_bench_args(p)
     args = p.parse_args(argv)
     if args._worker:
         return worker(args)
@@ -96,8 +93,7 @@ def main(argv=None):
     plain_name = f"plain: {names['plain']}"
     rows = [{"path": plain_name if k == "plain" else f"ours: {names[k]}", "per_s": r["images"] / res["seconds"],
              "seconds": res["seconds"], "cpu_seconds": res["cpu_seconds"], "peak_gib": res["peak_gib"], "vs": plain_name} for k, res in results.items()]
-    config = (f"{'Qwen2-VL-2B architecture' if args.full_size else 'tiny Qwen2-VL, vocab 151,936'}, random weights, "
-              f"{r['device']} {r['dtype']}, {args.groups} groups = {r['questions']} questions on {r['images']} images "
+    config = (f"{common.model_description(args, r)}, {args.groups} groups = {r['questions']} questions on {r['images']} images "
               f"of {4 * args.cell} px, ours {args.batch_size} questions per forward, median of {args.repeats} "
               f"alternating rounds after 1 warm-up; peak memory per path in its own process")
     common.print_table("ID derivation, clean recipe (images/s)", config, rows, "images")

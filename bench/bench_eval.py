@@ -53,11 +53,8 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--image_size", type=int, default=448)
     p.add_argument("--max_new_tokens", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions after one warm-up")
-    p.add_argument("--full_size", action="store_true", help="the real Qwen2-VL-2B architecture (for a GPU)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 weights (CUDA only)")
     p.add_argument("--data_dir", default=None, help="reuse a stand-in folder (made if empty)")
-    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    common.add_bench_args(p)
     args = p.parse_args(argv)
     if args._worker:
         return worker(args)
@@ -69,8 +66,7 @@ def main(argv=None):
     rows = [{"path": plain_name if name == "generate_1" else f"ours: {PATHS[name]}", "per_s": args.n / r["seconds"],
              "seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"], "peak_gib": r["peak_gib"], "vs": plain_name} for name, r in results.items()]
     r = results["generate_1"]
-    config = (f"{'Qwen2-VL-2B architecture' if args.full_size else 'tiny Qwen2-VL, vocab 151,936'}, random weights, "
-              f"{r['device']} {r['dtype']}, {args.n} COCO-format stand-in questions, {args.image_size} px images, "
+    config = (f"{common.model_description(args, r)}, {args.n} COCO-format stand-in questions, {args.image_size} px images, "
               f"prompts up to {r['prompt_tokens']} tokens, batch {args.batch_size}, {args.max_new_tokens} new tokens, "
               f"median of {args.repeats} alternating rounds after 1 warm-up; peak memory per path in its own process")
     common.print_table("evaluation (questions/s)", config, rows, "questions")

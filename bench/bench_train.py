@@ -74,13 +74,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch_size", type=int, default=15)
     p.add_argument("--cell", type=int, default=112, help="grid cell px (images are 4 x cell); 112 = 448 px")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions after one warm-up")
     p.add_argument("--layer", type=int, default=11, help="spatial-loss layer (hidden_states index)")
-    p.add_argument("--full_size", action="store_true", help="the real Qwen2-VL-2B architecture (for a GPU)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 weights (CUDA only)")
     p.add_argument("--grad_checkpointing", action="store_true")
     p.add_argument("--grid_dir", default=None, help="reuse a folder of grid images (drawn if empty)")
-    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    common.add_bench_args(p)
     args = p.parse_args(argv)
     if args._worker:
         return worker(args)
@@ -91,8 +88,7 @@ def main(argv=None):
     rows = [{"path": f"{name}: {PATHS[name]}", "per_s": args.batch_size / r["seconds"], "seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"],
              "peak_gib": r["peak_gib"], "vs": plain_name} for name, r in results.items()]
     r = results["plain"]
-    config = (f"{'Qwen2-VL-2B architecture' if args.full_size else 'tiny Qwen2-VL, vocab 151,936'}, random weights, "
-              f"{r['device']} {r['dtype']}, batch {args.batch_size}, {4 * args.cell} px images, "
+    config = (f"{common.model_description(args, r)}, batch {args.batch_size}, {4 * args.cell} px images, "
               f"{r['seq_len']} tokens per row, spatial layer {args.layer}, forward + backward, "
               f"median of {args.repeats} alternating rounds after 1 warm-up; peak memory per path in its own process")
     common.print_table("training step (samples/s = batch / step time)", config, rows, "samples")

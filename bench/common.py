@@ -207,3 +207,20 @@ def print_table(title, config, rows, unit):
         cells = [r["path"], f"{r['per_s']:.2f}", f"{r['seconds']:.3f}", f"{r['cpu_seconds']:.2f}",
                  f"{r['peak_gib']:.2f}", *ratios]
         print("| " + " | ".join(cells) + " |")
+
+
+def add_bench_args(parser):
+    """The flags every bench script shares."""
+    import argparse
+
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions after one warm-up")
+    parser.add_argument("--full_size", action="store_true", help="the real Qwen2-VL-2B architecture (for a GPU)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 weights (CUDA only)")
+    parser.add_argument("--_worker", help=argparse.SUPPRESS)
+    return parser
+
+
+def model_description(args, result):
+    """The first words of a table's configuration line: model, weights, device and dtype."""
+    model = "Qwen2-VL-2B architecture" if args.full_size else "tiny Qwen2-VL, vocab 151,936"
+    return f"{model}, random weights, {result['device']} {result['dtype']}"
