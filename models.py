@@ -753,6 +753,12 @@ def _gemma3_text(hidden, inter, layers, heads, kv):
 
 
 # alias -> config kwargs of the published architecture (class in FULL_SIZE_CONFIG_CLASSES).
+def _internvl_config(hidden, intermediate, layers, heads, kv_heads):
+    """InternVL3-hf: the same InternViT-300M and projector settings at every LM size."""
+    return dict(vision_config=_INTERNVIT_300M, text_config=_internvl_text(hidden, intermediate, layers, heads, kv_heads),
+                image_token_id=151667, downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=False)
+
+
 FULL_SIZE_CONFIGS = {
     "qwen2-2b": dict(
         vision_config=dict(_QWEN2_VISION, hidden_size=1536),
@@ -774,18 +780,10 @@ FULL_SIZE_CONFIGS = {
         vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False),
     "llama-11b": dict(
         vision_config=_MLLAMA_VISION, text_config=_MLLAMA_TEXT, image_token_id=128256, tie_word_embeddings=False),
-    "internvl-1b": dict(
-        vision_config=_INTERNVIT_300M, text_config=_internvl_text(896, 4864, 24, 14, 2), image_token_id=151667,
-        downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=False),
-    "internvl-2b": dict(
-        vision_config=_INTERNVIT_300M, text_config=_internvl_text(1536, 8960, 28, 12, 2), image_token_id=151667,
-        downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=False),
-    "internvl-8b": dict(
-        vision_config=_INTERNVIT_300M, text_config=_internvl_text(3584, 18944, 28, 28, 4), image_token_id=151667,
-        downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=False),
-    "internvl-14b": dict(
-        vision_config=_INTERNVIT_300M, text_config=_internvl_text(5120, 13824, 48, 40, 8), image_token_id=151667,
-        downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=False),
+    "internvl-1b": _internvl_config(896, 4864, 24, 14, 2),
+    "internvl-2b": _internvl_config(1536, 8960, 28, 12, 2),
+    "internvl-8b": _internvl_config(3584, 18944, 28, 28, 4),
+    "internvl-14b": _internvl_config(5120, 13824, 48, 40, 8),
     "gemma-4b": dict(
         vision_config=_SIGLIP_400M, text_config=_gemma3_text(2560, 10240, 34, 8, 4), mm_tokens_per_image=256,
         tie_word_embeddings=True),

@@ -18,6 +18,7 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field
@@ -167,7 +168,7 @@ class Progress:
     last_eval: dict = field(default_factory=dict)
 
 
-def training_state(args, progress, optimizer, scheduler, spatial_loss, accelerator):
+def training_state(args, progress, optimizer, scheduler, accelerator):
     """Everything needed to continue exactly (the trained tensors themselves go beside it)."""
     from accelerate.utils import gather_object
 
@@ -207,7 +208,7 @@ def _setup_run_folder(args, accelerator):
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output_dir {out}: exists and is not a folder")
     probe_parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
-    if not probe_parent.is_dir() or not _writable(probe_parent):
+    if not probe_parent.is_dir() or not os.access(probe_parent, os.W_OK | os.X_OK):
         raise ValueError(f"--output_dir {out}: {probe_parent} is not writable")
     if not args.resume_from_checkpoint:
         if _holds_run(out) and not args.overwrite_output_dir:
@@ -229,12 +230,6 @@ def _setup_run_folder(args, accelerator):
     if changed:
         accelerator.print(f"warning: resuming {resume_dir} with different arguments (then, now): {changed}")
     return resume_dir, state
-
-
-def _writable(folder):
-    import os
-
-    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def _setup_data(args, accelerator):
@@ -511,7 +506,7 @@ def main(argv=None):
 
     def save_checkpoint(step):
         saved_steps.add(step)
-        train_state = training_state(args, progress, optimizer, scheduler, spatial_loss, accelerator)
+        train_state = training_state(args, progress, optimizer, scheduler, accelerator)
         if is_main:
             folder = out / f"checkpoint-{step}"
             info = {"base_model": args.model_name, "step": step,
