@@ -32,15 +32,19 @@ REAL_VOCAB = 151936  # Qwen2-VL's vocabulary: the bench model's head has this ma
 
 
 def grid_group_samples(cell, batch_size):
-    """Up to `batch_size` samples of one training group (obj1 fixed, obj2 moving), drawn with
-    `cell` px cells into a temporary folder."""
+    """`batch_size` questions about images with obj1 in one cell (obj2 moving, both question
+    types, so rows are padded), drawn with `cell` px cells into a temporary folder. Exits with a
+    message when fewer exist (24 at most), never a silently smaller batch."""
     folder = Path(tempfile.mkdtemp())
     objects = make_grid_data.builtin_objects()
     make_grid_data.make_grid_images(folder, {k: objects[k] for k in list(objects)[:2]}, cell=cell,
                                     sizes=(124,), max_pairs=1, max_images=15, progress=False)
     samples = data.GridDataset(folder).samples
-    group = next(iter(data.group_indices(samples, range(len(samples))).values()))[:batch_size]
-    return [samples[i] for i in group]
+    first = samples[0]
+    chosen = [s for s in samples if s["cell1"] == first["cell1"] and s["obj1"] == first["obj1"]][:batch_size]
+    if len(chosen) < batch_size:
+        sys.exit(f"only {len(chosen)} questions share obj1's cell; use --batch_size {len(chosen)} or less")
+    return chosen
 
 
 def grid_folder(cell, max_pairs=1, max_images=None, folder=None):
