@@ -423,6 +423,34 @@ def paired_rows(groups, set_name, pairing="majority"):
     return rows
 
 
+def learning_check(group, set_name):
+    """McNemar and bootstrap of a group's final step against its first evaluation (step 0 when
+    it evaluated before training), on the same questions; None without two common steps."""
+    steps = common_steps(group, set_name)
+    if len(steps) < 2:
+        return None
+    result = paired_comparison(group, group, set_name, steps[0], steps[-1])
+    return dict(result, first_step=steps[0], final_step=steps[-1])
+
+
+def learning_rows(groups, set_name):
+    rows = []
+    for group in groups:
+        s = learning_check(group, set_name)
+        if s is not None:
+            rows.append([group_label(group), f"@{s['first_step']} → @{s['final_step']}", s["n"],
+                         f"{s['ref_acc']:.3f}", f"{s['other_acc']:.3f}", f"{s['diff']:+.3f}",
+                         f"[{s['low']:+.3f}, {s['high']:+.3f}]", f"{s['c']} / {s['b']}", f"{s['p']:.4g}"])
+    return rows
+
+
+LEARNING_HEADER = ["run or group", "steps", "questions", "acc first", "acc final", "difference",
+                   "bootstrap 95% CI", "discordant (final only / first only)", "McNemar exact p"]
+LEARNING_NOTE = ("Each run (seed groups pooled per question by majority vote) against itself before "
+                 "training, on the same questions: a small p with a positive difference says training "
+                 "changed the answers for the better, not only the loss.")
+
+
 PAIRED_HEADER = ["step", "comparison", "questions", "acc reference", "acc other", "difference",
                  "bootstrap 95% CI", "discordant (other only / ref only)", "McNemar exact p"]
 
@@ -542,6 +570,11 @@ def build_sections(groups, pairing="majority"):
             sections.append((f"{title}: accuracy per evaluation step", text + "\n\nCells: accuracy (correct/n) for "
                              "one run; mean ± sample std over seeds (n questions per seed) for a seed group. "
                              "'runs' counts the group's runs evaluated at that step."))
+    for set_name, title in SETS.items():
+        rows = learning_rows(groups, set_name)
+        if rows:
+            sections.append((f"{title}: did training change the answers? (first vs final step)",
+                             markdown_table(LEARNING_HEADER, rows) + "\n\n" + LEARNING_NOTE))
     if len(groups) > 1:
         for set_name, title in SETS.items():
             rows = paired_rows(groups, set_name, pairing)
@@ -573,7 +606,8 @@ def main(argv=None):
     parser.add_argument("--out", help="folder for report.md and compare.png "
                                       "(default: compare_<groups> next to the first run)")
     parser.add_argument("--brief", action="store_true",
-                        help="print only the plain table and where the report went (the report is complete)")
+                        help="print only the plain table, the holdout first-vs-final test and where the report went "
+                             "(the report is complete)")
     args = parser.parse_args(argv)
     if args.labels and len(args.labels) != len(args.runs):
         parser.error(f"argument --labels: {len(args.labels)} labels for {len(args.runs)} runs (one per run)")
@@ -583,7 +617,9 @@ def main(argv=None):
         plain = table([summary_row(r) for r in runs])
         print(plain)
         sections = build_sections(groups, args.pairing)
-        for title, text in sections if not args.brief else ():
+        # --brief keeps the one question a demo asks: did training change the holdout answers?
+        shown = [(t, x) for t, x in sections if not args.brief or t.startswith(f"{SETS['holdout']}: did training")]
+        for title, text in shown:
             print(f"\n## {title}\n\n{text}")
         out = Path(args.out) if args.out else default_out(groups, args.runs[0])
         out.mkdir(parents=True, exist_ok=True)

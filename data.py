@@ -490,7 +490,8 @@ class VLMCollator:
             path = str(s["image_path"])
             try:
                 if path not in decoded:
-                    decoded[path] = load_image(path)
+                    # An in-memory image (tiny-warm's pretraining draws its images as it goes).
+                    decoded[path] = s["image"] if "image" in s else load_image(path)
                 images.append(decoded[path])
                 kept.append(s)
             except (OSError, ValueError) as err:  # PIL: truncated, corrupt or not an image

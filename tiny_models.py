@@ -8,7 +8,9 @@ built once into a cache folder and then loaded through the same `from_pretrained
 checkpoint (`models.load_model_and_processor("tiny-llava")`).
 
 Aliases: `tiny` (Qwen2-VL, the original built-in model), `tiny-qwen2.5`, `tiny-llava`,
-`tiny-mllama`, `tiny-internvl`, `tiny-gemma3`.
+`tiny-mllama`, `tiny-internvl`, `tiny-gemma3`; and `tiny-warm`, the tiny Qwen2-VL pretrained
+briefly on grid questions about its own objects (tiny_warm.py), the one model here that can show
+training teaching something.
 """
 import os
 import shutil
@@ -24,6 +26,7 @@ TINY_SEED = 0
 TINY_VERSIONS = {
     "tiny": "qwen2vl-v1", "tiny-qwen2.5": "qwen2.5vl-v1", "tiny-llava": "llava-v1",
     "tiny-mllama": "mllama-v2", "tiny-internvl": "internvl-v1", "tiny-gemma3": "gemma3-v1",
+    "tiny-warm": "qwen2vl-warm-v1",
 }
 TINY_ALIASES = tuple(TINY_VERSIONS)
 
@@ -405,6 +408,15 @@ def build_tiny_gemma3(out_dir):
     _save(model, processor, out_dir, ids["<end_of_turn>"], ids["<pad>"], ids["<bos>"])
 
 
+def build_tiny_warm(out_dir):
+    """The tiny Qwen2-VL pretrained briefly (tiny_warm.py): a couple of CPU minutes, once."""
+    import tiny_warm
+
+    print("building tiny-warm: the tiny Qwen2-VL pretrained on grid questions (once; about 2 CPU minutes)",
+          flush=True)
+    tiny_warm.build_tiny_warm(out_dir)
+
+
 BUILDERS = {
     "tiny": build_tiny_qwen2vl,
     "tiny-qwen2.5": build_tiny_qwen25vl,
@@ -412,6 +424,7 @@ BUILDERS = {
     "tiny-mllama": build_tiny_mllama,
     "tiny-internvl": build_tiny_internvl,
     "tiny-gemma3": build_tiny_gemma3,
+    "tiny-warm": build_tiny_warm,
 }
 
 
