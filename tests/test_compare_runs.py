@@ -135,6 +135,26 @@ def test_paired_counts_and_p_value_on_run_folders(tmp_path):
     assert result["diff"] == pytest.approx(0.5) and result["low"] > 0
 
 
+def test_first_vs_final_step_of_one_run(tmp_path, capsys):
+    # Step 0: right on questions 0-4; step 20: right on 2-9. Discordant: 0, 1 lost; 5-9 gained.
+    run = cr.load_run(write_run(tmp_path / "run", {0: bools(5, 10), 10: bools(5, 10), 20: bools(0, 2) + bools(8, 8)},
+                                holdout={0: bools(3, 10), 10: bools(3, 10), 20: bools(3, 10)}))
+    coco = cr.learning_check(cr.single(run), "coco")
+    assert (coco["first_step"], coco["final_step"], coco["n"], coco["b"], coco["c"]) == (0, 20, 10, 2, 5)
+    assert coco["p"] == pytest.approx(2 * (1 + 7 + 21) / 2 ** 7)  # two-sided binomial, 2 of 7
+    assert coco["diff"] == pytest.approx(0.3)
+    unchanged = cr.learning_check(cr.single(run), "holdout")
+    assert unchanged["p"] == 1.0 and unchanged["low"] == unchanged["high"] == 0.0
+    # One evaluation only: nothing to compare.
+    single_eval = cr.load_run(write_run(tmp_path / "once", {0: bools(5, 10)}))
+    assert cr.learning_check(cr.single(single_eval), "coco") is None
+    # --brief prints the holdout row and nothing else beyond the plain table.
+    cr.main([str(tmp_path / "run"), "--brief", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "holdout pairs: did training change the answers?" in out and "| run | @0 → @20 | 10 | 0.300 | 0.300 |" in out
+    assert "paired statistics" not in out and "accuracy per evaluation step" not in out
+
+
 def test_majority_vote_counts_a_tie_as_wrong(tmp_path):
     # Two seeds: question 0 right in both, 1 right in one (tie), 2 right in none.
     runs = [cr.load_run(write_run(tmp_path / f"s{seed}", {0: c}, seed=seed))

@@ -1,57 +1,60 @@
-"""Training teaches something, end to end: finetuning only the default selection of `tiny-warm`
-(the MLPs of its last 6 vision blocks) raises its held-out-pair accuracy in generate mode, paired
-on the same questions (McNemar p < 0.01, at least 200 questions); with the training answers
-swapped the same run does not, so the check can fail."""
+"""tiny-warm, the one model here that answers grid questions, end to end through train.py:
+its answers are in the expected format and between chance and perfect on the demo's objects;
+finetuning the default selection learns what the labels say (the labels
+reach the trained slice and move its answers on the pairs it trains on, up with true answers and
+down with swapped ones); the paired first-vs-final check reports no change when nothing trains.
+
+What these tests do not claim, because it does not hold in this sandbox (README, "tiny-warm"):
+that finetuning the default selection raises held-out-pair accuracy. It lowers it."""
+import json
+import random
+
 import pytest
 
+import checkpoints
 import compare_runs
 import data
+import eval_coco
 import make_grid_data
 import models
+import tiny_models
+import tiny_warm
 import train
 
-# Built-in objects: tiny-warm was pretrained on other ones (tiny_warm.PRETRAIN_OBJECTS).
-OBJECTS = ("red circle", "blue square", "green triangle", "yellow star", "purple diamond", "orange cross")
 STEPS = 60
 
 
 @pytest.fixture(scope="module")
 def warm():
-    return models.ensure_tiny_model(alias="tiny-warm")
+    models.ensure_tiny_model(alias="tiny-warm")
+    return models.load_model_and_processor("tiny-warm")
 
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
+    """The demo's data: tiny-warm's colours in built-in shapes, 3 pairs (one held out)."""
     root = tmp_path_factory.mktemp("learning")
     renders = make_grid_data.builtin_objects(64)
-    make_grid_data.make_grid_images(root / "grid", {n: renders[n] for n in OBJECTS}, cell=28, sizes=(124,),
-                                    max_pairs=8, seed=0, progress=False)
+    make_grid_data.make_grid_images(root / "grid", {n: renders[n] for n in tiny_warm.NEW_OBJECTS}, cell=28,
+                                    sizes=(124,), seed=0, progress=False)
     make_grid_data.make_coco_standin(root / "standin", renders, n=8, image_size=48, seed=0)
     return root
 
 
-def finetune(root, out):
+def finetune(root, out, *extra):
     train.main(["--model_name", "tiny-warm", "--train_dir", str(root / "grid"),
                 "--val_json", str(root / "standin" / make_grid_data.STANDIN_JSON),
                 "--coco_val_dir", str(root / "standin"), "--output_dir", str(out),
                 "--max_steps", str(STEPS), "--eval_save_steps", str(STEPS), "--batch_size", "8", "--lr", "3e-3",
-                "--eval_mode", "generate", "--holdout_max_samples", "256", "--seed", "0"])
-    run = compare_runs.load_run(out)
-    return compare_runs.learning_check({"name": run["name"], "runs": [run]}, "holdout")
+                "--eval_mode", "generate", "--holdout_max_samples", "256", "--seed", "0", *extra])
+    return compare_runs.load_run(out)
 
 
-def learned(check):
-    return check["n"] >= 200 and check["diff"] > 0 and check["p"] < 0.01
+def first_vs_final(run):
+    return compare_runs.learning_check(compare_runs.single(run), "holdout")
 
 
-def test_finetuning_the_default_selection_raises_holdout_accuracy(warm, grid, tmp_path):
-    check = finetune(grid, tmp_path / "run")
-    assert check["first_step"] == 0 and check["final_step"] == STEPS
-    assert 0.55 <= check["ref_acc"] <= 0.9, f"tiny-warm should start above chance, below perfect: {check}"
-    assert learned(check), check
-
-
-def test_swapped_answers_do_not_raise_it(warm, grid, tmp_path, monkeypatch):
+def swap_training_answers(monkeypatch):
     collate = data.VLMCollator.__call__
 
     def swapped(self, samples):
@@ -60,6 +63,67 @@ def test_swapped_answers_do_not_raise_it(warm, grid, tmp_path, monkeypatch):
         return collate(self, samples)
 
     monkeypatch.setattr(data.VLMCollator, "__call__", swapped)
-    check = finetune(grid, tmp_path / "run")
-    assert not learned(check), check
-    assert check["diff"] <= 0, check
+
+
+def test_tiny_warm_objects_and_its_build_record(warm):
+    assert not set(tiny_warm.PRETRAIN_OBJECTS) & set(data.BUILTIN_OBJECT_NAMES)  # the demo never trains on them
+    assert set(tiny_warm.NEW_OBJECTS) <= set(data.BUILTIN_OBJECT_NAMES)
+    record = json.loads((tiny_models.tiny_cache_dir("tiny-warm") / "pretraining.json").read_text())
+    starts = record["stage_starts"]
+    assert len(starts) == len(tiny_warm.CURRICULUM) and starts == sorted(set(starts))
+    assert record["final_stage_start"] is not None and record["steps"] == record["final_stage_start"] + tiny_warm.FINAL_STEPS
+    assert record["accuracy_pretraining_objects_new_layouts"] >= 0.95
+
+
+def test_tiny_warm_answers_in_format_between_chance_and_perfect(warm):
+    model, processor, adapter = warm
+    own = tiny_warm.GridQuestions().samples(random.Random("test-own"), 96)
+    new = tiny_warm.GridQuestions(objects=tiny_warm.NEW_OBJECTS).samples(random.Random("test-new"), 96)
+    own_report, _ = eval_coco.evaluate(model, processor, adapter, own, 32, "generate", progress=False)
+    new_report, rows = eval_coco.evaluate(model, processor, adapter, new, 32, "generate", progress=False)
+    assert all(r["prediction"] in data.ANSWER_WORDS for r in rows), [r["generated"] for r in rows][:10]
+    assert own_report["accuracy"] >= 0.95
+    assert 0.6 <= new_report["accuracy"] <= 0.95, new_report
+
+
+def test_nothing_trained_nothing_changed(warm, grid, tmp_path):
+    check = first_vs_final(finetune(grid, tmp_path / "run", "--lr", "1e-12"))
+    assert check["n"] >= 200 and check["b"] == check["c"] == 0 and check["p"] == 1.0
+
+
+def training_pair_questions(root, n=256):
+    """A seeded subset of the questions train.py trains on (the pairs it does not hold out)."""
+    samples = data.GridDataset(root / "grid", "paper").samples
+    train_idx, _ = data.split_holdout(samples, 0.15, 0)
+    return [samples[i] for i in sorted(random.Random(0).sample(train_idx, n))]
+
+
+def correctness(model_and_processor, questions):
+    model, processor, adapter = model_and_processor
+    _, rows = eval_coco.evaluate(model, processor, adapter, questions, 32, "generate", progress=False)
+    return [bool(r["correct"]) for r in rows]
+
+
+def paired(before, after):
+    b = sum(x and not y for x, y in zip(before, after))
+    c = sum(y and not x for x, y in zip(before, after))
+    return {"before": sum(before) / len(before), "after": sum(after) / len(after), "p": compare_runs.mcnemar_exact(b, c)}
+
+
+def test_the_trained_slice_learns_what_the_labels_say(warm, grid, tmp_path, monkeypatch):
+    """On the pairs it trains on, finetuning the default selection moves the answers towards the
+    labels: up with the true answers, down with swapped ones (both significant), so a bug that
+    trained the wrong token or masked the labels would fail one of the two."""
+    questions = training_pair_questions(grid)
+    before = correctness(warm, questions)
+    true = finetune(grid, tmp_path / "true")
+    swap_training_answers(monkeypatch)
+    swapped = finetune(grid, tmp_path / "swapped")
+    up = paired(before, correctness(checkpoints.load_checkpoint_model(true["folder"] / "final"), questions))
+    down = paired(before, correctness(checkpoints.load_checkpoint_model(swapped["folder"] / "final"), questions))
+    print("training pairs, true answers:", up, "swapped:", down)
+    assert up["after"] > up["before"] and up["p"] < 0.01, up
+    assert down["after"] < down["before"] - 0.1 and down["p"] < 0.01, down
+    # The paired first-vs-final check of the run folder sees the broken run change too.
+    broken = first_vs_final(swapped)
+    assert broken["n"] >= 200 and broken["b"] + broken["c"] > 0, broken
