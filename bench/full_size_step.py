@@ -1,5 +1,6 @@
 """One training step of the real Qwen2-VL-2B architecture (random weights, no download): default
-selection, LM loss + spatial-ID loss through the layer-11 hook, backward, AdamW step. Prints the
+selection, LM loss (train.py's path: the head at supervised positions only) + spatial-ID loss
+through the layer-11 hook, backward, AdamW step. Prints the
 selection, timings and (on CUDA) peak memory, and checks that exactly the selected tensors got
 gradients.
 
@@ -17,6 +18,7 @@ import torch
 from common import grid_group_samples  # also puts the repo on sys.path
 
 import data  # noqa: E402
+import lm_loss  # noqa: E402
 import models  # noqa: E402
 import param_selectors  # noqa: E402
 import spatial_loss as sl  # noqa: E402
@@ -69,7 +71,7 @@ def main():
         sync()
         t0 = time.perf_counter()
         with sl.capture_layer(model, adapter, args.layer) as cap:
-            out = model(**batch)
+            out = lm_loss.supervised_lm_loss(model, adapter, batch)  # train.py's path
         aux = loss_fn(sl.gather_target_states(cap.states, positions), cells)
         sync()
         t_forward = time.perf_counter() - t0
