@@ -27,11 +27,10 @@ Everything is seeded: the same machine builds the same weights.
 import json
 import math
 import random
+import sys
 from pathlib import Path
 
 import torch
-
-REPO_ROOT = Path(__file__).resolve().parent
 
 # Not built-in objects (data.BUILTIN_OBJECT_NAMES): the colours of the demo's objects (red circle,
 # blue square, green triangle) in other shapes. The demo finetunes and evaluates on built-in
@@ -124,7 +123,8 @@ def pretrain(model, processor, adapter, progress=True):
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     model.train()
     losses, stage_starts, final_start = [], [0], None
-    bar = tqdm(total=None, desc="pretraining tiny-warm", disable=not progress, mininterval=2)
+    bar = tqdm(total=None, desc="pretraining tiny-warm", disable=not progress,
+               mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
     for step in range(MAX_STEPS):
         stage = len(stage_starts) - 1
         if final_start is not None and step - final_start >= FINAL_STEPS:
