@@ -73,7 +73,8 @@ def warm_config(tokenizer):
 
 class GridQuestions:
     """Grid questions drawn on the fly, in memory: two objects in two random cells, both question
-    types where they apply, either question style."""
+    types where they apply, worded in one of `styles` (tiny-warm learns the paper protocol's
+    bare names, the demo's wording)."""
 
     def __init__(self, objects=None, cell=CELL, size=OBJECT_SIZE, styles=("paper",)):
         import make_grid_data
@@ -113,8 +114,9 @@ class GridQuestions:
 
 
 def pretrain(model, processor, adapter, progress=True):
-    """Train every weight of `model` through the curriculum. Returns (loss of each step, the step
-    at which each stage of CURRICULUM began)."""
+    """Train every weight of `model` through the curriculum. Returns (the loss of each step, the
+    step at which each stage of CURRICULUM began, the step at which the final stage began or None
+    when MAX_STEPS came first)."""
     import data
     from tqdm.auto import tqdm
 
