@@ -27,16 +27,6 @@ import spatial_loss as sl  # noqa: E402
 PATHS = {"plain": "labels= forward, output_hidden_states=True", "ours": "supervised_lm_loss + layer hook"}
 
 
-def batch_samples(folder, batch_size):
-    """`batch_size` questions with obj1 fixed (both question types, so rows are padded)."""
-    samples = data.GridDataset(folder).samples
-    first = samples[0]
-    chosen = [s for s in samples if s["cell1"] == first["cell1"] and s["obj1"] == first["obj1"]][:batch_size]
-    if len(chosen) < batch_size:
-        sys.exit(f"{folder}: only {len(chosen)} questions share obj1's cell; lower --batch_size")
-    return chosen
-
-
 def worker(args):
     device, dtype = common.device_and_dtype(args.bf16)
     model, processor, adapter = common.bench_model(args.full_size, device, dtype)
@@ -45,7 +35,7 @@ def worker(args):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
-    samples = batch_samples(common.grid_folder(args.cell, folder=args.grid_dir), args.batch_size)
+    samples = common.obj1_cell_samples(common.grid_folder(args.cell, folder=args.grid_dir), args.batch_size)
     batch, positions, cells = data.split_batch(data.VLMCollator(processor, adapter)(samples), device)
     loss_fn = sl.SpatialIDLoss({c: torch.randn(adapter.lm_hidden_size(model)) for c in set(cells)}).to(device)
     losses = {}

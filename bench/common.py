@@ -31,20 +31,25 @@ import tiny_models  # noqa: E402
 REAL_VOCAB = 151936  # Qwen2-VL's vocabulary: the bench model's head has this many rows
 
 
-def grid_group_samples(cell, batch_size):
-    """`batch_size` questions about images with obj1 in one cell (obj2 moving, both question
-    types, so rows are padded), drawn with `cell` px cells into a temporary folder. Exits with a
-    message when fewer exist (24 at most), never a silently smaller batch."""
-    folder = Path(tempfile.mkdtemp())
-    objects = make_grid_data.builtin_objects()
-    make_grid_data.make_grid_images(folder, {k: objects[k] for k in list(objects)[:2]}, cell=cell,
-                                    sizes=(124,), max_pairs=1, max_images=15, progress=False)
+def obj1_cell_samples(folder, batch_size):
+    """`batch_size` questions of a grid folder with obj1 in one cell (obj2 moving, both question
+    types, so rows are padded). Exits with a message when fewer exist, never a smaller batch."""
     samples = data.GridDataset(folder).samples
     first = samples[0]
     chosen = [s for s in samples if s["cell1"] == first["cell1"] and s["obj1"] == first["obj1"]][:batch_size]
     if len(chosen) < batch_size:
-        sys.exit(f"only {len(chosen)} questions share obj1's cell; use --batch_size {len(chosen)} or less")
+        sys.exit(f"{folder}: only {len(chosen)} questions share obj1's cell; use --batch_size {len(chosen)} or less")
     return chosen
+
+
+def grid_group_samples(cell, batch_size):
+    """obj1_cell_samples of 15 images drawn with `cell` px cells into a temporary folder (24
+    questions at most)."""
+    folder = Path(tempfile.mkdtemp())
+    objects = make_grid_data.builtin_objects()
+    make_grid_data.make_grid_images(folder, {k: objects[k] for k in list(objects)[:2]}, cell=cell,
+                                    sizes=(124,), max_pairs=1, max_images=15, progress=False)
+    return obj1_cell_samples(folder, batch_size)
 
 
 def grid_folder(cell, max_pairs=1, max_images=None, folder=None):
