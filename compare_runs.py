@@ -371,10 +371,16 @@ def paired_comparison(reference, other, set_name, ref_step, other_step):
     of the (pooled) right/wrong answers, so they describe one and the same comparison."""
     keys, ref, ref_path = group_correctness(reference, ref_step, set_name)
     _, oth, _ = group_correctness(other, other_step, set_name, reference=(dict.fromkeys(keys), ref_path))
+    return paired_stats(ref, oth)
+
+
+def paired_stats(ref, other):
+    """McNemar and bootstrap of two right/wrong lists over the same questions, in the same order."""
+    ref, oth = np.asarray(ref, dtype=bool), np.asarray(other, dtype=bool)
     b = int(np.sum(ref & ~oth))  # reference right, other wrong
     c = int(np.sum(~ref & oth))
     low, high = bootstrap_interval(ref, oth)
-    return {"n": len(keys), "ref_acc": float(ref.mean()), "other_acc": float(oth.mean()),
+    return {"n": len(ref), "ref_acc": float(ref.mean()), "other_acc": float(oth.mean()),
             "b": b, "c": c, "p": mcnemar_exact(b, c),
             "diff": float(oth.mean() - ref.mean()), "low": low, "high": high}
 
@@ -408,6 +414,12 @@ def comparisons(groups, pairing):
                 yield single(ref_run), single(other_run)
 
 
+def stat_cells(s):
+    """The table cells of one paired_stats result, from the question count to the p-value."""
+    return [s["n"], f"{s['ref_acc']:.3f}", f"{s['other_acc']:.3f}", f"{s['diff']:+.3f}",
+            f"[{s['low']:+.3f}, {s['high']:+.3f}]", f"{s['c']} / {s['b']}", f"{s['p']:.4g}"]
+
+
 def paired_rows(groups, set_name, pairing="majority"):
     rows = []
     for reference, other in comparisons(groups, pairing):
@@ -418,8 +430,7 @@ def paired_rows(groups, set_name, pairing="majority"):
         for which, ref_step, other_step in (("final", ref_final, other_final), ("best", ref_best, other_best)):
             s = paired_comparison(reference, other, set_name, ref_step, other_step)
             rows.append([which, f"{group_label(other)} @{other_step} vs {group_label(reference)} @{ref_step}",
-                         s["n"], f"{s['ref_acc']:.3f}", f"{s['other_acc']:.3f}", f"{s['diff']:+.3f}",
-                         f"[{s['low']:+.3f}, {s['high']:+.3f}]", f"{s['c']} / {s['b']}", f"{s['p']:.4g}"])
+                         *stat_cells(s)])
     return rows
 
 
@@ -438,9 +449,7 @@ def learning_rows(groups, set_name):
     for group in groups:
         s = learning_check(group, set_name)
         if s is not None:
-            rows.append([group_label(group), f"@{s['first_step']} → @{s['final_step']}", s["n"],
-                         f"{s['ref_acc']:.3f}", f"{s['other_acc']:.3f}", f"{s['diff']:+.3f}",
-                         f"[{s['low']:+.3f}, {s['high']:+.3f}]", f"{s['c']} / {s['b']}", f"{s['p']:.4g}"])
+            rows.append([group_label(group), f"@{s['first_step']} → @{s['final_step']}", *stat_cells(s)])
     return rows
 
 

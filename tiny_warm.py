@@ -163,23 +163,11 @@ def pretrain(model, processor, adapter, progress=True):
     return losses, stage_starts, final_start
 
 
-@torch.no_grad()
-def option_accuracy(model, processor, adapter, samples, batch_size=32):
-    """Accuracy of the higher-scoring option word at the answer position (a quick check)."""
-    import data
+def option_accuracy(model, processor, adapter, samples):
+    """Score-mode accuracy (the option words' log-probabilities at the answer position)."""
+    import eval_coco
 
-    collate = data.VLMCollator(processor, adapter, with_answer=False)
-    tokenizer = processor.tokenizer
-    first_token = {w: tokenizer.encode(w, add_special_tokens=False)[0] for w in data.ANSWER_WORDS}
-    correct = 0
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        inputs, _, _ = data.split_batch(collate(chunk), "cpu")
-        logits = model(**inputs).logits[:, -1]  # left padding: the last position is the answer's
-        for sample, row in zip(chunk, logits):
-            a, b = data.OPTIONS[data.RELATION_TYPE[sample["answer"]]]
-            correct += (a if row[first_token[a]] >= row[first_token[b]] else b) == sample["answer"]
-    return correct / len(samples)
+    return eval_coco.evaluate(model, processor, adapter, samples, 32, "score", progress=False)[0]["accuracy"]
 
 
 def build_tiny_warm(out_dir, progress=True):

@@ -104,12 +104,6 @@ def correctness(model_and_processor, questions):
     return [bool(r["correct"]) for r in rows]
 
 
-def paired(before, after):
-    b = sum(x and not y for x, y in zip(before, after))
-    c = sum(y and not x for x, y in zip(before, after))
-    return {"before": sum(before) / len(before), "after": sum(after) / len(after), "p": compare_runs.mcnemar_exact(b, c)}
-
-
 def test_the_trained_slice_learns_what_the_labels_say(warm, grid, tmp_path, monkeypatch):
     """On the pairs it trains on, finetuning the default selection moves the answers towards the
     labels: up with the true answers, down with swapped ones (both significant), so a bug that
@@ -119,11 +113,11 @@ def test_the_trained_slice_learns_what_the_labels_say(warm, grid, tmp_path, monk
     true = finetune(grid, tmp_path / "true")
     swap_training_answers(monkeypatch)
     swapped = finetune(grid, tmp_path / "swapped")
-    up = paired(before, correctness(checkpoints.load_checkpoint_model(true["folder"] / "final"), questions))
-    down = paired(before, correctness(checkpoints.load_checkpoint_model(swapped["folder"] / "final"), questions))
+    up = compare_runs.paired_stats(before, correctness(checkpoints.load_checkpoint_model(true["folder"] / "final"), questions))
+    down = compare_runs.paired_stats(before, correctness(checkpoints.load_checkpoint_model(swapped["folder"] / "final"), questions))
     print("training pairs, true answers:", up, "swapped:", down)
-    assert up["after"] > up["before"] and up["p"] < 0.01, up
-    assert down["after"] < down["before"] - 0.1 and down["p"] < 0.01, down
+    assert up["other_acc"] > up["ref_acc"] and up["p"] < 0.01, up
+    assert down["other_acc"] < down["ref_acc"] - 0.1 and down["p"] < 0.01, down
     # The paired first-vs-final check of the run folder sees the broken run change too.
     broken = first_vs_final(swapped)
     assert broken["n"] >= 200 and broken["b"] + broken["c"] > 0, broken
