@@ -20,7 +20,7 @@ COMMON=(--train_dir "$GRID" --val_json "$STANDIN/coco_qa_two_obj_standin.json" -
         --max_steps "$STEPS" --eval_save_steps $((STEPS / 2)) --log_every 10 --batch_size 8 --lr 3e-3
         --eval_mode generate --holdout_max_samples 256 --seed 0 --overwrite_output_dir)
 
-echo "== 1/5 tiny-warm (built once and cached in .cache/; the first time takes a couple of minutes)"
+echo "== 1/5 tiny-warm (shipped in weights/tiny-warm-v1/, checked against its SHA256SUMS)"
 "$PY" -c "import models; print(models.ensure_tiny_model(alias='$MODEL'))"
 
 echo "== 2/5 grid images, an ID-extraction set of other objects, and the COCO-Spatial stand-in"

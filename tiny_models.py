@@ -9,9 +9,12 @@ checkpoint (`models.load_model_and_processor("tiny-llava")`).
 
 Aliases: `tiny` (Qwen2-VL, the original built-in model), `tiny-qwen2.5`, `tiny-llava`,
 `tiny-mllama`, `tiny-internvl`, `tiny-gemma3`; and `tiny-warm`, the tiny Qwen2-VL pretrained
-briefly on grid questions about its own objects (tiny_warm.py), the one model here that can show
-training teaching something.
+briefly on grid questions about its own objects, the one model here that can show training
+teaching something. Its weights ship in `weights/tiny-warm-v1/` (checked against `SHA256SUMS`
+there) and are never rebuilt on the fly: its recipe (`python tiny_warm.py`) is a training run,
+and another CPU's float arithmetic trains another model from the same seed.
 """
+import hashlib
 import os
 import shutil
 import tempfile
@@ -408,15 +411,6 @@ def build_tiny_gemma3(out_dir):
     _save(model, processor, out_dir, ids["<end_of_turn>"], ids["<pad>"], ids["<bos>"])
 
 
-def build_tiny_warm(out_dir):
-    """The tiny Qwen2-VL pretrained briefly (tiny_warm.py): a couple of CPU minutes, once."""
-    import tiny_warm
-
-    print("building tiny-warm: the tiny Qwen2-VL pretrained on grid questions (once; about 2 CPU minutes)",
-          flush=True)
-    tiny_warm.build_tiny_warm(out_dir)
-
-
 BUILDERS = {
     "tiny": build_tiny_qwen2vl,
     "tiny-qwen2.5": build_tiny_qwen25vl,
@@ -424,8 +418,10 @@ BUILDERS = {
     "tiny-mllama": build_tiny_mllama,
     "tiny-internvl": build_tiny_internvl,
     "tiny-gemma3": build_tiny_gemma3,
-    "tiny-warm": build_tiny_warm,
 }
+# Models whose weights ship with the repository instead of being built here (see the docstring).
+SHIPPED = {"tiny-warm": REPO_ROOT / "weights" / "tiny-warm-v1"}
+MANIFEST = "SHA256SUMS"
 
 
 def cache_root():
@@ -437,8 +433,44 @@ def tiny_cache_dir(alias="tiny"):
     return cache_root() / f"tiny-{TINY_VERSIONS[alias]}"
 
 
+def tiny_model_dir(alias="tiny"):
+    """Where a tiny model's files are: the shipped folder, or the build cache."""
+    return SHIPPED.get(alias) or tiny_cache_dir(alias)
+
+
+def _sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_manifest(folder):
+    """`SHA256SUMS` of every file in `folder` (sha256sum's format), so a damaged copy is caught."""
+    folder = Path(folder)
+    lines = [f"{_sha256(p)}  {p.name}\n" for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST]
+    (folder / MANIFEST).write_text("".join(lines))
+
+
+def verify_shipped(alias):
+    """The shipped folder of `alias`, after checking every file against its SHA256SUMS; raises
+    ValueError naming the first file that is missing or differs."""
+    folder = SHIPPED[alias]
+    manifest = folder / MANIFEST
+    shown = os.path.relpath(folder, REPO_ROOT)
+    if not manifest.is_file():
+        raise ValueError(f"{manifest}: missing; {alias}'s weights ship with the repository "
+                         f"(git checkout -- {shown}, or rebuild: python tiny_warm.py --overwrite)")
+    for line in manifest.read_text().splitlines():
+        digest, name = line.split(None, 1)
+        path = folder / name.strip()
+        if not path.is_file() or _sha256(path) != digest:
+            raise ValueError(f"{path}: {'missing' if not path.is_file() else 'does not match ' + MANIFEST}; "
+                             f"git checkout -- {shown} restores {alias}'s shipped weights")
+    return folder
+
+
 def build_tiny(alias, out_dir):
     """Build a tiny model, tokenizer and processor config into `out_dir` (deterministic)."""
+    if alias in SHIPPED:
+        raise ValueError(f"{alias} ships in {SHIPPED[alias]}; its recipe rebuilds it: python tiny_warm.py --out DIR")
     if alias not in BUILDERS:
         raise ValueError(f"unknown tiny model {alias!r}; known: {', '.join(TINY_ALIASES)}")
     out_dir = Path(out_dir)
@@ -447,7 +479,10 @@ def build_tiny(alias, out_dir):
 
 
 def ensure_tiny(alias="tiny", cache_dir=None):
-    """Build a tiny model once (atomically, so an interrupted build is never half-used)."""
+    """The folder of a tiny model: the shipped one (checked), or built once into the cache
+    (atomically, so an interrupted build is never half-used)."""
+    if alias in SHIPPED and cache_dir is None:
+        return verify_shipped(alias)
     target = Path(cache_dir) if cache_dir else tiny_cache_dir(alias)
     if (target / "config.json").is_file():
         return target

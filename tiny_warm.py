@@ -22,15 +22,32 @@ chance (the loss flat at ln 2 per answer) for a thousand steps:
   begins once the last one is learnt (its loss near 0), not at a fixed step: when the model
   leaves a plateau varied from 70 to 350 steps between seeds, and fixed schedules moved on too
   early.
-Everything is seeded: the same machine builds the same weights.
+Everything is seeded: the same machine builds the same weights, but another CPU's float
+arithmetic (other SIMD kernels, another summation order) leaves a plateau at another step and
+ends at another model. So the built weights ship in `weights/tiny-warm-v1/` and this script is
+their recipe, not something that runs on a user's machine:
+
+    python tiny_warm.py --overwrite          # rebuild weights/tiny-warm-v1/ (about 2 CPU minutes)
+    python tiny_warm.py --out /tmp/warm      # build elsewhere, e.g. to compare with the shipped one
 """
+import argparse
 import json
 import math
 import random
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+from transformers import Qwen2VLForConditionalGeneration
+
+import data
+import eval_coco
+import make_grid_data
+import models
+import tiny_models
 
 # Not built-in objects (data.BUILTIN_OBJECT_NAMES): the colours of the demo's objects (red circle,
 # blue square, green triangle) in other shapes. The demo finetunes and evaluates on built-in
@@ -61,8 +78,6 @@ SEED = 0
 
 def warm_config(tokenizer):
     """The tiny Qwen2-VL config with the rotary base, sections and init scale above."""
-    import tiny_models
-
     config = tiny_models.tiny_qwen2vl_config(tokenizer)
     config.text_config.rope_parameters = {"rope_type": "default", "rope_theta": ROPE_THETA,
                                           "mrope_section": list(MROPE_SECTION)}
@@ -77,8 +92,6 @@ class GridQuestions:
     bare names, the demo's wording)."""
 
     def __init__(self, objects=None, cell=CELL, size=OBJECT_SIZE, styles=("paper",)):
-        import make_grid_data
-
         self.styles = styles
         self.objects = list(objects or PRETRAIN_OBJECTS)
         self.cell, self.size = cell, size
@@ -91,9 +104,6 @@ class GridQuestions:
     def samples(self, rng, n, obj2_from=None, easy=False):
         """`n` questions from random layouts; obj2 is one of the first `obj2_from` objects; `easy`
         puts obj2 in the middle 2 x 2 cells and obj1 in a corner."""
-        import data
-        import make_grid_data
-
         cells = [(col, row) for col in range(data.GRID) for row in range(data.GRID)]
         out = []
         while len(out) < n:
@@ -117,9 +127,6 @@ def pretrain(model, processor, adapter, progress=True):
     """Train every weight of `model` through the curriculum. Returns (the loss of each step, the
     step at which each stage of CURRICULUM began, the step at which the final stage began or None
     when MAX_STEPS came first)."""
-    import data
-    from tqdm.auto import tqdm
-
     collate = data.VLMCollator(processor, adapter)
     questions = GridQuestions()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
@@ -165,18 +172,12 @@ def pretrain(model, processor, adapter, progress=True):
 
 def option_accuracy(model, processor, adapter, samples):
     """Score-mode accuracy (the option words' log-probabilities at the answer position)."""
-    import eval_coco
-
     return eval_coco.evaluate(model, processor, adapter, samples, 32, "score", progress=False)[0]["accuracy"]
 
 
 def build_tiny_warm(out_dir, progress=True):
-    """Build, pretrain and save tiny-warm into `out_dir` (with `pretraining.json`)."""
-    import data
-    import models
-    import tiny_models
-    from transformers import Qwen2VLForConditionalGeneration
-
+    """Build, pretrain and save tiny-warm into `out_dir` (with `pretraining.json` and the
+    `SHA256SUMS` that loading checks)."""
     tokenizer = tiny_models.build_qwen_tokenizer()
     config = warm_config(tokenizer)
     torch.manual_seed(SEED)
@@ -202,4 +203,32 @@ def build_tiny_warm(out_dir, progress=True):
     }
     tiny_models._save(model, processor, out_dir, config.text_config.eos_token_id, config.text_config.pad_token_id)
     (Path(out_dir) / "pretraining.json").write_text(json.dumps(record, indent=2) + "\n")
+    tiny_models.write_manifest(out_dir)
     return record
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(tiny_models.SHIPPED["tiny-warm"]),
+                        help="folder to write (default: the shipped weights/tiny-warm-v1)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        parser.error(f"argument --out: {out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # a killed build leaves `out` as it was
+    try:
+        record = build_tiny_warm(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {out}: {record['steps']} steps; accuracy on its own objects (new layouts) "
+          f"{record['accuracy_pretraining_objects_new_layouts']:.3f}, on {', '.join(NEW_OBJECTS)} "
+          f"{record['accuracy_new_objects']:.3f}")
+    return record
+
+
+if __name__ == "__main__":
+    main()

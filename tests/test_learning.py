@@ -8,6 +8,7 @@ What these tests do not claim, because it does not hold in this sandbox (README,
 that finetuning the default selection raises held-out-pair accuracy. It lowers it."""
 import json
 import random
+import shutil
 
 import pytest
 
@@ -68,11 +69,30 @@ def swap_training_answers(monkeypatch):
 def test_tiny_warm_objects_and_its_build_record(warm):
     assert not set(tiny_warm.PRETRAIN_OBJECTS) & set(data.BUILTIN_OBJECT_NAMES)  # the demo never trains on them
     assert set(tiny_warm.NEW_OBJECTS) <= set(data.BUILTIN_OBJECT_NAMES)
-    record = json.loads((tiny_models.tiny_cache_dir("tiny-warm") / "pretraining.json").read_text())
+    record = json.loads((tiny_models.tiny_model_dir("tiny-warm") / "pretraining.json").read_text())
     starts = record["stage_starts"]
     assert len(starts) == len(tiny_warm.CURRICULUM) and starts == sorted(set(starts))
     assert record["final_stage_start"] is not None and record["steps"] == record["final_stage_start"] + tiny_warm.FINAL_STEPS
     assert record["accuracy_pretraining_objects_new_layouts"] >= 0.95
+
+
+def test_tiny_warm_loads_the_shipped_weights_and_refuses_a_damaged_copy(tmp_path, monkeypatch):
+    """tiny-warm is never rebuilt on the fly (another CPU would train another model): loading
+    checks the shipped files against SHA256SUMS, and a changed byte stops it with the file named."""
+    shipped = tiny_models.SHIPPED["tiny-warm"]
+    assert tiny_models.ensure_tiny("tiny-warm") == shipped
+    copy = tmp_path / "tiny-warm-v1"
+    shutil.copytree(shipped, copy)
+    monkeypatch.setitem(tiny_models.SHIPPED, "tiny-warm", copy)
+    assert tiny_models.ensure_tiny("tiny-warm") == copy
+    weights = bytearray((copy / "model.safetensors").read_bytes())
+    weights[-1] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(ValueError, match="model.safetensors: does not match SHA256SUMS"):
+        tiny_models.ensure_tiny("tiny-warm")
+    (copy / "SHA256SUMS").unlink()
+    with pytest.raises(ValueError, match="SHA256SUMS: missing"):
+        tiny_models.ensure_tiny("tiny-warm")
 
 
 def test_tiny_warm_answers_in_format_between_chance_and_perfect(warm):
