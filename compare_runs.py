@@ -481,6 +481,105 @@ def paired_note(reference, pairing):
             f"a group's step of highest mean accuracy on this same set, so its p-value is optimistic.")
 
 
+# --- the spatial loss against its weight-0 control -------------------------------------------
+
+# A weight-0 control differs from its spatial run in the loss weight alone: same seed, so the same
+# batches in the same order, and the same starting weights. Bookkeeping flags may differ too.
+CONTROL_MAY_DIFFER = ("spatial_id_weight", "output_dir", "overwrite_output_dir", "resume_from_checkpoint",
+                      "report_to")
+BLOCK_BOOTSTRAP_RESAMPLES = 10_000
+SPATIAL_CONTROL_TITLE = "spatial-ID loss against its weight-0 control (same seed, same batches)"
+SPATIAL_CONTROL_HEADER = ["run", "weight-0 control", "steps paired", "step-1 difference",
+                          "spatial loss, last half (run / control)", "difference", "95% interval",
+                          "reading"]
+SPATIAL_CONTROL_NOTE = (
+    "Both runs log the spatial-ID loss at every logging step; the control's loss sends no gradient, so "
+    "its curve is what drift alone does to the loss (the LM loss moving the same weights). The "
+    "difference is run minus control, averaged over the last half of the paired steps; the interval "
+    "is a moving-block bootstrap over steps (blocks of about the square root of the number of steps, "
+    "so that neighbouring, correlated steps are resampled together; seed 0). The step-1 difference "
+    "checks the pairing: before the first update both runs see the same batch with the same weights, "
+    "so it is 0 when the batches are the same (checked only when both log every step).")
+
+
+def is_weight0_control(run):
+    args = run["args"]
+    return bool(args.get("universal_id_path")) and args.get("spatial_id_weight") == 0
+
+
+def _control_key(args):
+    return json.dumps({k: v for k, v in args.items() if k not in CONTROL_MAY_DIFFER}, sort_keys=True, default=str)
+
+
+def spatial_points(run):
+    """{step: logged spatial-ID loss}."""
+    return {e["step"]: e["spatial_loss"] for e in run["train"] if e.get("spatial_loss") is not None}
+
+
+def block_bootstrap_interval(values, resamples=BLOCK_BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED, level=0.95,
+                             block=None):
+    """Percentile interval of the mean of a series by a moving-block bootstrap: resamples built
+    from random runs of `block` consecutive values (default about sqrt(n)), which keeps the
+    correlation between neighbouring steps that a plain bootstrap would break."""
+    values = np.asarray(values, dtype=float)
+    n = len(values)
+    block = block or max(1, round(math.sqrt(n)))
+    block = min(block, n)
+    n_blocks = math.ceil(n / block)
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, n - block + 1, size=(resamples, n_blocks))
+    idx = (starts[:, :, None] + np.arange(block)[None, None, :]).reshape(resamples, -1)[:, :n]
+    means = values[idx].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def spatial_vs_control(run, control):
+    """The paired comparison of a spatial run's logged spatial-ID loss with its control's."""
+    a, c = spatial_points(run), spatial_points(control)
+    steps = sorted(set(a) & set(c))
+    if len(steps) < 2:
+        return None
+    half = steps[len(steps) // 2:]
+    diff = [a[s] - c[s] for s in half]
+    mean = sum(diff) / len(diff)
+    low, high = block_bootstrap_interval(diff)
+    every_step = run["args"].get("log_every") == 1 and control["args"].get("log_every") == 1
+    first = a[steps[0]] - c[steps[0]] if every_step and steps[0] == 1 else None
+    return {"steps": len(steps), "first_difference": first, "run_mean": sum(a[s] for s in half) / len(half),
+            "control_mean": sum(c[s] for s in half) / len(half), "difference": mean, "low": low, "high": high}
+
+
+def spatial_control_rows(runs):
+    """One row per spatial run (spatial_id_weight > 0) that has a weight-0 control among `runs`."""
+    controls = {}
+    for r in runs:
+        if is_weight0_control(r):
+            controls.setdefault(_control_key(r["args"]), r)
+    rows = []
+    for r in runs:
+        if not r["args"].get("universal_id_path") or is_weight0_control(r):
+            continue
+        control = controls.get(_control_key(r["args"]))
+        stats = spatial_vs_control(r, control) if control is not None else None
+        if stats is None:
+            continue
+        if stats["high"] < 0:
+            reading = "below the control: the loss is optimised beyond drift"
+        elif stats["low"] > 0:
+            reading = "above the control"
+        else:
+            reading = "no difference from the control: drift"
+        first = stats["first_difference"]
+        if first is not None and abs(first) > 1e-5:
+            reading += f"; NOT PAIRED: the step-1 losses differ by {first:.2g}, so the batches or weights differ"
+        rows.append([run_label(r), run_label(control), stats["steps"], "-" if first is None else f"{first:.2g}",
+                     f"{_fmt(stats['run_mean'])} / {_fmt(stats['control_mean'])}", f"{stats['difference']:+.4f}",
+                     f"[{stats['low']:+.4f}, {stats['high']:+.4f}]", reading])
+    return rows
+
+
 # --- figure ----------------------------------------------------------------------------------
 
 def curve(group, points_of_run):
@@ -584,6 +683,9 @@ def build_sections(groups, pairing="majority"):
         if rows:
             sections.append((f"{title}: did training change the answers? (first vs final step)",
                              markdown_table(LEARNING_HEADER, rows) + "\n\n" + LEARNING_NOTE))
+    rows = spatial_control_rows([r for g in groups for r in g["runs"]])
+    if rows:
+        sections.append((SPATIAL_CONTROL_TITLE, markdown_table(SPATIAL_CONTROL_HEADER, rows) + "\n\n" + SPATIAL_CONTROL_NOTE))
     if len(groups) > 1:
         for set_name, title in SETS.items():
             rows = paired_rows(groups, set_name, pairing)
@@ -615,8 +717,8 @@ def main(argv=None):
     parser.add_argument("--out", help="folder for report.md and compare.png "
                                       "(default: compare_<groups> next to the first run)")
     parser.add_argument("--brief", action="store_true",
-                        help="print only the plain table, the holdout first-vs-final test and where the report went "
-                             "(the report is complete)")
+                        help="print only the plain table, the holdout first-vs-final test, the spatial loss against "
+                             "its weight-0 control and where the report went (the report is complete)")
     args = parser.parse_args(argv)
     if args.labels and len(args.labels) != len(args.runs):
         parser.error(f"argument --labels: {len(args.labels)} labels for {len(args.runs)} runs (one per run)")
@@ -626,8 +728,10 @@ def main(argv=None):
         plain = table([summary_row(r) for r in runs])
         print(plain)
         sections = build_sections(groups, args.pairing)
-        # --brief keeps the one question a demo asks: did training change the holdout answers?
-        shown = [(t, x) for t, x in sections if not args.brief or t.startswith(f"{SETS['holdout']}: did training")]
+        # --brief keeps the two questions a demo asks: did training change the holdout answers, and
+        # is the spatial loss optimised beyond what drift does to it?
+        shown = [(t, x) for t, x in sections if not args.brief or t.startswith(f"{SETS['holdout']}: did training")
+                 or t == SPATIAL_CONTROL_TITLE]
         for title, text in shown:
             print(f"\n## {title}\n\n{text}")
         out = Path(args.out) if args.out else default_out(groups, args.runs[0])

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 DERIVE_HINT = "python derive_spatial_ids.py --model M --images DIR --out PATH"
+DEFAULT_SPATIAL_ID_LAYER = 11  # the original's: train.py --spatial_id_layer, id_diagnostics.py
 HEADS = ("none", "linear")
 
 

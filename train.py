@@ -62,6 +62,7 @@ def _range_checks(p, args):
     need(args.num_workers >= 0, "num_workers", "must be >= 0")
     need(args.spatial_id_layer >= 0, "spatial_id_layer", "must be >= 0 (0 = the input embeddings)")
     need(args.spatial_id_weight >= 0 and math.isfinite(args.spatial_id_weight), "spatial_id_weight", "must be >= 0")
+    need(args.lm_loss_weight >= 0 and math.isfinite(args.lm_loss_weight), "lm_loss_weight", "must be >= 0")
 
 
 def parse_args(argv=None):
@@ -115,8 +116,11 @@ def parse_args(argv=None):
     param_selectors.add_selector_args(p)
     # Spatial-ID auxiliary loss (off unless --universal_id_path is given).
     p.add_argument("--universal_id_path", default=None, help="universal spatial IDs (derive_spatial_ids.py)")
-    p.add_argument("--spatial_id_layer", type=int, default=11, help="hidden_states index: 0 = embeddings")
-    p.add_argument("--spatial_id_weight", type=float, default=1.0)
+    p.add_argument("--spatial_id_layer", type=int, default=sl.DEFAULT_SPATIAL_ID_LAYER, help="hidden_states index: 0 = embeddings")
+    p.add_argument("--spatial_id_weight", type=float, default=1.0,
+                   help="weight of the spatial-ID loss; 0 = a control that logs the loss but sends no gradient")
+    p.add_argument("--lm_loss_weight", type=float, default=1.0,
+                   help="weight of the LM (answer) loss; 0 with --universal_id_path = a spatial-only run")
     p.add_argument("--spatial_head", choices=["none", "linear"], default="none")
     p.add_argument("--allow_holdout_in_ids", action="store_true",
                    help="do not warn when holdout pairs were among the pairs the IDs were derived from")
@@ -136,6 +140,9 @@ def parse_args(argv=None):
     if args.universal_id_path and not data.SAMPLERS[args.sampler]:
         p.error(f"argument --sampler: the spatial loss centres over a batch with obj1 fixed, which "
                 f"{args.sampler} batches do not keep; use obj1_groups or grouped")
+    if args.lm_loss_weight == 0 and not (args.universal_id_path and args.spatial_id_weight > 0):
+        p.error("argument --lm_loss_weight: 0 leaves nothing to train; a spatial-only run also needs "
+                "--universal_id_path and --spatial_id_weight > 0")
     if args.universal_id_path and args.batch_size < 2:
         p.error("argument --batch_size: the spatial loss centres over the batch, so it must be >= 2")
     if args.output_dir is None:
@@ -388,11 +395,11 @@ def _loss_step(forward_model, model, adapter, batch, spatial_loss, args, device)
     inputs, target_positions, cells = data.split_batch(batch, device)
     if spatial_loss is None:
         lm = supervised_lm_loss(forward_model, adapter, inputs).loss
-        return lm, lm, None
+        return args.lm_loss_weight * lm, lm, None
     with sl.capture_layer(model, adapter, args.spatial_id_layer) as captured:
         lm = supervised_lm_loss(forward_model, adapter, inputs).loss
     aux = spatial_loss(sl.gather_target_states(captured.states, target_positions), cells)
-    return lm + args.spatial_id_weight * aux, lm, aux
+    return args.lm_loss_weight * lm + args.spatial_id_weight * aux, lm, aux
 
 
 def _weights_in_sync(params, accelerator):

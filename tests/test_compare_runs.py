@@ -367,3 +367,67 @@ def test_bad_input_exits_non_zero_without_a_traceback(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'notes'}: not a run folder "
                                                 "(no metrics.jsonl; runs are written by train.py)"]
+
+
+# --- the spatial loss against its weight-0 control ---------------------------------------------
+
+def write_spatial_run(folder, losses, *, weight=1.0, seed=0, log_every=1):
+    """A spatial run (or, with weight 0, its control) logging `losses` at steps 1..n."""
+    folder = write_run(folder, {0: bools(3, 4), len(losses): bools(3, 4)}, seed=seed,
+                       args={"universal_id_path": "ids.pt", "spatial_id_weight": weight, "log_every": log_every})
+    events = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    events = [e for e in events if e["event"] != "train"]
+    events[1:1] = [{"event": "train", "step": step, "lm_loss": 0.5, "spatial_loss": loss}
+                   for step, loss in enumerate(losses, start=1)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    return folder
+
+
+def test_block_bootstrap_interval_by_hand():
+    values = [0.1, -0.3, 0.2, 0.4, -0.1, 0.0, 0.3, -0.2]
+    assert cr.block_bootstrap_interval([0.25] * 9) == pytest.approx((0.25, 0.25))
+    # One block as long as the series: every resample is the series itself.
+    assert cr.block_bootstrap_interval(values, block=len(values)) == pytest.approx((0.05, 0.05))
+    low, high = cr.block_bootstrap_interval(values)
+    assert low < sum(values) / len(values) < high
+
+
+def test_a_spatial_run_below_its_control_reads_as_optimised(tmp_path):
+    control = [1.0 - 0.001 * s for s in range(20)]
+    spatial = [control[0]] + [c - 0.1 for c in control[1:]]
+    runs = [cr.load_run(write_spatial_run(tmp_path / "spatial", spatial)),
+            cr.load_run(write_spatial_run(tmp_path / "control", control, weight=0.0))]
+    [row] = cr.spatial_control_rows(runs)
+    assert row[:4] == ["spatial", "control", 20, "0"]
+    assert row[5] == "-0.1000" and row[6] == "[-0.1000, -0.1000]"  # hand: -0.1 at each of the last 10 steps
+    assert row[7].startswith("below the control")
+
+
+def test_a_spatial_run_that_moves_like_its_control_reads_as_drift(tmp_path):
+    noise = [0.0, 0.02, -0.03, 0.01, 0.03, -0.02, -0.01, 0.02, -0.02, 0.01, 0.0, -0.01]
+    control = [1.0 - 0.01 * s for s in range(12)]
+    spatial = [c + n for c, n in zip(control, noise)]
+    runs = [cr.load_run(write_spatial_run(tmp_path / "spatial", spatial)),
+            cr.load_run(write_spatial_run(tmp_path / "control", control, weight=0.0))]
+    [row] = cr.spatial_control_rows(runs)
+    assert row[7].startswith("no difference from the control")
+
+
+def test_a_control_that_saw_other_batches_is_flagged_or_not_paired(tmp_path):
+    control = [0.9] * 10
+    runs = [cr.load_run(write_spatial_run(tmp_path / "spatial", [1.0] * 10)),
+            cr.load_run(write_spatial_run(tmp_path / "control", control, weight=0.0))]
+    [row] = cr.spatial_control_rows(runs)
+    assert "NOT PAIRED" in row[7]  # step 1 is before any update: a difference there means other batches
+    other_seed = cr.load_run(write_spatial_run(tmp_path / "control_seed1", control, weight=0.0, seed=1))
+    assert cr.spatial_control_rows([runs[0], other_seed]) == []  # another seed: not its control
+
+
+def test_brief_prints_the_spatial_loss_against_its_control(tmp_path, capsys):
+    control = [1.0 - 0.001 * s for s in range(10)]
+    spatial = [control[0]] + [c - 0.05 for c in control[1:]]
+    runs = [write_spatial_run(tmp_path / "spatial", spatial), write_spatial_run(tmp_path / "control", control, weight=0.0)]
+    cr.main([str(r) for r in runs] + ["--brief", "--out", str(tmp_path / "cmp")])
+    out = capsys.readouterr().out
+    assert cr.SPATIAL_CONTROL_TITLE in out and "below the control" in out
+    assert cr.SPATIAL_CONTROL_TITLE in (tmp_path / "cmp" / "report.md").read_text()
