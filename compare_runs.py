@@ -18,6 +18,11 @@ questions). Seed groups are pooled per question by majority vote, a tie counting
 (--pairing majority), or tested run against run of the same seed (--pairing per-seed). The figure
 OUT/compare.png shows accuracy over steps (±std band for seed groups) and the LM and spatial-ID
 losses. Runs without an "end" event are marked [INCOMPLETE] everywhere.
+
+A spatial run given with its weight-0 control (the same arguments and seed, `--spatial_id_weight
+0`) is also compared on the spatial-ID loss itself, step by step over the same batches: the mean
+difference over the last half of the steps with a moving-block bootstrap interval, so that
+optimisation shows against drift, or its absence does.
 """
 import argparse
 import json
