@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import data
 from data import GRID, OBJECT_SIZES, REFERENCE_CELL, GridLayout
+from output_paths import output_problem
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # Fixed options and no pnginfo, so nothing in the file varies between runs. Level 1: about 3x
@@ -483,6 +484,10 @@ def main(argv=None):
         parser.error("argument --layout extraction: drawn on a transparent canvas; drop --bg_dir / --local_variation")
     if args.standin_only and not args.coco_standin:
         parser.error("argument --standin_only: needs --coco_standin DIR")
+    for flag, folder in (("out_dir", None if args.standin_only else args.out_dir), ("coco_standin", args.coco_standin)):
+        problem = folder and output_problem(folder, kind="folder")
+        if problem:
+            parser.error(f"argument --{flag}: {problem}")
     if args.bg_dir is not None and not args.standin_only:
         try:
             list_images(args.bg_dir, "background")

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import resolve_model_name
+
 DERIVE_HINT = "python derive_spatial_ids.py --model M --images DIR --out PATH"
 HEADS = ("none", "linear")
 
@@ -213,8 +215,6 @@ def provenance_path(path):
 def model_identity(name):
     """What two model names must share to be the same model: the hub id behind an alias, or the
     absolute path of a local folder."""
-    from models import resolve_model_name
-
     resolved = resolve_model_name(name)
     return str(Path(resolved).resolve()) if Path(resolved).is_dir() else resolved
 
