@@ -318,3 +318,12 @@ def test_a_span_starting_inside_a_token_is_an_error(family, grid):
     inside = len(prompt) + len(adapter.answer_prefix) + 2  # within the answer word's token
     with pytest.raises(ValueError, match="sample-x.*does not start on a token boundary"):
         adapter.token_span_from(tok, text, inside, row, len(row) - 1, "sample-x")
+
+
+def test_the_config_alone_gives_the_hidden_size_and_layer_count(family):
+    """train.py checks an ID file against these before loading the weights."""
+    alias, model, _, adapter = family
+    _, config, config_adapter = models.model_source(alias)
+    assert type(config_adapter) is type(adapter)
+    assert config_adapter.lm_hidden_size(config) == adapter.lm_hidden_size(model)
+    assert config.get_text_config().num_hidden_layers == len(adapter.lm_layers(model))
