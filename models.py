@@ -728,9 +728,12 @@ def model_source(name):
         offline = " in the local cache (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         if os.path.isdir(path):
             raise ModelUnavailableError(f"{name}: unreadable config.json ({_short(err, 120)})") from None
+        if name in MODEL_ALIASES:
+            where = " is not in the local cache (HF_HUB_OFFLINE=1)" if offline else f" cannot be had ({_short(err, 100)})"
+            raise ModelUnavailableError(f"{name}: {path}{where}; tiny is a model that needs no download") from None
         raise ModelUnavailableError(
-            f"{name}: not an alias, a local folder or a hub id{offline}; --list_models shows the aliases, "
-            "and tiny is a model that needs no download") from None
+            f"{name}: not an alias, a local folder or a hub id{offline or ' that can be had'}; --list_models shows "
+            "the aliases, and tiny is a model that needs no download") from None
     try:
         adapter = adapter_for(config)
     except ValueError:

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Entry points (DESIGN.md): scripts that stand on the rooms and that no module imports.
+ENTRY_SCRIPTS = {"train", "make_grid_data", "compare_runs", "tiny_warm"}
 # Imported inside the function that needs them: each is heavy or installed only for some runs.
 OPTIONAL_LATE_IMPORTS = {"peft", "matplotlib", "wandb", "torch.utils.tensorboard"}
 
@@ -75,6 +77,12 @@ def find_cycle(edges):
     return None
 
 
+def entry_script_importers(edges):
+    """{entry script: [modules that import it]}, for the entry scripts that something imports."""
+    found = {script: sorted(m for m, imported in edges.items() if script in imported) for script in ENTRY_SCRIPTS}
+    return {script: modules for script, modules in found.items() if modules}
+
+
 def misplaced_imports(late):
     return [(module, line, name) for module, line, name in late
             if not any(name == opt or name.startswith(opt + ".") for opt in OPTIONAL_LATE_IMPORTS)]
@@ -92,14 +100,17 @@ def test_imports_sit_at_the_top_except_optional_heavy_dependencies():
 
 
 def test_the_layering_points_down():
-    """DESIGN's rooms: data stands below the models, the tiny models below the loader, and the
-    processor classes below both."""
+    """DESIGN's rooms: data stands below the models, the tiny models below the loader, the
+    processor classes below both, drawing below the scripts that draw; no module imports an
+    entry script."""
     edges, _ = import_graph(REPO)
     assert "models" not in edges["data"]
     assert "models" not in edges["tiny_models"]
     assert {"processors", "data"} <= edges["tiny_models"]
-    assert edges["processors"] == set() and edges["protocols"] == set() and edges["provenance"] == set()
-    assert not any("tiny_warm" in imported for imported in edges.values())
+    for bottom in ("processors", "protocols", "provenance", "output_paths"):
+        assert edges[bottom] == set(), bottom
+    assert edges["render"] == {"data"} and "render" in edges["tiny_warm"] and "render" in edges["make_grid_data"]
+    assert entry_script_importers(edges) == {}
 
 
 @pytest.fixture
@@ -132,3 +143,11 @@ def test_a_required_dependency_imported_in_a_function_is_found(copy_of_modules):
     _, late = import_graph(copy_of_modules)
     assert [name for module, _, name in misplaced_imports(late) if module == "data"] == ["transformers"]
     assert find_cycle(import_graph(copy_of_modules)[0]) is None  # a late import is not a cycle by itself
+
+
+def test_an_import_of_an_entry_script_is_found(copy_of_modules):
+    warm = copy_of_modules / "tiny_warm.py"
+    warm.write_text(warm.read_text().replace("import render\n", "import make_grid_data\n"))
+    edges, _ = import_graph(copy_of_modules)
+    assert find_cycle(edges) is None  # no cycle, but a room now stands on an entry script
+    assert entry_script_importers(edges) == {"make_grid_data": ["tiny_warm"]}
