@@ -242,10 +242,10 @@ def _setup_data(args, accelerator):
     grid = data.GridDataset(args.train_dir, args.train_question_style)
     accelerator.print(grid.report())
     for path, why in grid.unreadable[:UNREADABLE_NAMED]:
-        print(f"warning: skipped unreadable training image {path} ({why})", file=sys.stderr)
+        accelerator.print(f"warning: skipped unreadable training image {path} ({why})", file=sys.stderr)
     if len(grid.unreadable) > UNREADABLE_NAMED:
-        print(f"warning: ... and {len(grid.unreadable) - UNREADABLE_NAMED} more unreadable training images",
-              file=sys.stderr)
+        accelerator.print(f"warning: ... and {len(grid.unreadable) - UNREADABLE_NAMED} more unreadable training "
+                          "images", file=sys.stderr)
     train_idx, holdout_idx = data.split_holdout(grid.samples, args.spatial_holdout_frac, args.data_seed)
     if not train_idx:
         raise ValueError(f"{args.train_dir}: the holdout split left no training samples")
@@ -255,8 +255,8 @@ def _setup_data(args, accelerator):
     if not coco:
         raise ValueError(f"{args.val_json}: no COCO-Spatial questions (an empty list?)")
     if unreadable:
-        print(f"warning: left out {len(unreadable)} COCO-Spatial questions whose image cannot be read: "
-              f"{data.named_problems([(path, why) for _, path, why in unreadable])}", file=sys.stderr)
+        accelerator.print(f"warning: left out {len(unreadable)} COCO-Spatial questions whose image cannot be read: "
+                          f"{data.named_problems([(path, why) for _, path, why in unreadable])}", file=sys.stderr)
     if args.universal_id_path:
         if not Path(args.universal_id_path).is_file():
             raise FileNotFoundError(
