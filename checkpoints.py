@@ -21,6 +21,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+
+import models
 
 CHECKPOINT_JSON = "checkpoint.json"
 TRAINABLE = "trainable.safetensors"
@@ -84,8 +87,6 @@ def trainable_tensors(model, spatial_loss=None):
 def save_checkpoint(folder, model, processor, adapter, state, info, spatial_loss=None, full=False):
     """Write one checkpoint atomically (see the module docstring). `state` goes to
     training_state.pt, `info` (JSON) to checkpoint.json, which is written last."""
-    from safetensors.torch import save_file
-
     with atomic_folder(folder) as tmp:
         tensors = {k: v.contiguous().cpu() for k, v in trainable_tensors(model, spatial_loss).items()}
         save_file(tensors, str(tmp / TRAINABLE))
@@ -132,8 +133,6 @@ def load_training_state(folder):
 
 
 def read_trainable(folder):
-    from safetensors.torch import load_file
-
     path = Path(folder) / TRAINABLE
     try:
         return load_file(str(path))
@@ -201,22 +200,39 @@ def rotate(out, limit, keep_best=False):
     return deleted
 
 
+def _is_slim(folder):
+    return not (folder / "config.json").is_file() and (folder / CHECKPOINT_JSON).is_file()
+
+
+def check_checkpoint_source(name):
+    """Everything about a checkpoint folder, alias or hub id that can be checked without loading
+    weights (see models.model_source); a slim checkpoint's base model and its trained tensors'
+    file too. Raises ModelUnavailableError or CheckpointError naming the culprit."""
+    folder = Path(name)
+    if not (folder.is_dir() and _is_slim(folder)):
+        models.model_source(str(name))
+        return
+    base = read_info(folder).get("base_model")
+    if not base:
+        raise CheckpointError(f"{folder}/{CHECKPOINT_JSON} names no base_model")
+    models.model_source(base)
+    if not (folder / TRAINABLE).is_file():
+        raise CheckpointError(f"{folder}: no {TRAINABLE}")
+    models.check_safetensors_complete(folder / TRAINABLE)
+
+
 def load_checkpoint_model(folder, dtype=torch.float32, device="cpu"):
     """(model, processor, adapter) of a checkpoint folder: a full one through from_pretrained, a
     slim one as its base model with the trained tensors applied."""
-    from models import load_model_and_processor
-
     folder = Path(folder)
-    if (folder / "config.json").is_file() or not (folder / CHECKPOINT_JSON).is_file():
-        return load_model_and_processor(str(folder), dtype=dtype, device=device)
+    if not _is_slim(folder):
+        return models.load_model_and_processor(str(folder), dtype=dtype, device=device)
     info = read_info(folder)
-    model, processor, adapter = load_model_and_processor(info["base_model"], dtype=dtype, device=device)
+    model, processor, adapter = models.load_model_and_processor(info["base_model"], dtype=dtype, device=device)
     tensors = {k: v for k, v in read_trainable(folder).items() if not k.startswith(SPATIAL_HEAD_PREFIX)}
     if any(".lora_" in k for k in tensors):  # a --lora_rank run: put the adapters back first
-        from models import inject_lora_from_tensors
-
         run = load_training_state(folder).get("args", {})
-        inject_lora_from_tensors(model, tensors, {k: v.shape for k, v in tensors.items()},
+        models.inject_lora_from_tensors(model, tensors, {k: v.shape for k, v in tensors.items()},
                                  run.get("lora_alpha"), run.get("lora_dropout", 0.0))
     apply_trainable(model, tensors, source=str(folder))
     return model, processor, adapter

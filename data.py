@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
 REFERENCE_CELL = 224
 OBJECT_SIZES = (74, 124, 174, 224)  # object sizes in px at a 224 px cell, as in the paper
@@ -172,7 +173,9 @@ def questions_for_images(layouts, question_style="clean"):
 
 class GridDataset(torch.utils.data.Dataset):
     """Question/answer samples from a folder of grid images (both file-name forms), worded in
-    `question_style` ("paper": bare names, "clean": "the {name}")."""
+    `question_style` ("paper": bare names, "clean": "the {name}"). Images that cannot be read
+    (empty, not an image, truncated) are left out and listed in `unreadable` as (path, why); a
+    folder in which none can be read is an error."""
 
     def __init__(self, folder, question_style="clean"):
         folder = Path(folder)
@@ -184,6 +187,7 @@ class GridDataset(torch.utils.data.Dataset):
             )
         self.folder = folder
         self.unparseable = []
+        self.unreadable = []
         layouts = []
         for path in sorted(folder.iterdir()):
             if path.suffix.lower() != ".png":
@@ -191,8 +195,14 @@ class GridDataset(torch.utils.data.Dataset):
             layout = parse_grid_name(path.name)
             if layout is None:
                 self.unparseable.append(path.name)
+            elif problem := image_problem(path):
+                self.unreadable.append((str(path), problem))
             else:
                 layouts.append((path, layout))
+        if self.unreadable and not layouts:
+            path, why = self.unreadable[0]
+            raise ValueError(f"{folder}: none of its {len(self.unreadable)} grid images can be read "
+                             f"(first: {Path(path).name}, {why}); remake them with make_grid_data.py")
         self.n_images = len(layouts)
         self.samples = questions_for_images(layouts, question_style)
         if not self.samples:
@@ -206,6 +216,8 @@ class GridDataset(torch.utils.data.Dataset):
         if self.unparseable:
             shown = ", ".join(self.unparseable[:5])
             msg += f"; skipped {len(self.unparseable)} unparseable file names (first: {shown})"
+        if self.unreadable:
+            msg += f"; skipped {len(self.unreadable)} unreadable images (named below)"
         return msg
 
     def __len__(self):
@@ -432,22 +444,40 @@ def make_batch_sampler(name, samples, indices, batch_size, seed=0):
 # ---------------------------------------------------------------------------------------------
 
 def load_image(path):
-    from PIL import Image
-
     with Image.open(path) as img:
         return img.convert("RGB")
 
 
-def image_header_ok(path):
-    """Whether an image file opens (its header parses): cheap, so evaluation sets are checked
-    up front; a file truncated further in only fails when decoded."""
-    from PIL import Image, UnidentifiedImageError
+# How a whole file of each format ends: PNG with its IEND chunk, JPEG with the end-of-image marker.
+_FILE_ENDINGS = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9"}
 
+
+def image_problem(path):
+    """None when an image file looks whole, else why not ("empty (0 bytes)", "not an image",
+    "truncated"). Reads the header and the last bytes only, never the pixels, so a whole data set
+    is checked in seconds before a model loads; damage in the middle of a file that keeps its
+    ending is left to the collator, which skips and names such an image when it is decoded."""
+    path = Path(path)
     try:
-        with Image.open(path):
-            return True
+        size = path.stat().st_size
+        if size == 0:
+            return "empty (0 bytes)"
+        with Image.open(path) as img:
+            ending = _FILE_ENDINGS.get(img.format)
+        if ending is None:
+            return None
+        with path.open("rb") as f:
+            f.seek(max(0, size - 64))
+            tail = f.read().rstrip(b"\x00\r\n ")  # some writers pad after the end marker
+        return None if tail.endswith(ending) else "truncated"
     except (OSError, UnidentifiedImageError, ValueError):
-        return False
+        return "not an image"
+
+
+def named_problems(problems, limit=5):
+    """'a (truncated), b (empty (0 bytes)), ... (N in all)' for [(path, why)]."""
+    shown = ", ".join(f"{path} ({why})" for path, why in problems[:limit])
+    return shown + (f", ... ({len(problems)} in all)" if len(problems) > limit else "")
 
 
 def user_messages(question):
@@ -462,19 +492,15 @@ class VLMCollator:
     Prompt and answer rendering, encoding, and locating tokens are the family adapter's
     (models.VLMAdapter): positions are found by matching token ids and the obj2 token is checked
     by decoding, so a tokenizer that splits differently is an error naming the sample, never a
-    silently wrong position. `adapter` may still be the legacy end-of-turn string: the adapter is
-    then the one that built `processor`. `with_answer=False` builds generation prompts
+    silently wrong position. `with_answer=False` builds generation prompts
     (evaluation). An image that cannot be decoded is an error naming it, or with
     `skip_unreadable` (training: never a crash hours in) its sample is left out of the batch and
     named in `batch["unreadable_images"]` (pop it before the forward)."""
 
     def __init__(self, processor, adapter, with_answer=True, skip_unreadable=False):
-        if isinstance(adapter, str):
-            import models
-
-            end_of_turn, adapter = adapter, models.adapter_for_processor(processor)
-            if end_of_turn != adapter.end_of_turn:
-                raise ValueError(f"end of turn {end_of_turn!r} is not {adapter.family}'s {adapter.end_of_turn!r}")
+        if isinstance(adapter, str):  # the former end-of-turn string: data stands below models
+            raise TypeError("VLMCollator takes the family adapter (models.adapter_for_processor(processor)), "
+                            f"not the end-of-turn string {adapter!r}")
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.adapter = adapter
@@ -595,12 +621,15 @@ def coco_image_path(root, image_id):
     return root / "val2017" / name
 
 
-def load_coco_spatial(json_path, image_root, question_style="clean", max_samples=None):
+def load_coco_spatial(json_path, image_root, question_style="clean", max_samples=None, unreadable=None):
     """COCO-Spatial rows [image_id, true_caption, false_caption] -> evaluation samples, worded
     as the original did (`question_style="paper"`) or with "the {name}" (`"clean"`).
 
     The gold answer is the relation of the first caption. Missing images are an error that
-    counts them and names the first five, before any model is loaded."""
+    counts them and names the first five, before any model is loaded. An image that cannot be
+    read (empty, not an image, truncated) is an error naming its row, or, given a list as
+    `unreadable`, its question is left out and (row, path, why) appended there; rows whose
+    images all fail are an error either way."""
     json_path = Path(json_path)
     if not json_path.is_file():
         raise FileNotFoundError(
@@ -636,8 +665,11 @@ def load_coco_spatial(json_path, image_root, question_style="clean", max_samples
         path = coco_image_path(image_root, image_id)
         if not path.is_file():
             missing.append(str(path))
-        elif not image_header_ok(path):
-            raise ValueError(f"{json_path}: row {index}: image {path} is not a readable image")
+        elif problem := image_problem(path):
+            if unreadable is None:
+                raise ValueError(f"{json_path}: row {index}: image {path} cannot be read ({problem})")
+            unreadable.append((index, str(path), problem))
+            continue
         sample = sample_record(path, qtype, rel, obj1, obj2, image_id=image_id, row=index)
         if question_style == "paper":
             sample["question"], sample["obj2_span"] = original_question(row[1])
@@ -647,6 +679,10 @@ def load_coco_spatial(json_path, image_root, question_style="clean", max_samples
             f"{len(missing)} of {len(samples)} COCO-Spatial images missing under {image_root} "
             f"(first: {', '.join(missing[:5])}). Put COCO val2017 images there as {{id:012d}}.jpg."
         )
+    if not samples:
+        _, path, why = unreadable[0]
+        raise ValueError(f"{json_path}: none of the images of its {len(rows)} rows can be read "
+                         f"(first: {path}, {why})")
     return samples
 
 

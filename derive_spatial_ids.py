@@ -38,7 +38,7 @@ import argparse
 import random
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 import data
 import protocols
 from lm_loss import last_hidden_state
-from models import ModelUnavailableError, load_model_and_processor, resolve_model_name
+from models import ListModelsAction, ModelUnavailableError, load_model_and_processor, model_source, resolve_model_name
+from output_paths import output_problem
 from provenance import run_metadata
 from spatial_loss import save_universal_ids, write_provenance
 
@@ -152,12 +153,29 @@ def subject_token(tokenizer, name):
     return tokens[-1]
 
 
-def first_position(tokens, token, image_path):
-    """Index of the first occurrence of `token` in a row of token strings."""
+def image_token_id(model):
+    """The id of the placeholder token(s) a family puts where the image goes in the prompt."""
+    config = model.config
+    token = getattr(config, "image_token_id", None)
+    return token if token is not None else getattr(config, "image_token_index", None)
+
+
+def first_position(tokens, token, image_path, start=0):
+    """Index of the first occurrence of `token` at or after `start` in a row of token strings."""
     try:
-        return tokens.index(token)
+        return tokens.index(token, start)
     except ValueError:
-        raise ValueError(f"{image_path}: token {token!r} not found in the prompt") from None
+        raise ValueError(f"{image_path}: token {token!r} not found in the prompt after the image") from None
+
+
+def subject_position(tokens, ids, token, image_token, image_path):
+    """The original's "first occurrence" of the subject's token, searched after the image
+    placeholder: the system prompt comes first, and a name such as "assistant" or "a" would
+    otherwise be read from it."""
+    image_at = [i for i, t in enumerate(ids) if t == image_token]
+    if not image_at:
+        raise ValueError(f"{image_path}: no image placeholder (token id {image_token}) in the prompt")
+    return first_position(tokens, token, image_path, start=image_at[-1] + 1)
 
 
 @torch.no_grad()
@@ -170,6 +188,7 @@ def hidden_at_subject(model, processor, adapter, pair_items, batch_size, layers=
     a, b = pair_items[0][1].obj1, pair_items[0][1].obj2
     question = PAPER_QUERY.format(a=a, b=b)
     token = subject_token(tokenizer, b)
+    image_token = image_token_id(model)
     samples = [{"image_path": str(path), "question": question, "obj1": a, "obj2": b,
                 "obj2_span": (3, 3 + len(b)), "options": data.OPTIONS["lr"], "answer": ""}
                for path, _ in pair_items]
@@ -177,8 +196,8 @@ def hidden_at_subject(model, processor, adapter, pair_items, batch_size, layers=
     for chunk in _batches(samples, batch_size):
         batch = collate(chunk)
         rows = batch["input_ids"].tolist()
-        positions = torch.tensor([first_position(tokenizer.convert_ids_to_tokens(row), token, s["image_path"])
-                                  for row, s in zip(rows, chunk)])
+        positions = torch.tensor([subject_position(tokenizer.convert_ids_to_tokens(row), row, token, image_token,
+                                                   s["image_path"]) for row, s in zip(rows, chunk)])
         inputs, _, _ = data.split_batch(batch, device)
         states.append(collect_states(model, adapter, inputs, positions, layers))
         if bar is not None:
@@ -186,11 +205,28 @@ def hidden_at_subject(model, processor, adapter, pair_items, batch_size, layers=
     return torch.cat(states)
 
 
+def paper_group(layout):
+    """The paper recipe's centring group: the pair and a's (obj1's) cell."""
+    return layout.obj1, layout.obj2, layout.cell1
+
+
+def paper_groups_of_two(items):
+    """(the items of groups of >= 2 images, how many groups of one image were left out): one
+    image centred over itself is zero. A set with no group of two is an error."""
+    sizes = Counter(paper_group(layout) for _, layout in items)
+    kept = [(path, layout) for path, layout in items if sizes[paper_group(layout)] >= 2]
+    if not kept:
+        raise ValueError(f"no group of >= 2 images sharing a pair and a's cell among {len(items)} image(s): "
+                         "centring one image leaves zero; use an extraction set (make_grid_data.py --layout extraction)")
+    return kept, sum(n < 2 for n in sizes.values())
+
+
 def derive_paper(model, processor, adapter, items, batch_size=16, progress=True, layers=None):
     """(ids {(col, row, size): tensor[len(layers), H]}, stats) by the original's procedure over
     [(image path, GridLayout)] with a = obj1 (fixed) and b = obj2 (moving); stats["layer_ids"]
     names the rows (default: every hidden_states index)."""
     layers = resolve_layers(layers, len(adapter.lm_layers(model)))
+    items, single = paper_groups_of_two(items)
     by_pair = defaultdict(list)
     for path, layout in items:
         by_pair[(layout.obj1, layout.obj2)].append((path, layout))
@@ -218,7 +254,8 @@ def derive_paper(model, processor, adapter, items, batch_size=16, progress=True,
     locs = sorted({loc for ids in pair_ids for loc in ids})
     counts = {loc: sum(loc in ids for ids in pair_ids) for loc in locs}
     ids = {loc: torch.stack([p[loc] for p in pair_ids if loc in p]).mean(0) for loc in locs}
-    stats = {"images": len(items), "groups": n_groups, "pairs": len(by_pair), "cells": len(ids),
+    stats = {"images": len(items), "groups": n_groups, "single_image_groups_skipped": single,
+             "pairs": len(by_pair), "cells": len(ids),
              "layer_ids": layers, "min_count": min(counts.values()), "counts": counts}
     return ids, stats
 
@@ -226,6 +263,16 @@ def derive_paper(model, processor, adapter, items, batch_size=16, progress=True,
 # ---------------------------------------------------------------------------------------------
 # clean recipe
 # ---------------------------------------------------------------------------------------------
+
+def clean_groups(samples):
+    """The clean recipe's centring groups of >= 2 questions (one question centred over itself is
+    zero); none is an error."""
+    groups = [g for g in data.group_indices(samples, range(len(samples))).values() if len(g) >= 2]
+    if not groups:
+        raise ValueError(f"no group of >= 2 questions with obj1 fixed and obj2 moving among {len(samples)} "
+                         "question(s); make grid data with every cell pair (make_grid_data.py)")
+    return groups
+
 
 @torch.no_grad()
 def derive(model, processor, adapter, samples, batch_size=16, max_groups=None, seed=0, progress=True, layers=None):
@@ -235,10 +282,7 @@ def derive(model, processor, adapter, samples, batch_size=16, max_groups=None, s
     Questions are batched across groups (`batch_size` per forward pass, groups kept contiguous);
     a group is centred once all its questions are in, so memory holds at most a batch and the
     groups it touches. `layers`: hidden_states indices to keep (default all)."""
-    groups = [g for g in data.group_indices(samples, range(len(samples))).values() if len(g) >= 2]
-    if not groups:
-        raise ValueError("no group of >= 2 questions with obj1 fixed and obj2 moving; "
-                         "make grid data with every cell pair (make_grid_data.py)")
+    groups = clean_groups(samples)
     if max_groups and len(groups) > max_groups:
         groups = random.Random(seed).sample(groups, max_groups)
     layers = resolve_layers(layers, len(adapter.lm_layers(model)))
@@ -316,6 +360,7 @@ RECIPES = {
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="alias (tiny, qwen2-2b, ...), hub id, local folder or checkpoint")
+    parser.add_argument("--list_models", action=ListModelsAction)
     parser.add_argument("--images", required=True,
                         help="extraction set (make_grid_data.py --layout extraction) or a flat grid folder")
     parser.add_argument("--out", required=True, help="output .pt, e.g. embeds/universal_id_90/MODEL.pt")
@@ -343,6 +388,9 @@ def parse_args(argv=None):
         parser.error(f"argument --max_groups: must be >= 1, not {args.max_groups}")
     if Path(args.out).exists() and not args.overwrite:
         parser.error(f"argument --out: {args.out} exists; pass --overwrite to replace it")
+    problem = output_problem(args.out)
+    if problem:
+        parser.error(f"argument --out: {problem}")
     args.choices = protocols.resolve(args)
     return args
 
@@ -371,12 +419,29 @@ def main(argv=None):
                  f"({len(skipped)} unparseable)")
     print(f"{args.images}: {len(items)} images ({layout_kind} layout)"
           + (f"; skipped {len(skipped)} unparseable (first: {skipped[0]})" if skipped else ""))
+    # Before the model loads: every image whole (a group missing one would centre on the rest),
+    # and at least one centring group of two (one state centred over itself is zero).
+    unreadable = [(str(path), why) for path, _ in items if (why := data.image_problem(path))]
+    if unreadable:
+        sys.exit(f"error: --images {args.images}: {len(unreadable)} of {len(items)} images cannot be read "
+                 f"(first: {unreadable[0][0]}, {unreadable[0][1]})")
+    try:
+        if args.id_recipe == "paper":
+            _, single = paper_groups_of_two(items)
+            if single:
+                print(f"warning: {single} (pair, a's cell) group(s) of one image left out: one image centred "
+                      "over itself is zero", file=sys.stderr)
+        else:
+            clean_groups(data.questions_for_images(items, args.train_question_style))
+    except ValueError as err:
+        sys.exit(f"error: --images {args.images}: {err}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.bf16 and device == "cuda" else torch.float32
     try:
+        model_source(args.model)  # a name or folder that cannot be had, found before the load
         model, processor, adapter = load_model_and_processor(args.model, dtype=dtype, device=device)
     except ModelUnavailableError as err:
-        sys.exit(f"error: {err}")
+        sys.exit(f"error: --model {err}")
 
     started = time.time()
     try:

@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 import data
 import protocols
-from checkpoints import CheckpointError, load_checkpoint_model
+from checkpoints import CheckpointError, check_checkpoint_source, load_checkpoint_model
 from lm_loss import last_position_logits
-from models import ModelUnavailableError
+from models import ListModelsAction, ModelUnavailableError
+from output_paths import output_problem
 
 
 def parse_answer(text, options):
@@ -175,9 +176,16 @@ def check_data_args(parser, args):
         parser.error(f"argument --eval_max_samples: must be >= 1 (or left out for all), not {args.eval_max_samples}")
 
 
+def default_output(ckpt, mode):
+    """Predictions go next to a checkpoint folder, or under eval_outputs/ for an alias or hub id."""
+    base = Path(ckpt) if os.path.isdir(ckpt) else Path("eval_outputs") / ckpt.replace("/", "--")
+    return base / f"coco_predictions_{mode}.jsonl"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint folder, hub id or alias (e.g. tiny, qwen2-2b)")
+    parser.add_argument("--list_models", action=ListModelsAction)
     protocols.add_protocol_arg(parser)
     add_data_args(parser)
     parser.add_argument("--batch_size", type=int, default=8)
@@ -193,12 +201,26 @@ def main(argv=None):
             parser.error(f"argument --{flag}: must be >= 1, not {getattr(args, flag)}")
     check_data_args(parser, args)
     protocols.resolve(args)
+    output = args.output or default_output(args.ckpt, args.mode)
+    problem = output_problem(output)
+    if problem:
+        parser.error(f"argument --output: {problem}")
 
-    # Data first: a missing image or a malformed row stops us before the model loads.
+    # Data and the checkpoint's files first: a missing image, a malformed row or a model folder
+    # without complete weights stops us before the model loads.
+    unreadable = []
     try:
-        samples = data.load_coco_spatial(args.val_json, args.coco_val_dir, args.question_style, args.eval_max_samples)
+        samples = data.load_coco_spatial(args.val_json, args.coco_val_dir, args.question_style, args.eval_max_samples,
+                                         unreadable=unreadable)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
+    if unreadable:
+        print(f"warning: left out {len(unreadable)} of {len(samples) + len(unreadable)} questions whose image cannot "
+              f"be read: {data.named_problems([(path, why) for _, path, why in unreadable])}", file=sys.stderr)
+    try:
+        check_checkpoint_source(args.ckpt)
+    except (ModelUnavailableError, CheckpointError) as err:
+        sys.exit(f"error: --ckpt {err}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.bf16 and device == "cuda" else torch.float32
     if args.bf16 and device != "cuda":
@@ -206,14 +228,12 @@ def main(argv=None):
     try:
         model, processor, adapter = load_checkpoint_model(args.ckpt, dtype=dtype, device=device)
     except (ModelUnavailableError, CheckpointError) as err:
-        sys.exit(f"error: {err}")
+        sys.exit(f"error: --ckpt {err}")
     report, rows = evaluate(model, processor, adapter, samples, args.batch_size, args.mode, args.max_new_tokens,
                             agreement=args.agreement)
-    print(format_report(report))
-    output = args.output
-    if output is None:
-        base = Path(args.ckpt) if os.path.isdir(args.ckpt) else Path("eval_outputs") / args.ckpt.replace("/", "--")
-        output = base / f"coco_predictions_{args.mode}.jsonl"
+    if unreadable:
+        report["unreadable_images_left_out"] = len(unreadable)
+    print(format_report(report) + (f" ({len(unreadable)} questions left out: image unreadable)" if unreadable else ""))
     write_jsonl(output, rows)
     print(f"predictions: {output}")
     return report

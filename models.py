@@ -11,13 +11,19 @@ Tiny random models of every family (`tiny`, `tiny-qwen2.5`, `tiny-llava`, `tiny-
 `tiny-internvl`, `tiny-gemma3`) are built offline by `tiny_models.py` and loaded through the same
 `from_pretrained` path as real checkpoints.
 """
+import argparse
 import json
 import os
 from pathlib import Path
 
 import torch
+import transformers
+from huggingface_hub import hf_hub_download
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+import processors
 import tiny_models
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -291,9 +297,7 @@ class VLMAdapter:
     processor_class = None  # standard class name a saved processor names, where ours is a subclass
 
     def build_processor(self, path):
-        from transformers import AutoProcessor
-
-        return AutoProcessor.from_pretrained(str(path))
+        return transformers.AutoProcessor.from_pretrained(str(path))
 
     def save_processor(self, processor, folder):
         """Save the processor; an image-only subclass of ours is saved under the standard class name
@@ -422,10 +426,8 @@ class InternVLAdapter(VLMAdapter):
         return config
 
     def build_processor(self, path):
-        from transformers import AutoTokenizer, GotOcr2ImageProcessorPil
-
-        image_processor = GotOcr2ImageProcessorPil.from_pretrained(str(path))
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        image_processor = transformers.GotOcr2ImageProcessorPil.from_pretrained(str(path))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
         kwargs = _processor_config(path)
         return image_only_internvl_processor_class()(
             image_processor, tokenizer, image_seq_length=kwargs.get("image_seq_length", 256),
@@ -485,50 +487,10 @@ def adapter_for_processor(processor):
 # Processors
 # ---------------------------------------------------------------------------------------------
 
-def image_only_qwen_processor_class():
-    from transformers import Qwen2VLProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
-        """Qwen2VLProcessor without the video processor: the stock class insists on one, and the
-        video processor needs torchvision, which many CPU environments lack."""
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    return Qwen2VLImageOnlyProcessor
-
-
+# The image-only processor classes live in processors.py (tiny_models builds with them too).
+image_only_qwen_processor_class = processors.image_only_qwen_processor_class
+image_only_internvl_processor_class = processors.image_only_internvl_processor_class
 _image_only_qwen_processor_class = image_only_qwen_processor_class  # former name (bench scripts)
-
-
-def image_only_internvl_processor_class():
-    from transformers import InternVLProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    class InternVLImageOnlyProcessor(InternVLProcessor):
-        """InternVLProcessor without the video processor (it needs torchvision)."""
-
-        def __init__(self, image_processor=None, tokenizer=None, image_seq_length=256, chat_template=None, **kwargs):
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-            self.image_seq_length = image_seq_length
-            self.start_image_token = tokenizer.start_image_token
-            self.end_image_token = tokenizer.end_image_token
-            self.start_image_token_id = tokenizer.start_image_token_id
-            self.end_image_token_id = tokenizer.end_image_token_id
-            self.image_token = tokenizer.context_image_token
-            self.video_token = tokenizer.video_token
-            self.image_token_id = tokenizer.context_image_token_id
-            import re
-
-            self.multimodal_pattern = re.compile(
-                f"(?P<image>{re.escape(self.image_token)})|(?P<video>{re.escape(self.video_token)})")
-
-    return InternVLImageOnlyProcessor
 
 
 def _processor_config(path):
@@ -548,16 +510,12 @@ def _read_chat_template(path, tokenizer):
 
 
 def _build_qwen_processor(path):
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
-
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path))
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    image_processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(str(path))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     chat_template = _read_chat_template(path, tokenizer)
     if chat_template is None and os.path.isdir(path):
         raise ValueError(f"{path}: no chat template found (tokenizer_config.json or chat_template.json)")
     if chat_template is None:  # hub id: the template lives in a separate file on the hub
-        from huggingface_hub import hf_hub_download
-
         file = hf_hub_download(str(path), "chat_template.json")
         chat_template = json.loads(Path(file).read_text())["chat_template"]
     return image_only_qwen_processor_class()(image_processor, tokenizer, chat_template=chat_template)
@@ -593,8 +551,7 @@ def save_lora_adapter(model, out_dir, base_model):
     `base_model`, an alias, hub id or folder, as base_model_name_or_path) plus every other trainable
     tensor of the selection (biases, norms), so `load_model_and_processor(out_dir)` rebuilds the
     trained model from base + adapter."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
+    from peft import get_peft_model_state_dict  # optional: LoRA runs only
 
     config = model.peft_config["default"]
     config.base_model_name_or_path = str(base_model)
@@ -611,9 +568,7 @@ def save_lora_adapter(model, out_dir, base_model):
 
 
 def _load_lora(path, dtype, device):
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict  # optional: LoRA runs only
 
     config = LoraConfig.from_pretrained(str(path))
     base = config.base_model_name_or_path
@@ -673,33 +628,156 @@ def merge_lora(model):
     return model
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def _short(err, limit=160):
+    """The first line of an exception's message, cut to `limit` characters."""
+    line = (str(err).splitlines() or [type(err).__name__])[0]
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def check_safetensors_complete(path):
+    """Raise ModelUnavailableError unless a .safetensors file is as long as its own header says:
+    a copy interrupted mid-way is caught here from 8 bytes and the header, without reading the
+    tensors."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little") if size >= 8 else None
+            if header_len is None or header_len > size - 8:
+                raise ValueError("no complete header")
+            header = json.loads(f.read(header_len))
+        end = max((int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
+                  default=0)
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise ModelUnavailableError(f"{path}: not a complete safetensors file ({size} bytes; a copy that "
+                                    "was interrupted?)") from None
+    expected = 8 + header_len + end
+    if size != expected:
+        raise ModelUnavailableError(f"{path}: {size} of {expected} bytes (truncated: a copy that was interrupted?)")
+
+
+def check_weight_files(folder):
+    """Raise ModelUnavailableError naming the folder or file unless a model folder holds complete
+    weights: a single file, or an index whose every shard is there."""
+    folder = Path(folder)
+    present = [name for name in WEIGHT_FILES if (folder / name).is_file()]
+    if not present:
+        raise ModelUnavailableError(f"{folder}: no weights (expected {' or '.join(WEIGHT_FILES[:2])}); "
+                                    "a copy that has not finished?")
+    name = present[0]
+    if name.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as err:
+            raise ModelUnavailableError(f"{folder / name}: unreadable weight index ({_short(err, 80)})") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise ModelUnavailableError(f"{folder}: {len(missing)} of {len(shards)} weight shards missing "
+                                        f"(first: {missing[0]})")
+        files = [folder / s for s in shards]
+    else:
+        files = [folder / name]
+    for file in files:
+        if file.suffix == ".safetensors":
+            check_safetensors_complete(file)
+
+
+def _looks_like_a_path(name):
+    """A name that can only mean a local folder: absolute, relative with ./ or ../, ~, or more
+    than one '/' (a hub id is `org/name`)."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(name)
+
+
+def model_source(name):
+    """(where from_pretrained reads it, its config, its family adapter) for a model name, from the
+    config alone: nothing here reads weights, so every problem a user can cause (an unknown name,
+    a path that does not exist, a folder without weights or with a half-written
+    model.safetensors, a model that is not a VLM) is found before a model load, as a
+    ModelUnavailableError whose message starts with `name`. A LoRA folder reports its base."""
+    if is_lora_folder(name):
+        try:
+            base = json.loads((Path(name) / LORA_CONFIG).read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError) as err:
+            raise ModelUnavailableError(f"{name}/{LORA_CONFIG}: unreadable ({_short(err, 80)})") from None
+        if not base:
+            raise ModelUnavailableError(f"{name}/{LORA_CONFIG} names no base_model_name_or_path")
+        if not (Path(name) / LORA_WEIGHTS).is_file():
+            raise ModelUnavailableError(f"{name}: no {LORA_WEIGHTS} beside {LORA_CONFIG}")
+        check_safetensors_complete(Path(name) / LORA_WEIGHTS)
+        return model_source(base)
+    path = resolve_model_name(name)
+    if path in tiny_models.TINY_ALIASES:
+        try:
+            path = str(ensure_tiny_model(alias=path))
+        except ValueError as err:  # a damaged shipped folder
+            raise ModelUnavailableError(str(err)) from None
+    elif os.path.isdir(path):
+        if not (Path(path) / "config.json").is_file():
+            raise ModelUnavailableError(f"{name}: a folder without config.json, so not a model folder")
+        check_weight_files(path)
+    elif _looks_like_a_path(path):
+        what = "a file, not a model folder" if os.path.exists(path) else "no such folder"
+        raise ModelUnavailableError(f"{name}: {what} (nor an alias: --list_models shows them)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        offline = " in the local cache (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        if os.path.isdir(path):
+            raise ModelUnavailableError(f"{name}: unreadable config.json ({_short(err, 120)})") from None
+        if name in MODEL_ALIASES:
+            where = " is not in the local cache (HF_HUB_OFFLINE=1)" if offline else f" cannot be had ({_short(err, 100)})"
+            raise ModelUnavailableError(f"{name}: {path}{where}; tiny is a model that needs no download") from None
+        raise ModelUnavailableError(
+            f"{name}: not an alias, a local folder or a hub id{offline or ' that can be had'}; --list_models shows "
+            "the aliases, and tiny is a model that needs no download") from None
+    try:
+        adapter = adapter_for(config)
+    except ValueError:
+        raise ModelUnavailableError(
+            f"{name}: model type {getattr(config, 'model_type', None)!r} is not a vision-language model of a "
+            f"supported family ({', '.join(sorted(ADAPTERS))})") from None
+    return path, config, adapter
+
+
+def list_models():
+    """The aliases, one line each with what they stand for (`--list_models`)."""
+    width = max(map(len, MODEL_ALIASES))
+    return "\n".join(f"{alias:<{width}}  {target if target != alias else 'built in (offline)'}"
+                     for alias, target in sorted(MODEL_ALIASES.items()))
+
+
+class ListModelsAction(argparse.Action):
+    """`--list_models`: print the aliases and exit, whatever else the command line holds."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="list the model aliases and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(list_models())
+        parser.exit()
+
+
 def load_model_and_processor(name, dtype=torch.float32, device="cpu"):
     """Load any supported VLM (alias, hub id, local folder, or a tiny alias) and its processor; a
     folder with adapter_config.json loads its base model plus the LoRA adapter.
 
-    Returns (model, processor, adapter). The model is in eval mode on `device`."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
+    Returns (model, processor, adapter). The model is in eval mode on `device`. Everything that can
+    be checked without the weights is checked first (`model_source`)."""
     if is_lora_folder(name):
+        model_source(name)
         return _load_lora(name, dtype, device)
-    path = resolve_model_name(name)
-    if path in tiny_models.TINY_ALIASES:
-        path = str(ensure_tiny_model(alias=path))
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        raise ModelUnavailableError(
-            f"cannot load model {name!r} (looked for {path!r}"
-            + (", HF_HUB_OFFLINE=1" if offline else "")
-            + f"): {str(err).splitlines()[0]}\n"
-            "Known aliases: " + ", ".join(sorted(MODEL_ALIASES)) + ". Without a GPU or hub access, "
-            "use the built-in offline model: --model_name tiny (train.py) or --ckpt tiny (eval_coco.py)"
-        ) from err
-    adapter = adapter_for(config)
+    path, config, adapter = model_source(name)
     raw, _ = type(config).get_config_dict(path)
     config = adapter.prepare_config(config, raw)
-    model = AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=dtype)
+    try:
+        model = transformers.AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=dtype)
+    except (OSError, SafetensorError) as err:  # damaged in a way the size check cannot see
+        raise ModelUnavailableError(f"{name}: weights unreadable ({_short(err)})") from None
     model.to(device).eval()
     processor = adapter.build_processor(path)
     processor.tokenizer.padding_side = adapter.padding_side
@@ -811,8 +889,6 @@ FULL_SIZE_CONFIG_CLASSES["llava-cot"] = "MllamaConfig"
 
 
 def full_size_config(alias):
-    import transformers
-
     if alias not in FULL_SIZE_CONFIGS:
         raise ValueError(f"no full-size config for {alias!r}; known: {', '.join(sorted(FULL_SIZE_CONFIGS))}")
     return getattr(transformers, FULL_SIZE_CONFIG_CLASSES[alias])(**FULL_SIZE_CONFIGS[alias])
@@ -820,11 +896,9 @@ def full_size_config(alias):
 
 def full_size_model(alias="qwen2-2b", device="meta"):
     """The real architecture with no weights (meta device): for selection checks and shapes."""
-    from transformers import AutoModelForImageTextToText
-
     config = full_size_config(alias)
     with torch.device(device):
-        return AutoModelForImageTextToText.from_config(config)
+        return transformers.AutoModelForImageTextToText.from_config(config)
 
 
 def count_parameters(model):

@@ -46,6 +46,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+import models
+import protocols
+
 VISION_SELECTORS = {
     "vision_mlp_lastk": "mlp",
     "vision_attn_lastk": "attn",
@@ -389,8 +392,6 @@ def _inject_lora(model, targets, rank, alpha, dropout):
     base_model = getattr(model, "name_or_path", None) or model.config._name_or_path
 
     def save_pretrained(save_directory, **kwargs):
-        import models
-
         return models.save_lora_adapter(model, save_directory, base_model=base_model)
 
     model.save_pretrained = save_pretrained
@@ -457,9 +458,6 @@ def select_from_args(model, adapter, args):
 def selection_table(aliases, protocols_=("paper", "clean")):
     """Markdown rows of the default selection (vision_mlp_lastk, k=6, budget 0.3) on each alias's
     full-size architecture (meta device) under each protocol: the README's model-family table."""
-    import models
-    import protocols
-
     rows = ["| family | alias | protocol | selection | tensors | parameters | share |",
             "|---|---|---|---|---:|---:|---:|"]
     for alias in aliases:
@@ -474,9 +472,6 @@ def selection_table(aliases, protocols_=("paper", "clean")):
 
 
 if __name__ == "__main__":  # print a selection for a meta-device full-size model, e.g. to check a flag set
-    import models
-    import protocols
-
     ap = add_selector_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     protocols.add_protocol_arg(ap)
     ap.add_argument("--arch", default="qwen2-2b", choices=sorted(models.FULL_SIZE_CONFIGS))

@@ -6,6 +6,10 @@ import sys
 import time
 from pathlib import Path
 
+import accelerate
+import torch
+import transformers
+
 REPO = Path(__file__).resolve().parent
 
 
@@ -17,10 +21,6 @@ def _git(*cmd):
 
 
 def run_metadata():
-    import accelerate
-    import torch
-    import transformers
-
     return {
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "accelerate": accelerate.__version__},

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import resolve_model_name
+
 DERIVE_HINT = "python derive_spatial_ids.py --model M --images DIR --out PATH"
 DEFAULT_SPATIAL_ID_LAYER = 11  # the original's: train.py --spatial_id_layer, id_diagnostics.py
 HEADS = ("none", "linear")
@@ -64,6 +66,19 @@ def _format_keys(keys, limit=10):
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
+def _layer_span(layers):
+    """'0..28' for a contiguous run of layer numbers, else the sorted list; 'none' when empty."""
+    layers = sorted(layers)
+    if not layers:
+        return "none"
+    contiguous = len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1))
+    return f"{layers[0]}..{layers[-1]}" if contiguous else str(layers)
+
+
+def _cut(text, limit=100):
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _read_ids_file(path):
     path = Path(path)
     if not path.is_file():
@@ -77,16 +92,14 @@ def _read_ids_file(path):
         m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
         if m:
             raise ValueError(
-                f"{path}: the file contains non-tensor objects ({m.group(1)}), and it won't be "
-                "unpickled: only tensors, dicts, lists, tuples, strings and numbers are loaded "
-                f"(weights_only=True). Re-save it as plain tensors or re-derive it with: {DERIVE_HINT}"
-            ) from None
+                f"{path}: holds a non-tensor object ({m.group(1)[:60]}), which is never unpickled (only "
+                "tensors, dicts, lists, strings, numbers); re-save it as tensors or re-derive it") from None
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
         raise ValueError(f"{path}: not a readable torch.save file "
-                         f"({detail.group(1).strip() if detail else text.splitlines()[0]})") from None
+                         f"({_cut(detail.group(1).strip() if detail else text.splitlines()[0])})") from None
     except Exception as err:  # truncated, text, or otherwise not a torch.save archive: torch raises many types
         first = (str(err).splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"{path}: not a readable torch.save file ({type(err).__name__}: {first})") from None
+        raise ValueError(f"{path}: not a readable torch.save file ({type(err).__name__}: {_cut(first)})") from None
 
 
 def load_universal_ids(path, layer, hidden_size, needed_keys=None):
@@ -110,10 +123,8 @@ def load_universal_ids(path, layer, hidden_size, needed_keys=None):
         layers[n] = value
     layer = int(layer)
     if layer not in layers:
-        raise ValueError(
-            f"{path}: no universal spatial IDs for layer {layer}; available layers: "
-            f"{sorted(layers) if layers else 'none'}. Derive them for this layer with: {DERIVE_HINT}"
-        )
+        raise ValueError(f"{path}: no universal spatial IDs for layer {layer}; it holds layers "
+                         f"{_layer_span(layers)}; derive_spatial_ids.py --layers {layer} makes them")
     entry = layers[layer]
     if not isinstance(entry, dict) or not isinstance(entry.get("universal"), dict):
         raise ValueError(f"{path}: layer {layer} has no 'universal' dict of IDs")
@@ -140,12 +151,12 @@ def load_universal_ids(path, layer, hidden_size, needed_keys=None):
         raise ValueError(f"{path}: layer {layer} holds no IDs")
     if needed_keys is not None:
         missing = {cell_key(k) for k in needed_keys} - set(ids)
-        if missing:
+        if missing:  # the lists first, the line naming the file last
             raise ValueError(
-                f"{path}: layer {layer} has no universal spatial ID for {len(missing)} cell(s) the "
-                f"training data uses: {_format_keys(missing)} (col, row, size). Available: "
-                f"{_format_keys(ids, limit=5)}. Derive IDs covering these cells/sizes with: {DERIVE_HINT}"
-            )
+                f"cells (col, row, size) the training data uses without an ID: {_format_keys(missing)}\n"
+                f"cells with an ID: {_format_keys(ids, limit=5)}\n"
+                f"{path}: layer {layer} has no ID for {len(missing)} cell(s) the training data uses (listed "
+                "above); derive IDs from images with these cells and sizes")
     return ids
 
 
@@ -214,8 +225,6 @@ def provenance_path(path):
 def model_identity(name):
     """What two model names must share to be the same model: the hub id behind an alias, or the
     absolute path of a local folder."""
-    from models import resolve_model_name
-
     resolved = resolve_model_name(name)
     return str(Path(resolved).resolve()) if Path(resolved).is_dir() else resolved
 

@@ -20,7 +20,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import tokenizers
 import torch
+import transformers
+
+import processors
+from data import ANSWER_WORDS, BUILTIN_OBJECT_NAMES, COCO_OBJECT_NAMES, QUESTION_TEMPLATES
 
 REPO_ROOT = Path(__file__).resolve().parent
 TINY_SEED = 0
@@ -52,8 +57,6 @@ _QWEN_PRETOKENIZE = (
 
 
 def _tokenizer_corpus(extra=()):
-    from data import ANSWER_WORDS, BUILTIN_OBJECT_NAMES, COCO_OBJECT_NAMES, QUESTION_TEMPLATES
-
     names = list(BUILTIN_OBJECT_NAMES) + list(COCO_OBJECT_NAMES)
     lines = ["You are a helpful assistant.", "system", "user", "assistant"] + list(extra)
     for template in QUESTION_TEMPLATES.values():
@@ -76,33 +79,31 @@ def train_tokenizer(style, special_tokens, *, eos, pad, bos=None, unk=None, add_
       fragment tokenized alone gets a prefix piece it does not have inside a sentence;
     * "metaspace_never" (Gemma): "▁" for spaces, nothing prepended.
     `add_bos` makes the tokenizer add BOS itself (Llama 2/3, Gemma), as the real ones do."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=unk))
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token=unk))
     if style == "bytelevel":
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_QWEN_PRETOKENIZE), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+            tokenizers.pre_tokenizers.Split(tokenizers.Regex(_QWEN_PRETOKENIZE), behavior="isolated"),
+            tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
-        tok.decoder = decoders.ByteLevel()
-        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        tok.decoder = tokenizers.decoders.ByteLevel()
+        alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
     elif style in ("metaspace_first", "metaspace_never"):
         scheme = style.split("_")[1]
         # Punctuation stays its own piece, as SentencePiece's script split keeps it.
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=True),
-            pre_tokenizers.Punctuation(behavior="isolated"),
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+            tokenizers.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=True),
+            tokenizers.pre_tokenizers.Punctuation(behavior="isolated"),
         ])
-        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=scheme, split=True)
+        tok.decoder = tokenizers.decoders.Metaspace(replacement="▁", prepend_scheme=scheme, split=True)
         alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789▁.,?!:;'\"\n()-")
     else:
         raise ValueError(f"unknown tokenizer style {style!r}")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=list(special_tokens),
-                                  initial_alphabet=alphabet, show_progress=False)
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1,
+                                             special_tokens=list(special_tokens), initial_alphabet=alphabet,
+                                             show_progress=False)
     tok.train_from_iterator(_tokenizer_corpus(corpus_extra), trainer=trainer)
     if add_bos:
-        tok.post_processor = processors.TemplateProcessing(
+        tok.post_processor = tokenizers.processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
     kwargs = dict(tokenizer_object=tok, eos_token=eos, pad_token=pad, padding_side="left")
     if bos is not None:
@@ -111,7 +112,7 @@ def train_tokenizer(style, special_tokens, *, eos, pad, bos=None, unk=None, add_
         kwargs["unk_token"] = unk
     if named_specials:
         kwargs["extra_special_tokens"] = dict(named_specials)
-    tokenizer = PreTrainedTokenizerFast(**kwargs)
+    tokenizer = transformers.PreTrainedTokenizerFast(**kwargs)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     return tokenizer
@@ -122,9 +123,7 @@ def _ids(tokenizer, tokens):
 
 
 def _generation_config(eos_id, pad_id, bos_id=None):
-    from transformers import GenerationConfig
-
-    return GenerationConfig(do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=bos_id)
+    return transformers.GenerationConfig(do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=bos_id)
 
 
 def _save(model, processor, out_dir, eos_id, pad_id, bos_id=None):
@@ -204,46 +203,37 @@ def _qwen_token_ids(tokenizer):
 
 
 def tiny_qwen2vl_config(tokenizer):
-    from transformers import Qwen2VLConfig
-
     vision = dict(TINY_VISION, hidden_size=TINY_TEXT["hidden_size"])
-    return Qwen2VLConfig(text_config=_qwen_text_config(tokenizer), vision_config=vision,
-                         tie_word_embeddings=False, **_qwen_token_ids(tokenizer))
+    return transformers.Qwen2VLConfig(text_config=_qwen_text_config(tokenizer), vision_config=vision,
+                                      tie_word_embeddings=False, **_qwen_token_ids(tokenizer))
 
 
 def _qwen_processor(tokenizer):
-    from transformers import Qwen2VLImageProcessorPil
-
-    import models
-
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
-    return models.image_only_qwen_processor_class()(image_processor, tokenizer, chat_template=QWEN2VL_CHAT_TEMPLATE)
+    image_processor = transformers.Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
+    return processors.image_only_qwen_processor_class()(image_processor, tokenizer, chat_template=QWEN2VL_CHAT_TEMPLATE)
 
 
 def build_tiny_qwen2vl(out_dir):
-    from transformers import Qwen2VLForConditionalGeneration
-
     tokenizer = build_qwen_tokenizer()
     config = tiny_qwen2vl_config(tokenizer)
     torch.manual_seed(TINY_SEED)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    model = transformers.Qwen2VLForConditionalGeneration(config).eval()
     _save(model, _qwen_processor(tokenizer), out_dir, config.text_config.eos_token_id,
           config.text_config.pad_token_id)
 
 
 def build_tiny_qwen25vl(out_dir):
     """Qwen2.5-VL: gated (gate/up/down) vision MLPs and RMSNorms, window attention."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
     tokenizer = build_qwen_tokenizer()
     # Window attention needs window_size to be a multiple of patch * merge (112 px = 2x2 merged patches).
     vision = dict(depth=TINY_VISION_DEPTH, hidden_size=32, intermediate_size=96, num_heads=2,
                   out_hidden_size=TINY_HIDDEN, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                   window_size=56, fullatt_block_indexes=[3, 7])
-    config = Qwen2_5_VLConfig(text_config=_qwen_text_config(tokenizer, num_hidden_layers=4),
-                              vision_config=vision, tie_word_embeddings=False, **_qwen_token_ids(tokenizer))
+    config = transformers.Qwen2_5_VLConfig(text_config=_qwen_text_config(tokenizer, num_hidden_layers=4),
+                                           vision_config=vision, tie_word_embeddings=False,
+                                           **_qwen_token_ids(tokenizer))
     torch.manual_seed(TINY_SEED)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
     _save(model, _qwen_processor(tokenizer), out_dir, config.text_config.eos_token_id,
           config.text_config.pad_token_id)
 
@@ -261,8 +251,6 @@ LLAVA_CHAT_TEMPLATE = (
 
 
 def build_tiny_llava(out_dir):
-    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     tokenizer = train_tokenizer("metaspace_first", specials, eos="</s>", pad="<pad>", bos="<s>", unk="<unk>",
                                 add_bos=True, chat_template=LLAVA_CHAT_TEMPLATE, corpus_extra=["USER:", "ASSISTANT:"])
@@ -272,16 +260,16 @@ def build_tiny_llava(out_dir):
                   patch_size=TINY_PATCH, projection_dim=32)
     text = dict(_text(), model_type="llama", vocab_size=len(tokenizer), bos_token_id=ids["<s>"],
                 eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"], tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=ids["<image>"],
-                         vision_feature_layer=-2, vision_feature_select_strategy="default",
-                         tie_word_embeddings=False)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=ids["<image>"],
+                                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                      tie_word_embeddings=False)
     torch.manual_seed(TINY_SEED)
-    model = LlavaForConditionalGeneration(config).eval()
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": TINY_IMAGE},
-                                            crop_size={"height": TINY_IMAGE, "width": TINY_IMAGE})
-    processor = LlavaProcessor(image_processor, tokenizer, patch_size=TINY_PATCH,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=LLAVA_CHAT_TEMPLATE)
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    image_processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": TINY_IMAGE},
+                                                         crop_size={"height": TINY_IMAGE, "width": TINY_IMAGE})
+    processor = transformers.LlavaProcessor(image_processor, tokenizer, patch_size=TINY_PATCH,
+                                            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                            chat_template=LLAVA_CHAT_TEMPLATE)
     _save(model, processor, out_dir, ids["</s>"], ids["<pad>"], ids["<s>"])
 
 
@@ -306,8 +294,6 @@ TINY_MLLAMA_CROSS_LAYERS = [1, 3]
 
 
 def build_tiny_mllama(out_dir):
-    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil, MllamaProcessor
-
     tokenizer = train_tokenizer("bytelevel", MLLAMA_SPECIAL_TOKENS, eos="<|eot_id|>", pad="<|finetune_right_pad_id|>",
                                 bos="<|begin_of_text|>", add_bos=True, chat_template=MLLAMA_CHAT_TEMPLATE)
     ids = _ids(tokenizer, MLLAMA_SPECIAL_TOKENS)
@@ -319,18 +305,19 @@ def build_tiny_mllama(out_dir):
     text = dict(_text(num_hidden_layers=5), vocab_size=len(tokenizer), cross_attention_layers=TINY_MLLAMA_CROSS_LAYERS,
                 bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|eot_id|>"],
                 pad_token_id=ids["<|finetune_right_pad_id|>"], rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    config = MllamaConfig(vision_config=vision, text_config=text, image_token_id=ids["<|image|>"],
-                          tie_word_embeddings=False)
+    config = transformers.MllamaConfig(vision_config=vision, text_config=text, image_token_id=ids["<|image|>"],
+                                       tie_word_embeddings=False)
     torch.manual_seed(TINY_SEED)
-    model = MllamaForConditionalGeneration(config).eval()
+    model = transformers.MllamaForConditionalGeneration(config).eval()
     # Cross-attention gates start at 0 (tanh(0) = 0: no image signal reaches the LM, hence no
     # gradient into the vision tower); a trained checkpoint has them open, so open them here.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
                 p.fill_(1.0)
-    image_processor = MllamaImageProcessorPil(size={"height": TINY_IMAGE, "width": TINY_IMAGE}, max_image_tiles=1)
-    processor = MllamaProcessor(image_processor, tokenizer, chat_template=MLLAMA_CHAT_TEMPLATE)
+    image_processor = transformers.MllamaImageProcessorPil(size={"height": TINY_IMAGE, "width": TINY_IMAGE},
+                                                           max_image_tiles=1)
+    processor = transformers.MllamaProcessor(image_processor, tokenizer, chat_template=MLLAMA_CHAT_TEMPLATE)
     _save(model, processor, out_dir, ids["<|eot_id|>"], ids["<|finetune_right_pad_id|>"], ids["<|begin_of_text|>"])
 
 
@@ -343,10 +330,6 @@ INTERNVL_CHAT_TEMPLATE = chatml_template("<IMG_CONTEXT>\n")
 
 
 def build_tiny_internvl(out_dir):
-    from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
-
-    import models
-
     named = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
              "video_token": "<video>"}
     tokenizer = train_tokenizer("bytelevel", INTERNVL_SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>",
@@ -358,14 +341,15 @@ def build_tiny_internvl(out_dir):
                 eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False)
     # The -hf checkpoints keep lm_head separate from the input embeddings; left unset, a 5.x
     # InternVLConfig ties them.
-    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=ids["<IMG_CONTEXT>"],
-                            downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=False)
+    config = transformers.InternVLConfig(vision_config=vision, text_config=text, image_token_id=ids["<IMG_CONTEXT>"],
+                                         downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=False)
     torch.manual_seed(TINY_SEED)
-    model = InternVLForConditionalGeneration(config).eval()
-    image_processor = GotOcr2ImageProcessorPil(size={"height": TINY_IMAGE, "width": TINY_IMAGE}, crop_to_patches=False)
+    model = transformers.InternVLForConditionalGeneration(config).eval()
+    image_processor = transformers.GotOcr2ImageProcessorPil(size={"height": TINY_IMAGE, "width": TINY_IMAGE},
+                                                            crop_to_patches=False)
     seq = (TINY_IMAGE // TINY_PATCH) ** 2 // 4  # pixel shuffle with ratio 0.5 merges 2x2 patches
-    processor = models.image_only_internvl_processor_class()(image_processor, tokenizer, image_seq_length=seq,
-                                                             chat_template=INTERNVL_CHAT_TEMPLATE)
+    processor = processors.image_only_internvl_processor_class()(image_processor, tokenizer, image_seq_length=seq,
+                                                                 chat_template=INTERNVL_CHAT_TEMPLATE)
     _save(model, processor, out_dir, ids["<|im_end|>"], ids["<|endoftext|>"])
 
 
@@ -388,8 +372,6 @@ GEMMA3_CHAT_TEMPLATE = (
 
 
 def build_tiny_gemma3(out_dir):
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor
-
     named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
     tokenizer = train_tokenizer("metaspace_never", GEMMA3_SPECIAL_TOKENS, eos="<eos>", pad="<pad>", bos="<bos>",
                                 unk="<unk>", add_bos=True, named_specials=named, chat_template=GEMMA3_CHAT_TEMPLATE,
@@ -400,14 +382,14 @@ def build_tiny_gemma3(out_dir):
     text = dict(_text(num_key_value_heads=1, head_dim=16, sliding_window=64), vocab_size=len(tokenizer),
                 bos_token_id=ids["<bos>"], eos_token_id=ids["<end_of_turn>"], pad_token_id=ids["<pad>"])
     mm_tokens = 4  # 4x4 patches average-pooled to 2x2
-    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=mm_tokens,
-                          image_token_id=ids["<image_soft_token>"], boi_token_id=ids["<start_of_image>"],
-                          eoi_token_id=ids["<end_of_image>"], tie_word_embeddings=True)
+    config = transformers.Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=mm_tokens,
+                                       image_token_id=ids["<image_soft_token>"], boi_token_id=ids["<start_of_image>"],
+                                       eoi_token_id=ids["<end_of_image>"], tie_word_embeddings=True)
     torch.manual_seed(TINY_SEED)
-    model = Gemma3ForConditionalGeneration(config).eval()
-    image_processor = Gemma3ImageProcessorPil(size={"height": TINY_IMAGE, "width": TINY_IMAGE})
-    processor = Gemma3Processor(image_processor, tokenizer, chat_template=GEMMA3_CHAT_TEMPLATE,
-                                image_seq_length=mm_tokens)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    image_processor = transformers.Gemma3ImageProcessorPil(size={"height": TINY_IMAGE, "width": TINY_IMAGE})
+    processor = transformers.Gemma3Processor(image_processor, tokenizer, chat_template=GEMMA3_CHAT_TEMPLATE,
+                                             image_seq_length=mm_tokens)
     _save(model, processor, out_dir, ids["<end_of_turn>"], ids["<pad>"], ids["<bos>"])
 
 

@@ -45,8 +45,8 @@ from transformers import Qwen2VLForConditionalGeneration
 
 import data
 import eval_coco
-import make_grid_data
 import models
+import render
 import tiny_models
 
 # Not built-in objects (data.BUILTIN_OBJECT_NAMES): the colours of the demo's objects (red circle,
@@ -98,7 +98,7 @@ class GridQuestions:
         self.renders = {}
         for name in self.objects:
             colour, shape = name.split(" ", 1)
-            self.renders[name] = make_grid_data.draw_object(colour, shape, render_size=64)
+            self.renders[name] = render.draw_object(colour, shape, render_size=64)
         self._fitted = {}
 
     def samples(self, rng, n, obj2_from=None, easy=False):
@@ -114,7 +114,7 @@ class GridQuestions:
                 cell1 = (rng.choice((0, data.GRID - 1)), rng.choice((0, data.GRID - 1)))
                 cell2 = (rng.choice((1, 2)), rng.choice((1, 2)))
             layout = data.GridLayout(obj1, cell1, obj2, cell2, self.size)
-            image = make_grid_data.render_grid_image(layout, self.renders, cell=self.cell, _fitted=self._fitted)
+            image = render.render_grid_image(layout, self.renders, cell=self.cell, _fitted=self._fitted)
             path = f"<tiny-warm pretraining {data.format_grid_name(layout)}>"
             for qtype, answer in data.questions_for_layout(layout):
                 style = rng.choice(self.styles)

@@ -25,6 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
 import checkpoints
@@ -34,7 +37,7 @@ import protocols
 import spatial_loss as sl
 from eval_coco import accuracy_report, add_data_args, check_data_args, evaluate, format_report, write_jsonl
 from lm_loss import supervised_lm_loss
-from models import ModelUnavailableError, load_model_and_processor, merge_lora
+from models import ListModelsAction, ModelUnavailableError, load_model_and_processor, merge_lora, model_source
 from provenance import run_metadata
 
 
@@ -68,6 +71,7 @@ def _range_checks(p, args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name", default="qwen2-2b", help="alias (tiny, qwen2-2b, ...), hub id or local folder")
+    p.add_argument("--list_models", action=ListModelsAction)
     protocols.add_protocol_arg(p)
     p.add_argument("--train_dir", default="data/grid", help="folder of grid images (make_grid_data.py)")
     p.add_argument("--train_question_style", choices=data.QUESTION_STYLES, default=None,
@@ -153,6 +157,8 @@ def parse_args(argv=None):
     return args
 
 
+UNREADABLE_NAMED = 20  # unreadable training images named one per line; the rest are counted
+
 # Arguments that may change when a run is resumed without changing what it trains.
 RESUME_FREE_ARGS = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "fork", "num_workers",
                     "eval_batch_size", "eval_max_samples", "holdout_max_samples", "log_every", "save_total_limit",
@@ -177,8 +183,6 @@ class Progress:
 
 def training_state(args, progress, optimizer, scheduler, accelerator):
     """Everything needed to continue exactly (the trained tensors themselves go beside it)."""
-    from accelerate.utils import gather_object
-
     return {"progress": asdict(progress), "args": vars(args), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "num_processes": accelerator.num_processes,
             "rng": gather_object([torch.get_rng_state()])}
@@ -244,12 +248,22 @@ def _setup_data(args, accelerator):
     problem surfaces here, before the (slow) model load."""
     grid = data.GridDataset(args.train_dir, args.train_question_style)
     accelerator.print(grid.report())
+    for path, why in grid.unreadable[:UNREADABLE_NAMED]:
+        accelerator.print(f"warning: skipped unreadable training image {path} ({why})", file=sys.stderr)
+    if len(grid.unreadable) > UNREADABLE_NAMED:
+        accelerator.print(f"warning: ... and {len(grid.unreadable) - UNREADABLE_NAMED} more unreadable training "
+                          "images", file=sys.stderr)
     train_idx, holdout_idx = data.split_holdout(grid.samples, args.spatial_holdout_frac, args.data_seed)
     if not train_idx:
         raise ValueError(f"{args.train_dir}: the holdout split left no training samples")
-    coco = data.load_coco_spatial(args.val_json, args.coco_val_dir, args.question_style, args.eval_max_samples)
+    unreadable = []
+    coco = data.load_coco_spatial(args.val_json, args.coco_val_dir, args.question_style, args.eval_max_samples,
+                                  unreadable=unreadable)
     if not coco:
         raise ValueError(f"{args.val_json}: no COCO-Spatial questions (an empty list?)")
+    if unreadable:
+        accelerator.print(f"warning: left out {len(unreadable)} COCO-Spatial questions whose image cannot be read: "
+                          f"{data.named_problems([(path, why) for _, path, why in unreadable])}", file=sys.stderr)
     if args.universal_id_path:
         if not Path(args.universal_id_path).is_file():
             raise FileNotFoundError(
@@ -274,6 +288,24 @@ def _setup_data(args, accelerator):
     return grid, coco, holdout, train_idx, holdout_idx, sampler
 
 
+def _check_model_and_ids(args, grid):
+    """The model's config and the ID file, both read before the (slow) weights: a model that
+    cannot be had, a folder without complete weights, a layer the model lacks and every problem of
+    the ID file stop here. Returns the IDs of --spatial_id_layer (None without the spatial loss)."""
+    try:
+        _, config, adapter = model_source(args.model_name)
+    except ModelUnavailableError as err:
+        raise ValueError(f"--model_name {err}") from None
+    if not args.universal_id_path:
+        return None
+    n_layers = config.get_text_config().num_hidden_layers
+    if args.spatial_id_layer > n_layers:
+        raise ValueError(f"--spatial_id_layer {args.spatial_id_layer} is outside 0..{n_layers} for {args.model_name}")
+    needed = {(*s["cell2"], s["size"]) for s in grid.samples}
+    return sl.load_universal_ids(args.universal_id_path, args.spatial_id_layer, adapter.lm_hidden_size(config),
+                                 needed_keys=needed)
+
+
 def _setup_model(args, accelerator, resume_dir):
     """(model, processor, adapter, selection): the base model with the trainable slice chosen and,
     when resuming, the checkpoint's trained tensors applied."""
@@ -294,15 +326,10 @@ def _setup_model(args, accelerator, resume_dir):
     return model, processor, adapter, selection
 
 
-def _setup_spatial_loss(args, model, adapter, grid, accelerator, resume_dir):
-    if not args.universal_id_path:
+def _setup_spatial_loss(args, ids, accelerator, resume_dir, model):
+    """The loss over `ids` (checked before the model loaded; see _check_model_and_ids)."""
+    if ids is None:
         return None
-    n_layers = len(adapter.lm_layers(model))
-    if args.spatial_id_layer > n_layers:
-        raise ValueError(f"--spatial_id_layer {args.spatial_id_layer} is outside 0..{n_layers} for {args.model_name}")
-    needed = {(*s["cell2"], s["size"]) for s in grid.samples}
-    ids = sl.load_universal_ids(args.universal_id_path, args.spatial_id_layer, adapter.lm_hidden_size(model),
-                                needed_keys=needed)
     spatial_loss = sl.SpatialIDLoss(ids, head=args.spatial_head).to(accelerator.device)
     if resume_dir is not None:
         head = {k: v for k, v in checkpoints.read_trainable(resume_dir).items()
@@ -315,13 +342,12 @@ def _setup_spatial_loss(args, model, adapter, grid, accelerator, resume_dir):
 
 
 def _setup_optimizer(args, model, spatial_loss, total_steps):
-    from transformers import get_linear_schedule_with_warmup
-
     params = [p for p in model.parameters() if p.requires_grad]
     if spatial_loss is not None:
         params += [p for p in spatial_loss.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_frac * total_steps), total_steps)
+    scheduler = transformers.get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_frac * total_steps),
+                                                             total_steps)
     return params, optimizer, scheduler
 
 
@@ -404,8 +430,6 @@ def _loss_step(forward_model, model, adapter, batch, spatial_loss, args, device)
 
 def _weights_in_sync(params, accelerator):
     """True when every process holds the same trained tensors (a cheap checksum per tensor)."""
-    from accelerate.utils import gather_object
-
     sums = [float(p.detach().double().sum()) for p in params]
     return all(other == sums for other in gather_object([sums]))
 
@@ -414,8 +438,6 @@ def _evaluate_split(model, processor, adapter, samples, args, accelerator, desc)
     """(report, rows) of `samples`, each process answering every N-th question."""
     if accelerator.num_processes == 1:
         return evaluate(model, processor, adapter, samples, args.eval_batch_size, args.eval_mode, desc=desc)
-    from accelerate.utils import gather_object
-
     mine = list(range(accelerator.process_index, len(samples), accelerator.num_processes))
     _, rows = evaluate(model, processor, adapter, [samples[i] for i in mine], args.eval_batch_size, args.eval_mode,
                        progress=accelerator.is_main_process, desc=desc)
@@ -430,8 +452,6 @@ def _evaluate_split(model, processor, adapter, samples, args, accelerator, desc)
 
 def main(argv=None):
     args = parse_args(argv)
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     # Unused-parameter handling: a selected block whose output the LM never reads (LLaVA's last
     # vision block under --protocol paper) gets no gradient, which plain DDP treats as an error.
@@ -449,6 +469,7 @@ def main(argv=None):
     try:
         resume_dir, state = _setup_run_folder(args, accelerator)
         grid, coco, holdout, train_idx, holdout_idx, batch_sampler = _setup_data(args, accelerator)
+        ids = _check_model_and_ids(args, grid)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     processes = accelerator.num_processes
@@ -461,11 +482,11 @@ def main(argv=None):
     # 3. model and trainable slice, 4. spatial loss, 5. optimiser and schedule
     try:
         model, processor, adapter, selection = _setup_model(args, accelerator, resume_dir)
-        spatial_loss = _setup_spatial_loss(args, model, adapter, grid, accelerator, resume_dir)
+        spatial_loss = _setup_spatial_loss(args, ids, accelerator, resume_dir, model)
     except (ValueError, ModelUnavailableError) as err:
         sys.exit(f"error: {err}")
     params, optimizer, scheduler = _setup_optimizer(args, model, spatial_loss, total_steps)
-    progress = Progress()
+    progress = Progress(unreadable_images=len(grid.unreadable))
     if state is not None:
         progress = restore_training_state(state, optimizer, scheduler, accelerator)
     forward_model = accelerator.prepare(model) if processes > 1 else model

@@ -203,13 +203,16 @@ def test_a_name_off_the_token_boundary_is_an_error_naming_the_sample(family, gri
         data.VLMCollator(processor, adapter)([sample])
 
 
-def test_legacy_end_of_turn_string_still_works(family, grid):
+def test_a_caller_holding_only_the_processor_finds_its_adapter(family, grid):
     _, _, processor, adapter = family
-    a = data.VLMCollator(processor, adapter.end_of_turn)(grid.samples[:2])
+    found = models.adapter_for_processor(processor)
+    assert type(found) is type(adapter)  # Qwen2-VL and Qwen2.5-VL share one processor class
+    a = data.VLMCollator(processor, found)(grid.samples[:2])
     b = data.VLMCollator(processor, adapter)(grid.samples[:2])
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["target_positions"], b["target_positions"])
-    with pytest.raises(ValueError, match="end of turn"):
-        data.VLMCollator(processor, "<not-the-end>")
+    # data stands below models, so the collator no longer looks an adapter up from a string
+    with pytest.raises(TypeError, match="adapter_for_processor"):
+        data.VLMCollator(processor, adapter.end_of_turn)
 
 
 @pytest.mark.parametrize("mode", ["generate", "score"])
@@ -315,3 +318,12 @@ def test_a_span_starting_inside_a_token_is_an_error(family, grid):
     inside = len(prompt) + len(adapter.answer_prefix) + 2  # within the answer word's token
     with pytest.raises(ValueError, match="sample-x.*does not start on a token boundary"):
         adapter.token_span_from(tok, text, inside, row, len(row) - 1, "sample-x")
+
+
+def test_the_config_alone_gives_the_hidden_size_and_layer_count(family):
+    """train.py checks an ID file against these before loading the weights."""
+    alias, model, _, adapter = family
+    _, config, config_adapter = models.model_source(alias)
+    assert type(config_adapter) is type(adapter)
+    assert config_adapter.lm_hidden_size(config) == adapter.lm_hidden_size(model)
+    assert config.get_text_config().num_hidden_layers == len(adapter.lm_layers(model))

@@ -11,6 +11,7 @@ from PIL import Image
 
 import data
 import make_grid_data as mg
+import render
 
 CELL = 28
 PAIR = ("red circle", "blue square")
@@ -38,7 +39,7 @@ def colour_centroid(img, colour, tol=45):
 
 
 def colour_of(name):
-    return mg.COLOURS[name.split(" ")[0]]
+    return render.COLOURS[name.split(" ")[0]]
 
 
 @pytest.fixture(scope="module")

@@ -36,12 +36,16 @@ def test_tiny_tokenizer_covers_templates_and_names(tiny):
         assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1
 
 
-def test_unknown_model_offline_suggests_tiny(monkeypatch, tmp_path):
+def test_unknown_model_offline_suggests_tiny_and_the_alias_list(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(models.ModelUnavailableError, match="--model_name tiny"):
+    with pytest.raises(models.ModelUnavailableError) as info:
         models.load_model_and_processor("no-such-org/no-such-model")
-    with pytest.raises(models.ModelUnavailableError, match="cannot load model"):
+    message = str(info.value)
+    assert message.startswith("no-such-org/no-such-model: ") and "--list_models" in message and "tiny" in message
+    assert len(message) < 300 and "\n" not in message
+    with pytest.raises(models.ModelUnavailableError, match="no such folder"):
         models.load_model_and_processor(str(tmp_path / "empty-folder"))
+    assert "qwen2-2b" in models.list_models() and "tiny-warm" in models.list_models()
 
 
 def test_aliases_resolve():
