@@ -52,7 +52,8 @@ import data
 import protocols
 import spatial_loss as sl
 from derive_spatial_ids import axis_directions, collect_states, resolve_layers
-from models import ModelUnavailableError, load_model_and_processor
+from models import ListModelsAction, ModelUnavailableError, load_model_and_processor, model_source
+from output_paths import output_problem
 
 # Below this ratio of the cell-explained part to the raw state, the position signal is treated as
 # leakage, not a learnt code: measured 0.0002 on the random `tiny` at layer 11 (README).
@@ -418,7 +419,10 @@ def verdict(stats, train_layer, best):
             lines.append(f"Most universal layer: {best} (ID agreement {_f(agreement)}, the highest among layers "
                          f"whose cell part is >= {LEARNT_CODE_MIN_RATIO:.0%} of the state).")
     s = stats.get(train_layer)
-    if s is not None:
+    if s is None:
+        lines.append(f"Layer {train_layer} (the run scripts') was not measured: this model's hidden states are "
+                     f"0..{max(stats)} here; give train.py a --spatial_id_layer that exists.")
+    else:
         leak = (s["cell_part_ratio"] or 0) < LEARNT_CODE_MIN_RATIO
         lines.append(f"Layer {train_layer} (the run scripts'): pooled R² {_f(s['r2_pooled'])} against "
                      f"{_f(s['r2_within_pair'])} within pairs, ID agreement {_f(s['id_agreement'])}, cell part "
@@ -460,6 +464,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ids", required=True, help="universal IDs (derive_spatial_ids.py); its .json names the model and images")
     p.add_argument("--model", default=None, help="alias, hub id or folder (default: the IDs' provenance)")
+    p.add_argument("--list_models", action=ListModelsAction)
     p.add_argument("--images", default=None, help="extraction set or flat grid folder (default: the IDs' provenance)")
     p.add_argument("--layers", default=None,
                    help="hidden_states indices, e.g. 11, 5-15 (default: the IDs file's layers)")
@@ -486,6 +491,10 @@ def parse_args(argv=None):
         p.error(f"argument --loss_batch_size: the loss centres over a batch, so it must be >= 2, not {args.loss_batch_size}")
     if args.max_groups < 0:
         p.error(f"argument --max_groups: must be >= 0 (0 = all), not {args.max_groups}")
+    args.out = Path(args.out or Path("runs") / "id_diagnostics" / Path(args.ids).stem)
+    problem = output_problem(args.out, kind="folder")
+    if problem:
+        p.error(f"argument --out: {problem}")
     protocols.resolve(args, arm="spatial")
     return args
 
@@ -513,16 +522,18 @@ def main(argv=None):
         sys.exit(f"error: --ids {err}")
     model_name = args.model or provenance.get("model")
     images = args.images or provenance.get("images")
-    out = Path(args.out or Path("runs") / "id_diagnostics" / Path(args.ids).stem)
-    if out.exists() and not out.is_dir():
-        sys.exit(f"error: --out {out}: exists and is not a folder")
+    out = args.out
     measure = model_name is not None and images is not None
     samples = []
     if measure:
         try:
+            model_source(model_name)  # a name or folder that cannot be had, found before any work
+        except ModelUnavailableError as err:
+            sys.exit(f"error: --model {err}")
+        try:
             items, layout_kind, _ = data.read_extraction_set(images)
         except (FileNotFoundError, ValueError) as err:
-            sys.exit(f"error: --images {err}")
+            sys.exit(f"error: {'--images' if args.images else '--images (from the IDs provenance)'} {err}")
         if not items:
             sys.exit(f"error: --images {images}: no images in the extraction layout or with grid file names")
         samples = limit_groups(data.questions_for_images(items, args.train_question_style), args.max_groups or None,

@@ -194,3 +194,51 @@ def test_a_missing_ids_file_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as exc:
         diag.main(["--ids", str(tmp_path / "none.pt")])
     assert "none.pt" in str(exc.value.code) and "\n" not in str(exc.value.code)
+
+
+def test_bad_inputs_are_one_line_before_any_model_load(tmp_path, monkeypatch, extraction):
+    """--out under a regular file, an unknown --model, an --images folder that is not there: one
+    line naming the flag, and the model never loads; the same command with the input fixed runs."""
+    from spatial_loss import save_universal_ids
+
+    ids = tmp_path / "ids.pt"
+    save_universal_ids(ids, {11: planted_ids(0)})
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(diag, "load_model_and_processor", no_load)
+    cases = [(["--out", str(blocker / "d")], "argument --out", 2),
+             (["--model", "no-such-model", "--images", str(extraction)], "--model no-such-model", None),
+             (["--model", "tiny", "--images", str(tmp_path / "nowhere")], "--images", None)]
+    for extra, culprit, code in cases:
+        with pytest.raises(SystemExit) as exc:
+            diag.main(["--ids", str(ids), "--out", str(tmp_path / "d")] + extra if "--out" not in extra
+                      else ["--ids", str(ids)] + extra)
+        message = exc.value.code
+        if code is not None:
+            assert message == code
+        else:
+            assert culprit in message and "\n" not in message and len(message) < 300, message
+    assert not (tmp_path / "d").exists()
+    monkeypatch.undo()
+    result = diag.main(["--ids", str(ids), "--out", str(tmp_path / "d"), "--model", "tiny", "--images", str(extraction),
+                        "--max_groups", "12"])
+    assert result["stats"][11]["r2_pooled"] is not None
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen2.5", "tiny-llava", "tiny-mllama", "tiny-internvl", "tiny-gemma3"])
+def test_every_family_is_diagnosed(model, extraction, tmp_path):
+    """Each family's tiny model, through its adapter: states at obj2's token for every layer, the
+    report written, and a run-scripts layer the model does not have named as such."""
+    ids = tmp_path / "ids.pt"
+    derive_spatial_ids.main(["--model", model, "--images", str(extraction), "--out", str(ids), "--max_groups", "12"])
+    result = diag.main(["--ids", str(ids), "--max_groups", "12", "--out", str(tmp_path / "d")])
+    last = max(result["stats"])
+    assert set(result["stats"]) == set(range(last + 1)) and last < 11
+    # tiny-gemma3 pools its 4 x 4 patches to 2 x 2 image tokens: its states barely depend on the
+    # layout (cell part under 1e-5 of the state), which the report shows as "-", not as numbers.
+    assert all(s["cell_part_ratio"] is not None for s in result["stats"].values())
+    assert "Layer 11 (the run scripts') was not measured" in (tmp_path / "d" / "diagnostics.md").read_text()
