@@ -56,7 +56,8 @@ from models import ListModelsAction, ModelUnavailableError, load_model_and_proce
 from output_paths import output_problem
 
 # Below this ratio of the cell-explained part to the raw state, the position signal is treated as
-# leakage, not a learnt code: measured 0.0002 on the random `tiny` at layer 11 (README).
+# leakage, not a learnt code: set between the random `tiny` (0.0042 at layer 11: rotary leakage) and
+# tiny-warm (0.019), docs/spatial-ids.md; on a real model read the column, not only the flag.
 LEARNT_CODE_MIN_RATIO = 0.01
 DEFAULT_MAX_GROUPS = 400
 UNIVERSAL_MIN_AGREEMENT = 0.5  # IDs of pairs sharing no object agree at least this much: a shared code

@@ -457,7 +457,7 @@ def select_from_args(model, adapter, args):
 
 def selection_table(aliases, protocols_=("paper", "clean")):
     """Markdown rows of the default selection (vision_mlp_lastk, k=6, budget 0.3) on each alias's
-    full-size architecture (meta device) under each protocol: the README's model-family table."""
+    full-size architecture (meta device) under each protocol: the model-family table of docs/model-families.md."""
     rows = ["| family | alias | protocol | selection | tensors | parameters | share |",
             "|---|---|---|---|---:|---:|---:|"]
     for alias in aliases:
@@ -475,7 +475,7 @@ if __name__ == "__main__":  # print a selection for a meta-device full-size mode
     ap = add_selector_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     protocols.add_protocol_arg(ap)
     ap.add_argument("--arch", default="qwen2-2b", choices=sorted(models.FULL_SIZE_CONFIGS))
-    ap.add_argument("--table", action="store_true", help="print the README's model-family table for every full-size alias")
+    ap.add_argument("--table", action="store_true", help="print docs/model-families.md's model-family table for every full-size alias")
     cli = ap.parse_args()
     if cli.table:
         print("\n".join(selection_table(list(models.FULL_SIZE_CONFIGS))))

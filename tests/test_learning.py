@@ -4,7 +4,7 @@ finetuning the default selection learns what the labels say (the labels
 reach the trained slice and move its answers on the pairs it trains on, up with true answers and
 down with swapped ones); the paired first-vs-final check reports no change when nothing trains.
 
-What these tests do not claim, because it does not hold in this sandbox (README, "tiny-warm"):
+What these tests do not claim, because it does not hold in this sandbox (docs/tiny-warm.md):
 that finetuning the default selection raises held-out-pair accuracy. It lowers it."""
 import json
 import random

@@ -289,13 +289,13 @@ def read_families_table():
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "model-families.md").read_text()
     table = re.search(r"<!-- table:start -->\n(.*?)<!-- table:end -->", text, re.S).group(1)
     return [line for line in table.strip().splitlines()]
 
 
 def test_families_table_matches_the_full_size_selection():
-    """The README's model-family table == the default selection on every full-size alias under both protocols
+    """docs/model-families.md's model-family table == the default selection on every full-size alias under both protocols
     (e.g. qwen2-2b: 12 tensors, 78,643,200 params, 3.56%; llava-7b clean: blocks 17-22)."""
     from param_selectors import selection_table
 
