@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -553,6 +554,9 @@ def main(argv=None):
     bar = tqdm(total=total_steps, initial=progress.step, desc="train", disable=not is_main, dynamic_ncols=True,
                mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
     micro = 0
+    # Wall time of the optimizer steps since the last log (the loader's waits included, evaluation
+    # and checkpoints not): train.py's own throughput, against bench/full_size_step.py's step.
+    step_clock = [time.perf_counter(), 0]
     for epoch in range(progress.epoch, args.epochs):
         if progress.step >= total_steps:
             break
@@ -594,6 +598,7 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             micro = 0
             progress.step += 1
+            step_clock[1] += 1
             progress.epoch, progress.batches_done = epoch, first + (b + 1) * processes
             bar.update(1)
             if window["loss"]:
@@ -604,15 +609,19 @@ def main(argv=None):
                          "skipped_steps": progress.skipped_steps, "nonfinite_losses": progress.nonfinite_losses,
                          "unreadable_images": progress.unreadable_images}
                 event.update({k: sum(v) / len(v) for k, v in window.items() if v})
+                event["seconds_per_step"] = (time.perf_counter() - step_clock[0]) / step_clock[1]
                 if processes > 1:
                     event["weights_in_sync"] = _weights_in_sync(params, accelerator)
                 log(event)
                 window = {k: [] for k in window}
+                step_clock = [time.perf_counter(), 0]
             if progress.step < total_steps:
                 if progress.step % args.eval_save_steps == 0:
                     log(evaluate_and_save(progress.step))
+                    step_clock = [time.perf_counter(), 0]
                 if progress.step % args.save_steps == 0:
                     save_checkpoint(progress.step)
+                    step_clock = [time.perf_counter(), 0]
             if progress.step >= total_steps:
                 break
     bar.close()

@@ -141,3 +141,7 @@ def test_train_defaults_and_config_record_the_speedups(tmp_path, capsys):
     assert config["speedups"]["liger_kernel"] is False and config["speedups"]["reason"]
     assert config["loader"] == {"num_workers": 0, "pin_memory": False}
     assert sum(line.startswith("warning: --liger_kernel") for line in capsys.readouterr().err.splitlines()) == 1
+    # train.py's own throughput: wall seconds per optimizer step, evaluation excluded
+    trains = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    trains = [e for e in trains if e["event"] == "train"]
+    assert trains and all(0 < e["seconds_per_step"] < 60 for e in trains)
