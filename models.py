@@ -144,6 +144,14 @@ class VLMAdapter:
       option_token_ids(processor, options) first token of each option as it follows the prompt
     Processor
       build_processor(path)        image-only processor from a checkpoint folder or hub id
+    Each distinct image encoded once per batch
+      pixel_keys                   inputs that hold images, not text rows (pixel_values, ...)
+      pixel_chunks(batch)          [B]: leading entries of the pixel inputs per row's image
+      keep_unique_images(batch, first_rows)   collator side: each distinct image's pixels once
+      unique_image_features(model, pixels, inputs, first_rows)   HF image features of those
+      encode_images_once(model, inputs)       model side: inputs with every row's features
+                                   precomputed (`mm_encoder_outputs`; Mllama:
+                                   `cross_attention_states`), `image_index` and pixels removed
     """
 
     family = "?"

@@ -78,6 +78,7 @@ def worker(args):
         return step
 
     fns = {"plain": plain, **{name: ours_on(name) for name in PATHS if name != "plain"}}
+    fns = {name: fn for name, fn in fns.items() if name in args.paths}
     info = {"losses": losses, "seq_len": int(collated["plain"][0]["input_ids"].shape[1]), "device": device,
             "dtype": str(dtype), "questions": {arm: len(s) for arm, s in samples.items()},
             "distinct_images": {arm: len({s["image_path"] for s in arm_samples}) for arm, arm_samples in samples.items()}}
@@ -86,7 +87,7 @@ def worker(args):
         info["peak"] = common.peak_tflops(device, dtype)
 
         def count_flops():
-            for name in FLOP_PATHS:
+            for name in (n for n in FLOP_PATHS if n in fns):
                 with common.StepFlops(model, adapter) as counted:
                     ours_on(name, counted)()
                 info["flops"][name] = counted.as_dict()
@@ -102,6 +103,8 @@ def main(argv=None):
     p.add_argument("--layer", type=int, default=11, help="spatial-loss layer (hidden_states index)")
     p.add_argument("--grad_checkpointing", action="store_true")
     p.add_argument("--grid_dir", default=None, help="reuse a folder of grid images (drawn if empty)")
+    p.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS),
+                   help="measure only these (e.g. leave out plain, the slow one, to time the image paths)")
     common.add_bench_args(p)
     args = p.parse_args(argv)
     if args._worker:
@@ -109,20 +112,20 @@ def main(argv=None):
     # One object pair at one size, every cell pair: 240 images, 16 obj1_groups groups of 15 images.
     args.grid_dir = str(common.grid_folder(args.cell, folder=args.grid_dir))
     argv = list(argv if argv is not None else sys.argv[1:]) + ["--grid_dir", args.grid_dir]
-    results = common.measure(Path(__file__), argv, list(PATHS))
+    results = common.measure(Path(__file__), argv, args.paths)
     label = {name: f"{name}: {what}" for name, (what, _, _) in PATHS.items()}
     rows = [{"path": label[name], "per_s": args.batch_size / r["seconds"], "seconds": r["seconds"],
              "cpu_seconds": r["cpu_seconds"], "peak_gib": r["peak_gib"], "vs": label.get(PATHS[name][2])}
             for name, r in results.items()]
-    r = results["plain"]
+    r = next(iter(results.values()))  # the timing process's information is in every path's result
     config = (f"{common.model_description(args, r)}, batch {args.batch_size}, {4 * args.cell} px images, "
               f"{r['seq_len']} tokens per row, spatial layer {args.layer}, forward + backward, "
               f"median of {args.repeats} alternating rounds after 1 warm-up; peak memory per path in its own process; "
               f"ratios against the path named in the last column of PATHS (plain, ours or control)")
     common.print_table("training step (samples/s = batch / step time)", config, rows, "samples")
     print(f"LM loss: " + ", ".join(f"{name} {loss:.6f}" for name, loss in r["losses"].items())
-          + f"; memory before the measured step: plain {results['plain']['base_gib']:.2f} GiB, "
-          f"ours {results['ours']['base_gib']:.2f} GiB")
+          + "; memory before the measured step: "
+          + ", ".join(f"{name} {result['base_gib']:.2f} GiB" for name, result in results.items()))
 
     flops = r["flops"]
     print("\neach distinct image encoded once (spatial = the paper's obj1_groups batch, control = its shuffle batch)")
@@ -130,6 +133,8 @@ def main(argv=None):
           "| vision TFLOP: per row / once |")
     print("|" + "---|" * 7)
     for arm, rows_path, once_path in (("spatial", "ours", "ours_once"), ("control", "control", "control_once")):
+        if rows_path not in results or once_path not in results:
+            continue
         per_row, once = results[rows_path], results[once_path]
         print(f"| {arm} | {r['questions'][arm]} | {r['distinct_images'][arm]} | {flops[rows_path]['images']} / "
               f"{flops[once_path]['images']} | {per_row['seconds']:.3f} / {once['seconds']:.3f} | "
@@ -139,7 +144,7 @@ def main(argv=None):
     common.flops_table("counted FLOPs of the training step (torch.utils.flop_counter.FlopCounterMode; forward + "
                        "backward; TFLOP/s = counted FLOPs / median step time)",
                        [{"path": label[name], "flops": flops[name], "seconds": results[name]["seconds"]}
-                        for name in FLOP_PATHS], peak, source)
+                        for name in FLOP_PATHS if name in results], peak, source)
     return results
 
 
