@@ -44,7 +44,8 @@ def bench_step_seconds(step_log):
 
 
 def step_log_name(step_log):
-    return "full_size_step.py" if "median of" in Path(step_log).read_text() else "bench_train.py"
+    text = Path(step_log).read_text()
+    return "full_size_step.py, with AdamW" if re.search(r"median of \d+, once:", text) else "bench_train.py, no optimizer"
 
 
 def main(argv=None):
