@@ -8,8 +8,10 @@ clean fallback: when it cannot run here, one warning line and the plain path.
 `torch.compile` is applied per transformer block (the vision tower's blocks, the LM's decoder
 layers), not to the whole model: a block is the unit that repeats, so one compiled graph serves
 all blocks of a stack, and the model's Python around them (the image merge, the loss, our hooks)
-stays eager. A block whose first compiled call fails (no C++ compiler or Triton, an unsupported
-op) runs eagerly from then on; its first call is retried eagerly, so the step is not lost.
+stays eager. The backend is first tried on a small function on the model's device (no C++
+compiler, no Triton: the plain path, recorded in config.json); a block whose first compiled call
+still fails (an unsupported op) makes every block run eagerly from then on, its call retried
+eagerly so the step is not lost (one warning line; train.py's `end` event records it).
 """
 import os
 import sys
@@ -32,6 +34,20 @@ def _blocks(model, adapter, which):
     return blocks
 
 
+def _compile_failure(backend, device):
+    """None when `backend` compiles and runs a small function on `device`, else why not."""
+    try:
+        torch.compile(lambda x: torch.nn.functional.gelu(x @ x.T) + 1, backend=backend)(torch.ones(4, 4, device=device))
+    except Exception as err:  # noqa: BLE001 - whatever stops compiling means: the plain path
+        return _reason(err)
+    return None
+
+
+def _reason(err):
+    cause = getattr(err, "inner_exception", None) or err.__cause__ or err  # dynamo wraps the backend's error
+    return f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]}"
+
+
 def compile_blocks(model, adapter, which="all", backend="inductor"):
     """Compile the forward of each block in `which` (see COMPILE_CHOICES) with `backend`, in place.
     Returns what was done, for config.json: {"compile_blocks", "backend", "blocks"}; "fallback" and
@@ -43,6 +59,11 @@ def compile_blocks(model, adapter, which="all", backend="inductor"):
     backend_name = backend if isinstance(backend, str) else getattr(backend, "__name__", repr(backend))
     report = {"compile_blocks": which, "backend": backend_name, "blocks": 0}
     if which == "none":
+        return report
+    failure = _compile_failure(backend, next(model.parameters()).device)
+    if failure is not None:
+        warn(f"--compile_blocks: torch.compile ({backend_name}) cannot run here ({failure}); plain path")
+        report.update(fallback=True, reason=failure)
         return report
     failed = {}
 
@@ -59,8 +80,7 @@ def compile_blocks(model, adapter, which="all", backend="inductor"):
             try:
                 out = compiled(*args, **kwargs)
             except Exception as err:  # noqa: BLE001 - any compile failure means: run eagerly
-                cause = getattr(err, "inner_exception", None) or err.__cause__ or err  # dynamo wraps the backend's
-                failed["reason"] = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]}"
+                failed["reason"] = _reason(err)
                 warn(f"torch.compile ({backend_name}) failed on {type(block).__name__} ({failed['reason']}); "
                      "all blocks run eagerly")
                 report.update(fallback=True, reason=failed["reason"])

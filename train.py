@@ -635,7 +635,7 @@ def main(argv=None):
         if args.merge_lora:
             merge_lora(model)  # after the last checkpoint: final/ becomes a plain full model
         checkpoints.save_final(out / "final", model, processor, adapter)
-    summary = {"event": "end", "step": progress.step, "optimizer_steps": progress.optimizer_steps,
+    summary = {"event": "end", "step": progress.step, "speedups": speed, "optimizer_steps": progress.optimizer_steps,
                "skipped_steps": progress.skipped_steps, "nonfinite_losses": progress.nonfinite_losses,
                "unreadable_images": progress.unreadable_images,
                "scheduler_steps": scheduler.last_epoch, "coco_accuracy": progress.last_eval["coco"]["accuracy"],

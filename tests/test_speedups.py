@@ -64,18 +64,38 @@ def test_compiled_blocks_equal_the_eager_model(batch, capsys):
     assert set(dict(model.named_parameters())) == set(eager_grads)
 
 
-def test_compile_failure_falls_back_to_eager_with_one_warning(batch, capsys):
+def test_a_backend_that_cannot_compile_leaves_the_plain_path(batch, capsys):
     model, processor, adapter = _trainable_tiny()
     eager_loss, _ = _loss_and_grads(model, adapter, processor, batch)
+    forwards = [b.forward for b in adapter.vision_blocks(model)]
 
-    def broken_backend(graph_module, example_inputs):
+    def broken_backend(graph_module, example_inputs):  # e.g. no C++ compiler, no Triton
         raise RuntimeError("no compiler here")
 
     report = speedups.compile_blocks(model, adapter, "vision", backend=broken_backend)
-    loss, grads = _loss_and_grads(model, adapter, processor, batch)
+    assert report["fallback"] is True and "no compiler here" in report["reason"] and report["blocks"] == 0
+    assert [b.forward for b in adapter.vision_blocks(model)] == forwards  # nothing wrapped
+    loss, _ = _loss_and_grads(model, adapter, processor, batch)
+    assert loss.item() == eager_loss.item()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "cannot run here" in warnings[0] and "plain path" in warnings[0]
+
+
+def test_a_block_that_fails_to_compile_runs_eagerly_with_one_warning(batch, capsys):
+    model, processor, adapter = _trainable_tiny()
+    eager_loss, _ = _loss_and_grads(model, adapter, processor, batch)
+
+    def picky_backend(graph_module, example_inputs):  # compiles the small probe, not a whole block
+        if len(graph_module.graph.nodes) > 12:
+            raise RuntimeError("unsupported op")
+        return graph_module.forward
+
+    report = speedups.compile_blocks(model, adapter, "vision", backend=picky_backend)
+    assert "fallback" not in report and report["blocks"] == len(adapter.vision_blocks(model))
+    loss, _ = _loss_and_grads(model, adapter, processor, batch)
     loss_again, _ = _loss_and_grads(model, adapter, processor, batch)
     assert loss.item() == eager_loss.item() == loss_again.item()
-    assert report["fallback"] is True and "no compiler here" in report["reason"]
+    assert report["fallback"] is True and "unsupported op" in report["reason"]
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "torch.compile" in warnings[0] and "eagerly" in warnings[0]
 
@@ -141,6 +161,8 @@ def test_train_defaults_and_config_record_the_speedups(tmp_path, capsys):
     assert config["speedups"]["liger_kernel"] is False and config["speedups"]["reason"]
     assert config["loader"] == {"num_workers": 0, "pin_memory": False}
     assert sum(line.startswith("warning: --liger_kernel") for line in capsys.readouterr().err.splitlines()) == 1
+    end = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert end["event"] == "end" and end["speedups"] == config["speedups"]
     # train.py's own throughput: wall seconds per optimizer step, evaluation excluded
     trains = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     trains = [e for e in trains if e["event"] == "train"]
