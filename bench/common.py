@@ -298,8 +298,10 @@ class StepFlops:
     - rest: everything else (the losses' forward, the merge of image features).
 
     Works for either image path: the tower called inside the model's forward or before it
-    (encode_images_once). Use as a context manager around forward and backward; then read
-    `.total`, `.vision`, `.lm`, `.rest` (FLOPs) and `.images` (images the tower encoded)."""
+    (encode_images_once). Use as a context manager around forward and backward, calling
+    `forward_done()` between them; then read `.total`, `.vision`, `.lm`, `.rest` (FLOPs) and
+    `.images` (what the tower encoded: images for Qwen2-VL / Qwen2.5-VL, whose tower gets
+    `grid_thw`; else the leading size of its pixel input, which counts InternVL's tiles)."""
 
     def __init__(self, model, adapter):
         from torch.utils.flop_counter import FlopCounterMode
