@@ -495,9 +495,12 @@ class VLMCollator:
     silently wrong position. `with_answer=False` builds generation prompts
     (evaluation). An image that cannot be decoded is an error naming it, or with
     `skip_unreadable` (training: never a crash hours in) its sample is left out of the batch and
-    named in `batch["unreadable_images"]` (pop it before the forward)."""
+    named in `batch["unreadable_images"]` (pop it before the forward). With `encode_images_once`
+    the pixel inputs hold each distinct image of the batch once (by path: a grid image asked
+    about twice, or shown to several questions of a group) and `batch["image_index"]` maps each
+    row to its image; lm_loss hands it to the adapter, which encodes each image once."""
 
-    def __init__(self, processor, adapter, with_answer=True, skip_unreadable=False):
+    def __init__(self, processor, adapter, with_answer=True, skip_unreadable=False, encode_images_once=False):
         if isinstance(adapter, str):  # the former end-of-turn string: data stands below models
             raise TypeError("VLMCollator takes the family adapter (models.adapter_for_processor(processor)), "
                             f"not the end-of-turn string {adapter!r}")
@@ -507,6 +510,7 @@ class VLMCollator:
         self.end_of_turn = adapter.end_of_turn
         self.with_answer = with_answer
         self.skip_unreadable = skip_unreadable
+        self.encode_images_once = encode_images_once
 
     def _load_images(self, samples):
         """(samples whose image decodes, their images, paths of the others). An image asked about
@@ -534,6 +538,12 @@ class VLMCollator:
         prompts = [adapter.render_prompt(self.processor, s["question"]) for s in samples]
         texts = [p + adapter.render_answer(s["answer"]) if self.with_answer else p for p, s in zip(prompts, samples)]
         batch = adapter.encode(self.processor, texts, images)
+        if self.encode_images_once:
+            image_of_path = {}
+            image_index = [image_of_path.setdefault(str(s["image_path"]), len(image_of_path)) for s in samples]
+            first_rows = [image_index.index(i) for i in range(len(image_of_path))]
+            batch = adapter.keep_unique_images(batch, first_rows)
+            batch["image_index"] = torch.tensor(image_index)
         if unreadable:
             batch["unreadable_images"] = unreadable
         input_ids, attention = batch["input_ids"], batch["attention_mask"]

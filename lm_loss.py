@@ -13,6 +13,12 @@ supervised tokens) on fewer rows, so it equals `model(**batch).loss` to float ro
 same gradients (tests/test_perf_paths.py). Forward hooks, such as spatial_loss.capture_layer, see
 the same decoder layers run as in `model(**batch)`.
 
+A batch collated with `encode_images_once` (data.VLMCollator) carries each distinct image once
+and `image_index`; both functions then let the adapter encode the images once and pass every
+row its features (`adapter.encode_images_once`) before the forward. The vision tower then runs
+outside the DDP wrapper's forward; its parameters are still found through the autograd graph
+(train.py's DDP has find_unused_parameters=True).
+
 Two ways to the hidden states, the same numbers:
 - "forward" (default): the model's own forward with HF's `logits_to_keep` set to the boolean
   [B, T] mask of supervised positions (or 1 for scoring): the head runs on those rows only. The
@@ -77,6 +83,8 @@ def supervised_lm_loss(model, adapter, inputs, labels=None, path="forward"):
     labels = in_batch if labels is None else labels
     if labels is None:
         raise ValueError("supervised_lm_loss needs labels (in inputs['labels'] or as an argument)")
+    if "image_index" in inputs:  # a batch collated with encode_images_once
+        inputs = adapter.encode_images_once(_unwrapped(model), inputs)
     targets = shifted_labels(labels.to(inputs["input_ids"].device))
     keep = targets != IGNORE_INDEX
     if path == "forward":
@@ -93,6 +101,8 @@ def supervised_lm_loss(model, adapter, inputs, labels=None, path="forward"):
 
 def last_position_logits(model, adapter, inputs, path="forward"):
     """[B, vocab] float32 logits at each row's last column (the next token of a left-padded prompt)."""
+    if "image_index" in inputs:
+        inputs = adapter.encode_images_once(_unwrapped(model), inputs)
     if path == "forward":
         return model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1].float()
     hidden = last_hidden_state(model, adapter, inputs)

@@ -150,6 +150,14 @@ class VLMAdapter:
       option_token_ids(processor, options) first token of each option as it follows the prompt
     Processor
       build_processor(path)        image-only processor from a checkpoint folder or hub id
+    Each distinct image encoded once per batch
+      pixel_keys                   inputs that hold images, not text rows (pixel_values, ...)
+      pixel_chunks(batch)          [B]: leading entries of the pixel inputs per row's image
+      keep_unique_images(batch, first_rows)   collator side: each distinct image's pixels once
+      unique_image_features(model, pixels, inputs, first_rows)   HF image features of those
+      encode_images_once(model, inputs)       model side: inputs with every row's features
+                                   precomputed (`mm_encoder_outputs`; Mllama:
+                                   `cross_attention_states`), `image_index` and pixels removed
     """
 
     family = "?"
@@ -293,6 +301,53 @@ class VLMAdapter:
         """Fix a loaded config before the weights load (`raw`: the config.json dict)."""
         return config
 
+    # -- each distinct image encoded once per batch
+    # The collator (data.VLMCollator(encode_images_once=True)) keeps the pixel inputs of each
+    # distinct image once and records `image_index` (row -> distinct image); before the forward,
+    # lm_loss calls `encode_images_once`, which runs the vision tower on the distinct images and
+    # hands every row its image's features through the model's own `mm_encoder_outputs` input.
+    # Rows that show the same image then share one encoding; the loss is the plain path's, and the
+    # gradient of the shared encoding is the sum of the rows' (what two encodings got apart).
+    pixel_keys = ("pixel_values",)  # inputs whose leading dimension counts image entries, not rows
+
+    def pixel_chunks(self, batch):
+        """[B]: how many leading entries of the pixel inputs belong to each row's image (1 for
+        one tensor per image; InternVL's tiles give several). Rows must agree: a batch whose
+        images are tiled differently cannot be told apart by shape alone."""
+        rows, entries = batch["input_ids"].shape[0], batch[self.pixel_keys[0]].shape[0]
+        if entries % rows:
+            raise ValueError(f"{self.family}: {entries} image entries for {rows} rows; the images are tiled "
+                             "differently, so they cannot be shared (run without --encode_images_once)")
+        return torch.full((rows,), entries // rows, dtype=torch.long)
+
+    def keep_unique_images(self, batch, first_rows):
+        """Collator side: the pixel inputs of the rows in `first_rows` (each distinct image's first
+        row, in order), the others' dropped. Text inputs stay per row."""
+        chunks = self.pixel_chunks(batch)
+        starts = chunks.cumsum(0) - chunks
+        keep = torch.cat([torch.arange(int(starts[r]), int(starts[r] + chunks[r])) for r in first_rows])
+        for key in self.pixel_keys:
+            batch[key] = batch[key][keep]
+        return batch
+
+    def unique_image_features(self, model, pixels, inputs, first_rows):
+        """HF's image-features output (pooler_output: what the forward merges into the text) of the
+        distinct images only."""
+        return model.get_image_features(**pixels, return_dict=True)
+
+    def encode_images_once(self, model, inputs):
+        """Model side: `inputs` without `image_index` and the pixel inputs, with every row's image
+        features in `mm_encoder_outputs` (HF's input for precomputed image features), the vision
+        tower run once per distinct image. `model`: the unwrapped model."""
+        inputs = dict(inputs)
+        image_index = inputs.pop("image_index")
+        pixels = {key: inputs.pop(key) for key in self.pixel_keys}
+        first_rows = first_rows_of(image_index)
+        features = self.unique_image_features(model, pixels, inputs, first_rows)
+        features.pooler_output = _per_row(features.pooler_output, image_index, len(first_rows))
+        inputs["mm_encoder_outputs"] = {"image": features}
+        return inputs
+
     # -- processor
     processor_class = None  # standard class name a saved processor names, where ours is a subclass
 
@@ -311,6 +366,33 @@ class VLMAdapter:
 
     def __repr__(self):
         return f"{type(self).__name__}(family={self.family!r})"
+
+
+def first_rows_of(image_index):
+    """[the first row showing each distinct image] for `image_index` (row -> distinct image),
+    which numbers the distinct images 0, 1, ... in order of first appearance."""
+    first_rows = []
+    for row, image in enumerate(int(i) for i in image_index):
+        if image == len(first_rows):
+            first_rows.append(row)
+        elif image > len(first_rows):
+            raise ValueError(f"image_index must number images in order of first appearance: {image_index.tolist()}")
+    return first_rows
+
+
+def _per_row(features, image_index, n_unique):
+    """Image features of the distinct images -> one copy per row, in the layout the model returned:
+    a tuple/list of per-image tensors (Qwen) or one tensor whose leading dimension holds the images
+    in order, each the same number of entries (tiles). Indexing keeps the graph: the gradient of a
+    shared image's features is the sum over its rows."""
+    if isinstance(features, (tuple, list)):
+        if len(features) != n_unique:
+            raise ValueError(f"{len(features)} image feature tensors for {n_unique} distinct images")
+        return type(features)(features[int(i)] for i in image_index)
+    if features.shape[0] % n_unique:
+        raise ValueError(f"image features of leading size {features.shape[0]} do not split into {n_unique} images")
+    per_image = features.reshape(n_unique, -1, *features.shape[1:])
+    return per_image[image_index.to(features.device)].reshape(-1, *features.shape[1:])
 
 
 class QwenVLAdapter(VLMAdapter):
@@ -332,6 +414,15 @@ class QwenVLAdapter(VLMAdapter):
 
     def projector(self, model):
         return self.vision_tower(model).merger
+
+    def pixel_chunks(self, batch):
+        # pixel_values holds each image's patches, t * h * w of them (image_grid_thw).
+        return batch["image_grid_thw"].prod(-1)
+
+    def unique_image_features(self, model, pixels, inputs, first_rows):
+        # image_grid_thw stays per row in the inputs (the 3-D rotary positions read it).
+        return model.get_image_features(pixels["pixel_values"], inputs["image_grid_thw"][first_rows],
+                                        return_dict=True)
 
     def build_processor(self, path):
         return _build_qwen_processor(path)
@@ -405,6 +496,22 @@ class MllamaAdapter(VLMAdapter):
         # One image per prompt: Mllama's processor wants the images nested per text.
         return processor(text=texts, images=[[im] for im in images], padding=True, return_tensors="pt",
                          add_special_tokens=False)
+
+    # One entry per row in each (its tiles inside); cross_attention_mask stays per row.
+    pixel_keys = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
+
+    def encode_images_once(self, model, inputs):
+        """Mllama's LM reads images through cross-attention, not merged embeddings: its forward
+        takes the projected vision states as `cross_attention_states` (what it computes from
+        pixel_values), here of the distinct images, repeated per row."""
+        inputs = dict(inputs)
+        image_index = inputs.pop("image_index")
+        pixels = {key: inputs.pop(key) for key in self.pixel_keys}
+        backbone = model.model
+        states = backbone.vision_model(**pixels).last_hidden_state
+        states = backbone.multi_modal_projector(states).reshape(-1, states.shape[-2], backbone.hidden_size)
+        inputs["cross_attention_states"] = _per_row(states, image_index, len(first_rows_of(image_index)))
+        return inputs
 
 
 class InternVLAdapter(VLMAdapter):

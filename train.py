@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ import data
 import param_selectors
 import protocols
 import spatial_loss as sl
+import speedups
 from eval_coco import accuracy_report, add_data_args, check_data_args, evaluate, format_report, write_jsonl
 from lm_loss import supervised_lm_loss
 from models import ListModelsAction, ModelUnavailableError, load_model_and_processor, merge_lora, model_source
@@ -62,7 +64,7 @@ def _range_checks(p, args):
     need(0 <= args.spatial_holdout_frac < 1, "spatial_holdout_frac", "must be in [0, 1)")
     need(0 < args.param_budget_frac <= 1, "param_budget_frac", "must be in (0, 1] (a fraction of all parameters)")
     need(args.last_k_blocks >= 1, "last_k_blocks", "must be >= 1")
-    need(args.num_workers >= 0, "num_workers", "must be >= 0")
+    need(args.num_workers is None or args.num_workers >= 0, "num_workers", "must be >= 0")
     need(args.spatial_id_layer >= 0, "spatial_id_layer", "must be >= 0 (0 = the input embeddings)")
     need(args.spatial_id_weight >= 0 and math.isfinite(args.spatial_id_weight), "spatial_id_weight", "must be >= 0")
     need(args.lm_loss_weight >= 0 and math.isfinite(args.lm_loss_weight), "lm_loss_weight", "must be >= 0")
@@ -116,7 +118,18 @@ def parse_args(argv=None):
     p.add_argument("--log_every", type=int, default=5, help="log the mean losses every N optimizer steps")
     p.add_argument("--bf16", action="store_true", help="bfloat16 weights on CUDA (float32 with a notice on CPU)")
     p.add_argument("--grad_checkpointing", action="store_true")
-    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (image loading + processing)")
+    p.add_argument("--num_workers", type=int, default=None,
+                   help="DataLoader workers (image loading + processing); default 0 on a CPU, up to 8 per "
+                        "process on CUDA (speedups.loader_settings)")
+    # Speed-ups: none changes what is trained (each is checked equal to the plain path in tests/).
+    p.add_argument("--encode_images_once", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the vision tower once per distinct image of a batch and share its features with "
+                        "every question about it (same loss and gradients; --no-encode_images_once: per row)")
+    p.add_argument("--compile_blocks", choices=speedups.COMPILE_CHOICES, default="none",
+                   help="torch.compile the vision blocks, the LM layers or both (falls back to eager with a warning)")
+    p.add_argument("--liger_kernel", action="store_true",
+                   help="Liger's fused kernels where they support the family (CUDA and liger-kernel needed; "
+                        "else a warning and the plain kernels)")
     param_selectors.add_selector_args(p)
     # Spatial-ID auxiliary loss (off unless --universal_id_path is given).
     p.add_argument("--universal_id_path", default=None, help="universal spatial IDs (derive_spatial_ids.py)")
@@ -162,7 +175,8 @@ UNREADABLE_NAMED = 20  # unreadable training images named one per line; the rest
 # Arguments that may change when a run is resumed without changing what it trains.
 RESUME_FREE_ARGS = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "fork", "num_workers",
                     "eval_batch_size", "eval_max_samples", "holdout_max_samples", "log_every", "save_total_limit",
-                    "keep_best", "save_full_checkpoints", "save_steps"}
+                    "keep_best", "save_full_checkpoints", "save_steps",
+                    "encode_images_once", "compile_blocks", "liger_kernel"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,10 +503,16 @@ def main(argv=None):
     progress = Progress(unreadable_images=len(grid.unreadable))
     if state is not None:
         progress = restore_training_state(state, optimizer, scheduler, accelerator)
+    speed = {"encode_images_once": args.encode_images_once,
+             **speedups.compile_blocks(model, adapter, args.compile_blocks)}
+    if args.liger_kernel:
+        speed.update(speedups.apply_liger(model, accelerator.device))
     forward_model = accelerator.prepare(model) if processes > 1 else model
+    loader_settings = speedups.loader_settings(accelerator.device.type, args.num_workers, processes)
     loader = torch.utils.data.DataLoader(
-        grid, batch_sampler=batch_sampler, num_workers=args.num_workers,
-        collate_fn=data.VLMCollator(processor, adapter, skip_unreadable=True),
+        grid, batch_sampler=batch_sampler, **loader_settings,
+        collate_fn=data.VLMCollator(processor, adapter, skip_unreadable=True,
+                                    encode_images_once=args.encode_images_once),
     )
 
     # 6. run folder files (main process only)
@@ -501,6 +521,7 @@ def main(argv=None):
               "steps_per_epoch": steps_per_epoch, "selected_parameters": selection.names,
               "selected_count": selection.selected_params, "total_parameters": selection.total_params,
               "train_questions": len(train_idx), "holdout_questions": len(holdout_idx),
+              "speedups": speed, "loader": loader_settings,
               "holdout_pairs": sorted({" | ".join(sorted((grid.samples[i]["obj1"], grid.samples[i]["obj2"])))
                                        for i in holdout_idx})}
     metrics = _start_metrics(args, out, config, progress, resume_dir) if is_main else None
@@ -561,6 +582,9 @@ def main(argv=None):
     bar = tqdm(total=total_steps, initial=progress.step, desc="train", disable=not is_main, dynamic_ncols=True,
                mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
     micro = 0
+    # Wall time of the optimizer steps since the last log (the loader's waits included, evaluation
+    # and checkpoints not): train.py's own throughput, against bench/full_size_step.py's step.
+    step_clock = [time.perf_counter(), 0]
     for epoch in range(progress.epoch, args.epochs):
         if progress.step >= total_steps:
             break
@@ -602,6 +626,7 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             micro = 0
             progress.step += 1
+            step_clock[1] += 1
             progress.epoch, progress.batches_done = epoch, first + (b + 1) * processes
             bar.update(1)
             if window["loss"]:
@@ -612,15 +637,19 @@ def main(argv=None):
                          "skipped_steps": progress.skipped_steps, "nonfinite_losses": progress.nonfinite_losses,
                          "unreadable_images": progress.unreadable_images}
                 event.update({k: sum(v) / len(v) for k, v in window.items() if v})
+                event["seconds_per_step"] = (time.perf_counter() - step_clock[0]) / step_clock[1]
                 if processes > 1:
                     event["weights_in_sync"] = _weights_in_sync(params, accelerator)
                 log(event)
                 window = {k: [] for k in window}
+                step_clock = [time.perf_counter(), 0]
             if progress.step < total_steps:
                 if progress.step % args.eval_save_steps == 0:
                     log(evaluate_and_save(progress.step))
+                    step_clock = [time.perf_counter(), 0]
                 if progress.step % args.save_steps == 0:
                     save_checkpoint(progress.step)
+                    step_clock = [time.perf_counter(), 0]
             if progress.step >= total_steps:
                 break
     bar.close()
@@ -634,7 +663,7 @@ def main(argv=None):
         if args.merge_lora:
             merge_lora(model)  # after the last checkpoint: final/ becomes a plain full model
         checkpoints.save_final(out / "final", model, processor, adapter)
-    summary = {"event": "end", "step": progress.step, "optimizer_steps": progress.optimizer_steps,
+    summary = {"event": "end", "step": progress.step, "speedups": speed, "optimizer_steps": progress.optimizer_steps,
                "skipped_steps": progress.skipped_steps, "nonfinite_losses": progress.nonfinite_losses,
                "unreadable_images": progress.unreadable_images,
                "scheduler_steps": scheduler.last_epoch, "coco_accuracy": progress.last_eval["coco"]["accuracy"],

@@ -10,6 +10,7 @@ Each bench_*.py measures "our path" against "the plain path it replaces" in the 
   torch.cuda.max_memory_allocated on a GPU).
 """
 import json
+import math
 import os
 import resource
 import statistics
@@ -40,6 +41,20 @@ def obj1_cell_samples(folder, batch_size):
     if len(chosen) < batch_size:
         sys.exit(f"{folder}: only {len(chosen)} questions share obj1's cell; use --batch_size {len(chosen)} or less")
     return chosen
+
+
+def arm_batches(folder, batch_size, seed=0):
+    """{arm: samples}: the first batch of the paper's spatial arm (`obj1_groups`: obj1, its cell and
+    obj2 fixed, both question types; an image shown to 1 or 2 of its questions) and of its
+    control arm (`shuffle` over all questions: images rarely repeat)."""
+    grid = data.GridDataset(folder, "paper")
+    batches = {}
+    for arm, sampler in (("spatial", "obj1_groups"), ("control", "shuffle")):
+        batch = next(iter(data.make_batch_sampler(sampler, grid.samples, range(len(grid.samples)), batch_size, seed)))
+        if len(batch) < batch_size:
+            sys.exit(f"{folder}: the first {sampler} batch has {len(batch)} questions, fewer than {batch_size}")
+        batches[arm] = [grid.samples[i] for i in batch]
+    return batches
 
 
 def grid_group_samples(cell, batch_size):
@@ -158,18 +173,20 @@ def run_worker(script, mode, argv):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def worker(mode, fns, repeats, device, info=None):
-    """The worker side: mode "time" times every fn alternating; mode "mem:NAME" runs fn NAME once
-    and reports its peak memory. Prints the result as the last stdout line (JSON)."""
-    info = dict(info or {})
+def worker(mode, fns, repeats, device, info=None, after=None):
+    """The worker side: mode "time" times every fn alternating, then calls `after()` (e.g. counting
+    FLOPs on one more run, which may add to `info`); mode "mem:NAME" runs fn NAME once and reports
+    its peak memory. Prints the result as the last stdout line (JSON)."""
     if mode == "time":
         timed = time_paths(fns, repeats, device)
+        if after is not None:
+            after()
         result = {"times": {name: t for name, (_, t, _) in timed.items()},
                   "cpu_times": {name: c for name, (_, _, c) in timed.items()}}
     else:
         peak, base = peak_of(fns[mode.split(":", 1)[1]], device)
         result = {"peak_gib": peak, "base_gib": base}
-    print(json.dumps({**info, **result}, default=str), flush=True)
+    print(json.dumps({**(info or {}), **result}, default=str), flush=True)
 
 
 def measure(script, argv, names):
@@ -209,7 +226,7 @@ def print_table(title, config, rows, unit):
     for r in rows:
         plain = by_name.get(r.get("vs"))
         if plain is None or plain is r:
-            ratios = ["(plain)", "", "", ""]
+            ratios = ["(reference)", "", "", ""]
         else:
             ratios = [f"{r['seconds'] / plain['seconds']:.2f}x", f"{r['per_s'] / plain['per_s']:.2f}x",
                       f"{r['cpu_seconds'] / plain['cpu_seconds']:.2f}x", f"{r['peak_gib'] / plain['peak_gib']:.2f}x"]
@@ -233,3 +250,164 @@ def model_description(args, result):
     """The first words of a table's configuration line: model, weights, device and dtype."""
     model = "Qwen2-VL-2B architecture" if args.full_size else "tiny Qwen2-VL, vocab 151,936"
     return f"{model}, random weights, {result['device']} {result['dtype']}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Counted FLOPs, achieved TFLOP/s and MFU
+# ---------------------------------------------------------------------------------------------
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched
+# against torch.cuda.get_device_name() in order (the first substring that matches wins).
+DENSE_BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),  # SXM
+    ("H200", 989.4),
+    ("H800", 989.4),
+    ("GH200", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+)
+
+
+def _nested_tensors(value):
+    """The tensors inside a module's output (a tensor, tuple, list, dict or HF ModelOutput)."""
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, dict):  # ModelOutput is a dict too
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _nested_tensors(v)]
+    return []
+
+
+class StepFlops:
+    """FLOPs of one training step (forward + backward) counted by torch's FlopCounterMode (the
+    matrix products, convolutions and attention kernels, as executed), split by when they run:
+
+    - vision: the vision tower and the projector, forward, and the backward from the moment a
+      gradient reaches their output (the vision backward is the last thing autograd runs: the
+      image features enter the LM at its input);
+    - LM: the decoder and the LM head, forward, and every backward before the vision's (the
+      losses' backward included: a few thousand FLOPs);
+    - rest: everything else (the losses' forward, the merge of image features).
+
+    Works for either image path: the tower called inside the model's forward or before it
+    (encode_images_once). Use as a context manager around forward and backward, calling
+    `forward_done()` between them; then read `.total`, `.vision`, `.lm`, `.rest` (FLOPs) and
+    `.images` (what the tower encoded: images for Qwen2-VL / Qwen2.5-VL, whose tower gets
+    `grid_thw`; else the leading size of its pixel input, which counts InternVL's tiles)."""
+
+    def __init__(self, model, adapter):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self.counter = FlopCounterMode(display=False)
+        vision = [adapter.vision_tower(model)]
+        projector = adapter.projector(model)
+        if not any(projector is m for m in vision[0].modules()):
+            vision.append(projector)
+        lm = [adapter.language_model(model), adapter.lm_head(model)]
+        self.spans = {"vision": 0, "lm": 0}
+        self.vision_backward_start = None
+        self.forward_total = None
+        self.images = 0
+        self._handles = []
+        for name, modules in (("vision", vision), ("lm", lm)):
+            depth = {"n": 0, "start": 0}
+            for module in modules:
+                self._handles.append(module.register_forward_pre_hook(self._enter(name, depth)))
+                self._handles.append(module.register_forward_hook(self._leave(name, depth, module is vision[-1])))
+        self._handles.append(vision[0].register_forward_pre_hook(self._count_images, with_kwargs=True))
+
+    def _count_images(self, module, args, kwargs):
+        grid = kwargs.get("grid_thw")  # Qwen2-VL / Qwen2.5-VL: one row per image
+        pixels = kwargs.get("pixel_values", args[0] if args else None)
+        self.images += len(grid) if grid is not None else (len(pixels) if pixels is not None else 0)
+
+    def _enter(self, name, depth):
+        def hook(module, args):
+            if depth["n"] == 0:
+                depth["start"] = self.counter.get_total_flops()
+            depth["n"] += 1
+        return hook
+
+    def _leave(self, name, depth, last_vision_module):
+        def hook(module, args, output):
+            depth["n"] -= 1
+            if depth["n"] == 0:
+                self.spans[name] += self.counter.get_total_flops() - depth["start"]
+            if name == "vision" and torch.is_grad_enabled():
+                for tensor in _nested_tensors(output):
+                    if tensor.requires_grad:
+                        tensor.register_hook(self._vision_backward_starts)
+        return hook
+
+    def _vision_backward_starts(self, grad):
+        now = self.counter.get_total_flops()
+        self.vision_backward_start = now if self.vision_backward_start is None else min(self.vision_backward_start, now)
+
+    def __enter__(self):
+        self.counter.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.counter.__exit__(*exc)
+        for handle in self._handles:
+            handle.remove()
+        self.total = self.counter.get_total_flops()
+        vision_backward = self.total - self.vision_backward_start if self.vision_backward_start is not None else 0
+        self.vision = self.spans["vision"] + vision_backward
+        if self.forward_total is None:
+            raise RuntimeError("StepFlops: call forward_done() between the forward and the backward")
+        self.lm = self.spans["lm"] + (self.total - vision_backward - self.forward_total)
+        self.rest = self.total - self.vision - self.lm
+        return False
+
+    def forward_done(self):
+        """Call between the forward and the backward: everything counted after it is backward."""
+        self.forward_total = self.counter.get_total_flops()
+
+    def as_dict(self):
+        return {"total": self.total, "vision": self.vision, "lm": self.lm, "rest": self.rest, "images": self.images}
+
+
+def peak_tflops(device, dtype):
+    """(dense peak TFLOP/s, where it comes from): on a known card its data-sheet bf16 peak; else
+    (unknown card, float32, or a CPU) a large matrix product measured here in `dtype`."""
+    if device == "cuda" and dtype == torch.bfloat16:
+        name = torch.cuda.get_device_name()
+        for key, peak in DENSE_BF16_PEAK_TFLOPS:
+            if key in name:
+                return peak, f"{name}: dense bf16 data-sheet peak"
+    n = 8192 if device == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = math.inf  # the fastest of a few: the closest to what the hardware can do under a changing load
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e12, f"measured: the fastest of 5 {n}x{n} {str(dtype).removeprefix('torch.')} matmuls"
+
+
+def flops_table(title, rows, peak, peak_source):
+    """rows: [{"path", "flops": StepFlops.as_dict(), "seconds"}]. Prints counted TFLOP per part,
+    the achieved TFLOP/s (all counted FLOPs / the path's median step time) and MFU."""
+    print(f"\n{title}")
+    print(f"peak: {peak:.2f} TFLOP/s ({peak_source})")
+    print("| path | images encoded | TFLOP total | vision | LM | rest | vision share | median s | TFLOP/s | MFU |")
+    print("|" + "---|" * 10)
+    for r in rows:
+        f = r["flops"]
+        achieved = f["total"] / r["seconds"] / 1e12
+        print(f"| {r['path']} | {f['images']} | {f['total'] / 1e12:.4g} | {f['vision'] / 1e12:.4g} | "
+              f"{f['lm'] / 1e12:.4g} | {f['rest'] / 1e12:.4g} | {f['vision'] / f['total']:.0%} | {r['seconds']:.3f} | "
+              f"{achieved:.4g} | {achieved / peak:.1%} |")

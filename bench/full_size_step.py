@@ -1,21 +1,25 @@
 """One training step of the real Qwen2-VL-2B architecture (random weights, no download): default
 selection, LM loss (train.py's path: the head at supervised positions only) + spatial-ID loss
-through the layer-11 hook, backward, AdamW step. Prints the
-selection, timings and (on CUDA) peak memory, and checks that exactly the selected tensors got
-gradients.
+through the layer-11 hook, backward, AdamW step, on the first batch of the paper's spatial arm
+(obj1_groups). Two ways, alternating: every row encodes its image, and each distinct image
+encoded once (train.py's default, --encode_images_once). Prints the selection, timings, (on
+CUDA) peak memory, the images encoded, the FLOPs counted by FlopCounterMode (vision, LM, rest),
+the achieved TFLOP/s and the MFU against the card's dense bf16 peak, and checks that exactly the
+selected tensors got gradients.
 
-    python bench/full_size_step.py                       # CPU: small images, float32 (~1-2 min)
+    python bench/full_size_step.py                       # CPU: small images, float32 (~2-3 min)
     python bench/full_size_step.py --cell 224 --batch_size 15 --bf16   # a GPU, the paper's images
 
 The tokenizer is the tiny model's (the real one needs the hub); its special-token ids are written
 into the full-size config, so the prompt layout and the vision path are exactly the real ones.
 """
 import argparse
+import statistics
 import time
 
 import torch
 
-from common import grid_group_samples  # also puts the repo on sys.path
+import common  # also puts the repo on sys.path
 
 import data  # noqa: E402
 import lm_loss  # noqa: E402
@@ -30,6 +34,7 @@ def main():
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--layer", type=int, default=11)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds of both paths after one warm-up")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.bf16 and device == "cuda" else torch.float32
@@ -57,9 +62,12 @@ def main():
     # Real Qwen2-VL pixel limits: a 4x4 grid of `cell` px gives (4*cell/28)^2 visual tokens.
     processor = models._image_only_qwen_processor_class()(
         Qwen2VLImageProcessorPil(), tokenizer, chat_template=models.QWEN2VL_CHAT_TEMPLATE)
-    group = grid_group_samples(args.cell, args.batch_size)
-    batch, positions, cells = data.split_batch(data.VLMCollator(processor, adapter)(group), device)
-    print(f"batch {len(group)}, sequence {batch['input_ids'].shape[1]} tokens, "
+    group = common.arm_batches(common.grid_folder(args.cell), args.batch_size)["spatial"]
+    batches = {name: data.split_batch(data.VLMCollator(processor, adapter, encode_images_once=once)(group), device)
+               for name, once in (("per row", False), ("once", True))}
+    batch, positions, cells = batches["per row"]
+    print(f"batch {len(group)} (the paper's spatial arm), {len({s['image_path'] for s in group})} distinct images, "
+          f"sequence {batch['input_ids'].shape[1]} tokens, "
           f"{int((batch['input_ids'][0] == ids['<|image_pad|>']).sum())} visual tokens per image")
     loss_fn = sl.SpatialIDLoss({c: torch.randn(adapter.lm_hidden_size(model)) for c in set(cells)}).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -67,7 +75,10 @@ def main():
     model.train()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for attempt in ("warm-up", "timed"):
+
+    def step(name, flops=None):
+        """(forward s, backward s, step s, LM loss, spatial loss, tensors that got a gradient)."""
+        batch, positions, cells = batches[name]
         sync()
         t0 = time.perf_counter()
         with sl.capture_layer(model, adapter, args.layer) as cap:
@@ -75,6 +86,8 @@ def main():
         aux = loss_fn(sl.gather_target_states(cap.states, positions), cells)
         sync()
         t_forward = time.perf_counter() - t0
+        if flops is not None:
+            flops.forward_done()
         (out.loss + aux).backward()
         sync()
         t_backward = time.perf_counter() - t0 - t_forward
@@ -82,12 +95,36 @@ def main():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
-        print(f"{attempt}: LM loss {out.loss.item():.3f}, spatial loss {aux.item():.3f}, forward {t_forward:.2f} s, "
-              f"backward {t_backward:.2f} s, step total {time.perf_counter() - t0:.2f} s")
-    assert got_grad == set(selection.names), sorted(got_grad ^ set(selection.names))[:5]
-    print(f"gradients reached exactly the {len(got_grad)} selected tensors")
+        return t_forward, t_backward, time.perf_counter() - t0, out.loss.item(), aux.item(), got_grad
+
+    timed = {name: [] for name in batches}
+    for attempt in ["warm-up"] + [f"round {i + 1}" for i in range(args.repeats)]:
+        for name in batches:  # alternating, so a changing load favours neither
+            t_forward, t_backward, t_step, lm, aux, got_grad = step(name)
+            if attempt != "warm-up":
+                timed[name].append((t_forward, t_backward, t_step))
+            print(f"{attempt}, {name}: LM loss {lm:.6f}, spatial loss {aux:.3f}, forward {t_forward:.3f} s, "
+                  f"backward {t_backward:.3f} s, step total {t_step:.3f} s")
+            assert got_grad == set(selection.names), sorted(got_grad ^ set(selection.names))[:5]
+    print(f"gradients reached exactly the {len(selection.names)} selected tensors, on both paths")
     if device == "cuda":
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    median = {name: [statistics.median(t[i] for t in times) for i in range(3)] for name, times in timed.items()}
+    for name, (t_forward, t_backward, t_step) in median.items():
+        print(f"median of {args.repeats}, {name}: forward {t_forward:.3f} s, backward {t_backward:.3f} s, "
+              f"step {t_step:.3f} s")
+    print(f"step time, each distinct image once / every row's image: {median['once'][2] / median['per row'][2]:.2f}x")
+
+    counted = {}
+    for name in batches:
+        with common.StepFlops(model, adapter) as flops:
+            step(name, flops)
+        counted[name] = flops.as_dict()
+    peak, source = common.peak_tflops(device, dtype)
+    # TFLOP/s over forward + backward (the counted work), without the optimizer step
+    common.flops_table("counted FLOPs of the step (forward + backward; the seconds are the median forward + "
+                       "backward time)", [{"path": name, "flops": counted[name], "seconds": t[0] + t[1]}
+                                         for name, t in median.items()], peak, source)
 
 
 if __name__ == "__main__":
