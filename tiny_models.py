@@ -33,7 +33,7 @@ TINY_SEED = 0
 # reused. `tiny` keeps its old folder name (tiny-qwen2vl-v1) so existing caches stay valid.
 TINY_VERSIONS = {
     "tiny": "qwen2vl-v1", "tiny-qwen2.5": "qwen2.5vl-v1", "tiny-llava": "llava-v1",
-    "tiny-mllama": "mllama-v2", "tiny-internvl": "internvl-v1", "tiny-gemma3": "gemma3-v1",
+    "tiny-mllama": "mllama-v2", "tiny-internvl": "internvl-v1", "tiny-gemma3": "gemma3-v2",
     "tiny-warm": "qwen2vl-warm-v1",
 }
 TINY_ALIASES = tuple(TINY_VERSIONS)
@@ -387,6 +387,10 @@ def build_tiny_gemma3(out_dir):
                                        eoi_token_id=ids["<end_of_image>"], tie_word_embeddings=True)
     torch.manual_seed(TINY_SEED)
     model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    # HF initialises Gemma-3's projection matrix to zeros (a real checkpoint overwrites it), which
+    # would leave the tiny model blind: no image would reach its LM.
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, config.text_config.initializer_range)
     image_processor = transformers.Gemma3ImageProcessorPil(size={"height": TINY_IMAGE, "width": TINY_IMAGE})
     processor = transformers.Gemma3Processor(image_processor, tokenizer, chat_template=GEMMA3_CHAT_TEMPLATE,
                                              image_seq_length=mm_tokens)

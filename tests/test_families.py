@@ -327,3 +327,18 @@ def test_the_config_alone_gives_the_hidden_size_and_layer_count(family):
     assert type(config_adapter) is type(adapter)
     assert config_adapter.lm_hidden_size(config) == adapter.lm_hidden_size(model)
     assert config.get_text_config().num_hidden_layers == len(adapter.lm_layers(model))
+
+
+def test_the_lm_sees_the_image(family, grid):
+    """Two images of one question give different states at obj2's token in the last LM layer,
+    beyond float rounding: the image reaches the LM. It failed on the tiny Gemma-3 while its
+    projection matrix kept HF's all-zero initialisation (states equal to 1e-7 of their size)."""
+    import derive_spatial_ids as dsi
+
+    _, model, processor, adapter = family
+    first = grid.samples[0]
+    other = next(s for s in grid.samples if s["question"] == first["question"] and s["cell2"] != first["cell2"])
+    batch, positions, _ = data.split_batch(data.VLMCollator(processor, adapter, with_answer=False)([first, other]), "cpu")
+    last = len(adapter.lm_layers(model))
+    states = dsi.collect_states(model, adapter, batch, positions, [last])[:, 0]
+    assert (states[0] - states[1]).norm() > 1e-4 * states[0].norm(), (states[0] - states[1]).norm() / states[0].norm()
