@@ -19,6 +19,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 
 import checkpoints
 import data
+import grid_sources
 import param_selectors
 import protocols
 import spatial_loss as sl
@@ -73,7 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--model_name", default="qwen2-2b", help="alias (tiny, qwen2-2b, ...), hub id or local folder")
     p.add_argument("--list_models", action=ListModelsAction)
     protocols.add_protocol_arg(p)
-    p.add_argument("--train_dir", default="data/grid", help="folder of grid images (make_grid_data.py)")
+    p.add_argument("--train_dir", default=None,
+                   help="folder of grid images (make_grid_data.py); default data/grid unless --train_objects")
     p.add_argument("--train_question_style", choices=data.QUESTION_STYLES, default=None,
                    help="grid question wording: paper = bare names, clean = 'the {name}' (default: --protocol)")
     add_data_args(p)
@@ -118,6 +121,7 @@ def parse_args(argv=None):
     p.add_argument("--grad_checkpointing", action="store_true")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (image loading + processing)")
     param_selectors.add_selector_args(p)
+    grid_sources.add_render_args(p, "--train_objects", "training images")
     # Spatial-ID auxiliary loss (off unless --universal_id_path is given).
     p.add_argument("--universal_id_path", default=None, help="universal spatial IDs (derive_spatial_ids.py)")
     p.add_argument("--spatial_id_layer", type=int, default=sl.DEFAULT_SPATIAL_ID_LAYER, help="hidden_states index: 0 = embeddings")
@@ -133,6 +137,11 @@ def parse_args(argv=None):
 
     _range_checks(p, args)
     check_data_args(p, args)
+    grid_sources.check_render_flags(p, args, "--train_objects")
+    if args.train_objects is not None and args.train_dir is not None:
+        p.error("argument --train_objects: draws the training images on the fly; give it or --train_dir, not both")
+    if args.train_objects is None and args.train_dir is None:
+        args.train_dir = "data/grid"
     if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
         p.error(f"argument --report_to: {args.report_to} is not installed (pip install {args.report_to})")
     if args.keep_best and not args.save_total_limit:
