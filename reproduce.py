@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 import data
 import grid_sources
 from models import ModelUnavailableError, model_source
@@ -204,6 +206,8 @@ def stage_run(args, kind, seed):
            "--val_json", args.val_json, "--coco_val_dir", args.coco_val_dir, "--output_dir", str(folder)]
     if kind == "spatial":
         cmd += ["--universal_id_path", args.ids]
+    if torch.cuda.is_available():  # two workers draw and process images faster than an H200 trains on them
+        cmd += ["--num_workers", "2"]
     cmd += args.train_extra
     if state == "interrupted":
         log(f"run {label}: resuming {folder} from its latest checkpoint")
