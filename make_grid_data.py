@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-from data import GRID, OBJECT_SIZES, REFERENCE_CELL, GridLayout
+from data import GRID, OBJECT_SIZES, REFERENCE_CELL
 from grid_sources import (BUILTIN, IMAGE_SUFFIXES, ObjectSubsetError, cell_pairs, check_grid_args, grid_cells, grid_layouts,  # noqa: F401
                           list_images, load_objects, load_objects_dir, planned_layouts, select_pairs)
 from output_paths import output_problem

@@ -17,7 +17,6 @@ step of --batch_size questions (0.81 s measured on an H200, README: Performance)
 second needed = distinct images per batch / step time; workers = that / images/s per worker.
 """
 import argparse
-import io
 import math
 import random
 import shutil
