@@ -6,8 +6,8 @@
       training_state.pt                optimizer, schedule, progress, RNG, arguments (resume)
       checkpoint.json                  base model, step, tensor names, COCO accuracy
       model.safetensors, config.json,  only with --save_full_checkpoints: the whole model and
-      processor files ...              processor (from_pretrained loads it)
-    final/                             the whole model and processor
+      processor files, README.md       processor (from_pretrained loads it) and its model card
+    final/                             the whole model and processor, README.md (the model card)
 
 A checkpoint is written into a hidden temporary folder and renamed into place, so a
 `checkpoint-N/` folder always holds a complete checkpoint; one damaged later (a truncated file)
@@ -28,6 +28,7 @@ import models
 CHECKPOINT_JSON = "checkpoint.json"
 TRAINABLE = "trainable.safetensors"
 TRAINING_STATE = "training_state.pt"
+MODEL_CARD = "README.md"  # the Hugging Face model-card convention: YAML front matter, then Markdown
 SPATIAL_HEAD_PREFIX = "spatial_loss."  # tensors of the spatial loss's head in trainable.safetensors
 
 
@@ -84,24 +85,90 @@ def trainable_tensors(model, spatial_loss=None):
     return tensors
 
 
-def save_checkpoint(folder, model, processor, adapter, state, info, spatial_loss=None, full=False):
+def save_checkpoint(folder, model, processor, adapter, state, info, spatial_loss=None, full=False, card=None):
     """Write one checkpoint atomically (see the module docstring). `state` goes to
-    training_state.pt, `info` (JSON) to checkpoint.json, which is written last."""
+    training_state.pt, `info` (JSON) to checkpoint.json, which is written last; a full checkpoint
+    also gets `card` (model_card's text) as README.md."""
     with atomic_folder(folder) as tmp:
         tensors = {k: v.contiguous().cpu() for k, v in trainable_tensors(model, spatial_loss).items()}
         save_file(tensors, str(tmp / TRAINABLE))
         torch.save(state, tmp / TRAINING_STATE)
         if full:
             save_model(tmp, model, processor, adapter)
+            if card:
+                (tmp / MODEL_CARD).write_text(card)
         (tmp / CHECKPOINT_JSON).write_text(json.dumps({**info, "tensors": sorted(tensors), "full": full},
                                                       indent=2, default=str))
     return Path(folder)
 
 
-def save_final(folder, model, processor, adapter):
+def save_final(folder, model, processor, adapter, card=None):
     with atomic_folder(folder) as tmp:
         save_model(tmp, model, processor, adapter)
+        if card:
+            (tmp / MODEL_CARD).write_text(card)
     return Path(folder)
+
+
+def _accuracy(event, name):
+    report = event.get(name)
+    if not report:
+        return "-"
+    return f"{report['accuracy']:.3f} ({report['correct']}/{report['n']})"
+
+
+def model_card(config, evals, step, command):
+    """A Hugging Face model card (README.md) for the model a run holds at `step`: YAML front matter
+    (base_model, library_name, tags), then the base model, the method and protocol, the trained
+    tensors, the data, accuracy at every evaluation up to `step`, the command and the git commit.
+    `config` is the run's config.json content, `evals` its metrics.jsonl eval events."""
+    args = config["args"]
+    base = models.resolve_model_name(args["model_name"])
+    spatial = bool(args.get("universal_id_path"))
+    evals = [e for e in evals if e["step"] <= step]
+    last = evals[-1] if evals else {}
+    tags = ["vision-language", "spatial-reasoning", "spatial-finetuning", f"protocol-{config['protocol']}",
+            "spatial-id-loss" if spatial else "lm-loss-baseline"]
+    lines = ["---", f"base_model: {json.dumps(base)}", "library_name: transformers",
+             "pipeline_tag: image-text-to-text", "tags:", *[f"- {tag}" for tag in tags], "---", "",
+             f"# {Path(args['output_dir']).name} (step {step})", "",
+             f"`{base}` finetuned on synthetic two-object grid questions (a reproduction of Kang et al., ICLR 2026, "
+             "*Linear Mechanisms for Spatiotemporal Reasoning in Vision Language Models*).", "",
+             "## Final accuracy", "",
+             f"At step {last.get('step', '-')}: COCO-Spatial {_accuracy(last, 'coco')}, held-out object pairs "
+             f"{_accuracy(last, 'holdout')}.", "",
+             "## Method", "",
+             f"- base model: `{base}` (`--model_name {args['model_name']}`)",
+             f"- protocol: `{config['protocol']}`; resolved choices: "
+             + ", ".join(f"{k} = {v}" for k, v in config.get("protocol_choices", {}).items())]
+    if spatial:
+        lines.append(f"- loss: LM loss on the answer (weight {args['lm_loss_weight']}) + spatial-ID loss (weight "
+                     f"{args['spatial_id_weight']}) at LM layer {args['spatial_id_layer']}, IDs from "
+                     f"`{args['universal_id_path']}`")
+    else:
+        lines.append(f"- loss: LM loss on the answer only (the paper's control arm, weight {args['lm_loss_weight']})")
+    lines += [f"- optimiser: AdamW, lr {args['lr']}, weight decay {args['weight_decay']}, batch {args['batch_size']} "
+              f"x {args['grad_accum']} accumulation x {config.get('num_processes', 1)} process(es), "
+              f"{config.get('total_steps')} steps planned, seed {args['seed']} (data seed {args['data_seed']})", "",
+              "## Trained tensors", "",
+              f"{len(config['selected_parameters'])} tensors, {config['selected_count']:,} of "
+              f"{config['total_parameters']:,} parameters (`--selector {args.get('selector')}`); all others frozen:", "",
+              *[f"- `{name}`" for name in config["selected_parameters"]], "",
+              "## Data", "",
+              f"- training images: {config.get('train_images', args.get('train_dir'))}",
+              f"- {config['train_questions']} training questions; held out: {config['holdout_questions']} questions "
+              f"of the pairs {', '.join(config['holdout_pairs']) or '-'}",
+              f"- COCO-Spatial: `{args['val_json']}` with images in `{args['coco_val_dir']}`"
+              + (" (a synthetic STAND-IN, not COCO-Spatial)" if "standin" in str(args["val_json"]) else ""), "",
+              "## Evaluation", "",
+              f"`--eval_mode {args['eval_mode']}`.", "",
+              "| step | COCO-Spatial | held-out pairs |", "|---|---|---|",
+              *[f"| {e['step']} | {_accuracy(e, 'coco')} | {_accuracy(e, 'holdout')} |" for e in evals], "",
+              "## Reproduce", "",
+              "```bash", command, "```", "",
+              f"git commit `{config.get('git_commit') or 'unknown'}`" + (" (with uncommitted changes)" if config.get("git_dirty") else "")
+              + "; versions: " + ", ".join(f"{k} {v}" for k, v in config.get("versions", {}).items()) + ".", ""]
+    return "\n".join(lines)
 
 
 def read_info(folder):

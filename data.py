@@ -520,8 +520,10 @@ class VLMCollator:
             path = str(s["image_path"])
             try:
                 if path not in decoded:
-                    # An in-memory image (tiny-warm's pretraining draws its images as it goes).
-                    decoded[path] = s["image"] if "image" in s else load_image(path)
+                    # An in-memory image (tiny-warm's pretraining draws its images as it goes), or
+                    # one drawn now (grid_sources.LazyGridImage: rendered in the worker that needs it).
+                    image = s["image"] if "image" in s else load_image(path)
+                    decoded[path] = image() if callable(image) else image
                 images.append(decoded[path])
                 kept.append(s)
             except (OSError, ValueError) as err:  # PIL: truncated, corrupt or not an image

@@ -45,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 import data
+import grid_sources
 import protocols
 from lm_loss import last_hidden_state
 from models import ListModelsAction, ModelUnavailableError, load_model_and_processor, model_source, resolve_model_name
@@ -179,8 +180,9 @@ def subject_position(tokens, ids, token, image_token, image_path):
 
 
 @torch.no_grad()
-def hidden_at_subject(model, processor, adapter, pair_items, batch_size, layers=None, bar=None):
-    """[n, len(layers), H] float32: each kept layer's state at the subject b's token, per image."""
+def hidden_at_subject(model, processor, adapter, pair_items, batch_size, layers=None, bar=None, images=None):
+    """[n, len(layers), H] float32: each kept layer's state at the subject b's token, per image.
+    `images`: {path: image or grid_sources.LazyGridImage} for images drawn on the fly."""
     layers = resolve_layers(layers, len(adapter.lm_layers(model)))
     tokenizer = processor.tokenizer
     collate = data.VLMCollator(processor, adapter, with_answer=False)
@@ -190,7 +192,8 @@ def hidden_at_subject(model, processor, adapter, pair_items, batch_size, layers=
     token = subject_token(tokenizer, b)
     image_token = image_token_id(model)
     samples = [{"image_path": str(path), "question": question, "obj1": a, "obj2": b,
-                "obj2_span": (3, 3 + len(b)), "options": data.OPTIONS["lr"], "answer": ""}
+                "obj2_span": (3, 3 + len(b)), "options": data.OPTIONS["lr"], "answer": "",
+                **({"image": images[str(path)]} if images else {})}
                for path, _ in pair_items]
     states = []
     for chunk in _batches(samples, batch_size):
@@ -221,7 +224,7 @@ def paper_groups_of_two(items):
     return kept, sum(n < 2 for n in sizes.values())
 
 
-def derive_paper(model, processor, adapter, items, batch_size=16, progress=True, layers=None):
+def derive_paper(model, processor, adapter, items, batch_size=16, progress=True, layers=None, images=None):
     """(ids {(col, row, size): tensor[len(layers), H]}, stats) by the original's procedure over
     [(image path, GridLayout)] with a = obj1 (fixed) and b = obj2 (moving); stats["layer_ids"]
     names the rows (default: every hidden_states index)."""
@@ -235,7 +238,7 @@ def derive_paper(model, processor, adapter, items, batch_size=16, progress=True,
     bar = tqdm(total=len(items), desc="spatial IDs (paper)", unit="img", disable=not progress)
     for pair in sorted(by_pair):
         pair_items = by_pair[pair]
-        states = hidden_at_subject(model, processor, adapter, pair_items, batch_size, layers, bar)
+        states = hidden_at_subject(model, processor, adapter, pair_items, batch_size, layers, bar, images)
         by_a_cell = defaultdict(list)
         for i, (_, layout) in enumerate(pair_items):
             by_a_cell[layout.cell1].append(i)
@@ -361,8 +364,12 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="alias (tiny, qwen2-2b, ...), hub id, local folder or checkpoint")
     parser.add_argument("--list_models", action=ListModelsAction)
-    parser.add_argument("--images", required=True,
+    parser.add_argument("--images", default=None,
                         help="extraction set (make_grid_data.py --layout extraction) or a flat grid folder")
+    grid_sources.add_render_args(parser, "--id_objects", "ID-extraction images")
+    parser.add_argument("--layout", choices=("extraction", "flat"), default=None,
+                        help="with --id_objects: the images of make_grid_data.py --layout extraction (default: "
+                             "transparent canvas, nested order) or of its flat training layout")
     parser.add_argument("--out", required=True, help="output .pt, e.g. embeds/universal_id_90/MODEL.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     protocols.add_protocol_arg(parser)
@@ -382,6 +389,12 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 weights on CUDA")
     args = parser.parse_args(argv)
+    grid_sources.check_render_flags(parser, args, "--id_objects")
+    if (args.images is None) == (args.id_objects is None):
+        parser.error("argument --images: give a folder of images (--images DIR) or objects to draw them from "
+                     "(--id_objects DIR|builtin), one of the two")
+    if args.layout is not None and args.id_objects is None:
+        parser.error("argument --layout: only with --id_objects (a folder of images already has its layout)")
     if args.batch_size < 1:
         parser.error(f"argument --batch_size: must be >= 1, not {args.batch_size}")
     if args.max_groups is not None and args.max_groups < 1:
@@ -410,18 +423,28 @@ def limit_groups(items, max_groups, seed):
 
 def main(argv=None):
     args = parse_args(argv)
+    images = None  # {path label: LazyGridImage} when the images are drawn on the fly
     try:
-        items, layout_kind, skipped = data.read_extraction_set(args.images)
+        nested = (args.layout or "extraction") == "extraction"
+        renderer = grid_sources.renderer_from_args(args, "--id_objects", transparent=nested)
+        if renderer is None:
+            items, layout_kind, skipped = data.read_extraction_set(args.images)
+            source = str(Path(args.images).resolve())
+        else:  # the same images, in the same order, as make_grid_data.py's folder from the same flags
+            items, layout_kind, skipped = grid_sources.rendered_items(renderer, nested), "nested" if nested else "flat", []
+            images = {str(path): grid_sources.LazyGridImage(renderer, layout) for path, layout in items}
+            source = renderer.describe()
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
+    where = f"--images {args.images}" if args.images else f"--id_objects {args.id_objects}"
     if not items:
-        sys.exit(f"error: {args.images}: no images in the extraction layout or with grid file names "
+        sys.exit(f"error: {where}: no images in the extraction layout or with grid file names "
                  f"({len(skipped)} unparseable)")
-    print(f"{args.images}: {len(items)} images ({layout_kind} layout)"
+    print(f"{where}: {len(items)} images ({layout_kind} layout)"
           + (f"; skipped {len(skipped)} unparseable (first: {skipped[0]})" if skipped else ""))
     # Before the model loads: every image whole (a group missing one would centre on the rest),
     # and at least one centring group of two (one state centred over itself is zero).
-    unreadable = [(str(path), why) for path, _ in items if (why := data.image_problem(path))]
+    unreadable = [] if images else [(str(path), why) for path, _ in items if (why := data.image_problem(path))]
     if unreadable:
         sys.exit(f"error: --images {args.images}: {len(unreadable)} of {len(items)} images cannot be read "
                  f"(first: {unreadable[0][0]}, {unreadable[0][1]})")
@@ -434,7 +457,7 @@ def main(argv=None):
         else:
             clean_groups(data.questions_for_images(items, args.train_question_style))
     except ValueError as err:
-        sys.exit(f"error: --images {args.images}: {err}")
+        sys.exit(f"error: {where}: {err}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.bf16 and device == "cuda" else torch.float32
     try:
@@ -451,10 +474,12 @@ def main(argv=None):
     try:
         if args.id_recipe == "paper":
             items = limit_groups(items, args.max_groups, args.seed)
-            ids, stats = derive_paper(model, processor, adapter, items, args.batch_size, layers=layers)
+            ids, stats = derive_paper(model, processor, adapter, items, args.batch_size, layers=layers, images=images)
             per_layer = _per_layer(ids, layers)
         else:
             samples = data.questions_for_images(items, args.train_question_style)
+            for sample in samples if images else ():
+                sample["image"] = images[sample["image_path"]]
             per_layer, stats = derive(model, processor, adapter, samples, args.batch_size, args.max_groups,
                                       args.seed, layers=layers)
     except ValueError as err:  # a token not found, no usable group: the data's fault, named
@@ -473,7 +498,7 @@ def main(argv=None):
     write_provenance(args.out, {
         "model": args.model, "model_id": resolve_model_name(args.model), "model_type": model.config.model_type,
         "hidden_size": hidden_size, "protocol": args.protocol, "choices": args.choices,
-        "images": str(Path(args.images).resolve()), "layout": layout_kind, "object_pairs": pairs,
+        "images": source, "layout": layout_kind, "object_pairs": pairs,
         "template": recipe["template"], "token_rule": recipe["token_rule"], "centring": recipe["centring"],
         "question_style": args.train_question_style if args.id_recipe == "clean" else None,
         "layers": sorted(per_layer), "counts": {k: v for k, v in stats.items() if k != "counts"},

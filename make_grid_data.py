@@ -21,104 +21,17 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-from data import GRID, OBJECT_SIZES, REFERENCE_CELL, GridLayout
+from data import GRID, OBJECT_SIZES, REFERENCE_CELL
+from grid_sources import (BUILTIN, IMAGE_SUFFIXES, ObjectSubsetError, cell_pairs, check_grid_args, grid_cells, grid_layouts,  # noqa: F401
+                          list_images, load_objects, load_objects_dir, planned_layouts, select_pairs)
 from output_paths import output_problem
-from render import builtin_objects, drawn_size, fit_object, render_grid_image
+from render import builtin_objects, drawn_size, fit_object, render_grid_image  # noqa: F401
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # Fixed options and no pnginfo, so nothing in the file varies between runs. Level 1: about 3x
 # faster than the default for ~1.5x the bytes (the full default set is ~127k images).
 PNG_OPTIONS = dict(format="PNG", compress_level=1, optimize=False)
 JPEG_OPTIONS = dict(format="JPEG", quality=92, subsampling=0, optimize=False)
 STANDIN_JSON = "coco_qa_two_obj_standin.json"
-
-def load_objects_dir(path):
-    """{name: RGBA render} from a folder of `{object}.png` renders; "teddy_bear.png" -> "teddy bear"."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"objects folder not found: {folder}")
-    objects = {}
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png")
-    for file in files:
-        name = file.stem.replace("_", " ")
-        try:
-            data.check_object_name(name)
-        except ValueError as err:
-            raise ValueError(f"{file}: bad object name from the file name: {err}") from None
-        if name in objects:
-            raise ValueError(f"{file}: object name {name!r} appears twice in {folder}")
-        try:
-            with Image.open(file) as img:
-                objects[name] = img.convert("RGBA")  # convert() loads the pixels, so a broken file fails here
-        except (OSError, SyntaxError, ValueError) as err:
-            raise ValueError(f"{file}: not a readable image ({err})") from None
-    if len(objects) < 2:
-        raise ValueError(f"{folder}: need at least 2 object renders ({{object}}.png), found {len(objects)}")
-    return objects
-
-
-# ---------------------------------------------------------------------------------------------
-# Objects from files, grid images
-# ---------------------------------------------------------------------------------------------
-
-def grid_cells():
-    """All cells as (col, row), row by row from the top-left."""
-    return [(col, row) for row in range(GRID) for col in range(GRID)]
-
-
-def cell_pairs(no_same_row_or_col=False):
-    """Ordered pairs of distinct cells; with no_same_row_or_col, only those differing in both
-    column and row (so every image has both a left/right and an above/below question)."""
-    return [(a, b) for a in grid_cells() for b in grid_cells()
-            if a != b and (not no_same_row_or_col or (a[0] != b[0] and a[1] != b[1]))]
-
-
-def select_pairs(names, max_pairs=None, seed=0):
-    """Ordered pairs of distinct objects in a seeded shuffled order, the first max_pairs of them.
-    Shuffled even without max_pairs, so that --max_images alone still covers varied pairs."""
-    pairs = [(a, b) for a in names for b in names if a != b]
-    random.Random(f"pairs:{seed}").shuffle(pairs)
-    return pairs[:max_pairs] if max_pairs else pairs
-
-
-def grid_layouts(names, sizes=OBJECT_SIZES, no_same_row_or_col=False, max_pairs=None, seed=0):
-    """Every layout to draw, in the order drawn: pair -> size -> cell1 -> cell2, so each group
-    "obj1 fixed at a cell and size, obj2 moving over the cells" is contiguous."""
-    pairs = select_pairs(list(names), max_pairs, seed)
-    cells = cell_pairs(no_same_row_or_col)
-    return [GridLayout(obj1, cell1, obj2, cell2, size)
-            for obj1, obj2 in pairs for size in sizes for cell1, cell2 in cells]
-
-
-def planned_layouts(names, sizes, no_same_row_or_col=False, max_pairs=None, max_images=None, seed=0):
-    """The layouts make_grid_images draws, in order."""
-    sizes = list(dict.fromkeys(sizes))  # a repeated size would only overwrite the same files
-    layouts = grid_layouts(names, sizes, no_same_row_or_col, max_pairs, seed)
-    return layouts[:max_images] if max_images is not None else layouts  # whole groups but the last
-
-
-def list_images(folder, what):
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{what} folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"{what} folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
-
-
-def check_grid_args(cell, sizes):
-    """Argument errors, raised before anything is drawn."""
-    if not isinstance(cell, int) or cell < 8:
-        raise ValueError(f"cell must be an integer >= 8 px, not {cell!r}")
-    if not sizes:
-        raise ValueError("sizes: need at least one object size")
-    for s in sizes:
-        if not isinstance(s, int) or not 0 < s <= REFERENCE_CELL:
-            raise ValueError(
-                f"sizes: {s!r} is not a size in 1..{REFERENCE_CELL} (px at a {REFERENCE_CELL} px cell; "
-                "an object larger than its cell would spill into its neighbours)"
-            )
 
 
 # File layouts: ours (flat, every name parsed by data.parse_grid_name), the original's flat
@@ -314,21 +227,11 @@ def main(argv=None):
         except (OSError, ValueError) as err:
             parser.error(f"argument --bg_dir: {err}")
 
-    if args.objects_dir:
-        try:
-            objects = load_objects_dir(args.objects_dir)
-        except (OSError, ValueError) as err:
-            parser.error(f"argument --objects_dir: {err}")
-        source = str(args.objects_dir)
-    else:
-        # Render at least as large as the largest drawn object, so nothing is scaled up.
-        objects = builtin_objects(max(REFERENCE_CELL, drawn_size(max(args.sizes), args.cell)))
-        source = "built-in shapes"
-    if args.objects:
-        unknown = [name for name in args.objects if name not in objects]
-        if unknown:
-            parser.error(f"argument --objects: unknown object(s) {unknown}; available: {sorted(objects)}")
-        objects = {name: objects[name] for name in args.objects}
+    try:
+        objects = load_objects(args.objects_dir or BUILTIN, args.sizes, args.cell, args.objects)
+    except (OSError, ValueError) as err:
+        parser.error(f"argument --{'objects' if isinstance(err, ObjectSubsetError) else 'objects_dir'}: {err}")
+    source = str(args.objects_dir) if args.objects_dir else "built-in shapes"
 
     if not args.standin_only:
         paths = make_grid_images(

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 import checkpoints
 import data
+import grid_sources
 import param_selectors
 import protocols
 import spatial_loss as sl
@@ -75,7 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--model_name", default="qwen2-2b", help="alias (tiny, qwen2-2b, ...), hub id or local folder")
     p.add_argument("--list_models", action=ListModelsAction)
     protocols.add_protocol_arg(p)
-    p.add_argument("--train_dir", default="data/grid", help="folder of grid images (make_grid_data.py)")
+    p.add_argument("--train_dir", default=None,
+                   help="folder of grid images (make_grid_data.py); default data/grid unless --train_objects")
     p.add_argument("--train_question_style", choices=data.QUESTION_STYLES, default=None,
                    help="grid question wording: paper = bare names, clean = 'the {name}' (default: --protocol)")
     add_data_args(p)
@@ -131,6 +134,7 @@ def parse_args(argv=None):
                    help="Liger's fused kernels where they support the family (CUDA and liger-kernel needed; "
                         "else a warning and the plain kernels)")
     param_selectors.add_selector_args(p)
+    grid_sources.add_render_args(p, "--train_objects", "training images")
     # Spatial-ID auxiliary loss (off unless --universal_id_path is given).
     p.add_argument("--universal_id_path", default=None, help="universal spatial IDs (derive_spatial_ids.py)")
     p.add_argument("--spatial_id_layer", type=int, default=sl.DEFAULT_SPATIAL_ID_LAYER, help="hidden_states index: 0 = embeddings")
@@ -146,6 +150,11 @@ def parse_args(argv=None):
 
     _range_checks(p, args)
     check_data_args(p, args)
+    grid_sources.check_render_flags(p, args, "--train_objects")
+    if args.train_objects is not None and args.train_dir is not None:
+        p.error("argument --train_objects: draws the training images on the fly; give it or --train_dir, not both")
+    if args.train_objects is None and args.train_dir is None:
+        args.train_dir = "data/grid"
     if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
         p.error(f"argument --report_to: {args.report_to} is not installed (pip install {args.report_to})")
     if args.keep_best and not args.save_total_limit:
@@ -260,7 +269,12 @@ def _setup_run_folder(args, accelerator):
 def _setup_data(args, accelerator):
     """Grid questions, the holdout split, COCO-Spatial, the ID file's provenance: every data
     problem surfaces here, before the (slow) model load."""
-    grid = data.GridDataset(args.train_dir, args.train_question_style)
+    renderer = grid_sources.renderer_from_args(args, "--train_objects")
+    if renderer is None:
+        grid = data.GridDataset(args.train_dir, args.train_question_style)
+    else:  # the same questions as make_grid_data.py's folder from the same flags; images drawn in the workers
+        grid = grid_sources.RenderedGridDataset(renderer, args.train_question_style)
+    source = args.train_dir or f"--train_objects {args.train_objects}"
     accelerator.print(grid.report())
     for path, why in grid.unreadable[:UNREADABLE_NAMED]:
         accelerator.print(f"warning: skipped unreadable training image {path} ({why})", file=sys.stderr)
@@ -269,7 +283,7 @@ def _setup_data(args, accelerator):
                           "images", file=sys.stderr)
     train_idx, holdout_idx = data.split_holdout(grid.samples, args.spatial_holdout_frac, args.data_seed)
     if not train_idx:
-        raise ValueError(f"{args.train_dir}: the holdout split left no training samples")
+        raise ValueError(f"{source}: the holdout split left no training samples")
     unreadable = []
     coco = data.load_coco_spatial(args.val_json, args.coco_val_dir, args.question_style, args.eval_max_samples,
                                   unreadable=unreadable)
@@ -297,7 +311,7 @@ def _setup_data(args, accelerator):
     sampler = data.make_batch_sampler(args.sampler, grid.samples, train_idx, args.batch_size, args.seed)
     sampler.shard(accelerator.num_processes, accelerator.process_index)
     if len(sampler) == 0:
-        raise ValueError(f"{args.train_dir}: no training batch of >= 2 questions for each of "
+        raise ValueError(f"{source}: no training batch of >= 2 questions for each of "
                          f"{accelerator.num_processes} process(es) (groups too small for --batch_size {args.batch_size}?)")
     return grid, coco, holdout, train_idx, holdout_idx, sampler
 
@@ -520,6 +534,7 @@ def main(argv=None):
               **run_metadata(), "num_processes": processes, "total_steps": total_steps,
               "steps_per_epoch": steps_per_epoch, "selected_parameters": selection.names,
               "selected_count": selection.selected_params, "total_parameters": selection.total_params,
+              "train_images": args.train_dir or grid.folder,
               "train_questions": len(train_idx), "holdout_questions": len(holdout_idx),
               "speedups": speed, "loader": loader_settings,
               "holdout_pairs": sorted({" | ".join(sorted((grid.samples[i]["obj1"], grid.samples[i]["obj2"])))
@@ -552,6 +567,13 @@ def main(argv=None):
         return event
 
     saved_steps = set()
+    command = "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+    def card(step):
+        """The model card of the model at `step` (main process: it reads the run folder's files)."""
+        events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        return checkpoints.model_card(json.loads((out / "config.json").read_text()),
+                                      [e for e in events if e["event"] == "eval"], step, command)
 
     def save_checkpoint(step):
         saved_steps.add(step)
@@ -562,7 +584,8 @@ def main(argv=None):
                     "coco_accuracy": progress.last_eval.get("coco", {}).get("accuracy")
                     if progress.last_eval.get("step") == step else None}
             checkpoints.save_checkpoint(folder, model, processor, adapter, train_state, info, spatial_loss,
-                                        full=args.save_full_checkpoints)
+                                        full=args.save_full_checkpoints,
+                                        card=card(step) if args.save_full_checkpoints else None)
             for deleted in checkpoints.rotate(out, args.save_total_limit, args.keep_best):
                 accelerator.print(f"removed {deleted} (--save_total_limit {args.save_total_limit})")
             log({"event": "checkpoint", "step": step, "checkpoint": str(folder)})
@@ -662,7 +685,7 @@ def main(argv=None):
     if is_main:
         if args.merge_lora:
             merge_lora(model)  # after the last checkpoint: final/ becomes a plain full model
-        checkpoints.save_final(out / "final", model, processor, adapter)
+        checkpoints.save_final(out / "final", model, processor, adapter, card=card(progress.step))
     summary = {"event": "end", "step": progress.step, "speedups": speed, "optimizer_steps": progress.optimizer_steps,
                "skipped_steps": progress.skipped_steps, "nonfinite_losses": progress.nonfinite_losses,
                "unreadable_images": progress.unreadable_images,
