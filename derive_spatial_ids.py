@@ -235,7 +235,8 @@ def derive_paper(model, processor, adapter, items, batch_size=16, progress=True,
         by_pair[(layout.obj1, layout.obj2)].append((path, layout))
     pair_ids = []
     n_groups = 0
-    bar = tqdm(total=len(items), desc="spatial IDs (paper)", unit="img", disable=not progress)
+    bar = tqdm(total=len(items), desc="spatial IDs (paper)", unit="img", disable=not progress,
+               mininterval=1 if sys.stderr.isatty() else 30)
     for pair in sorted(by_pair):
         pair_items = by_pair[pair]
         states = hidden_at_subject(model, processor, adapter, pair_items, batch_size, layers, bar, images)
@@ -304,7 +305,8 @@ def derive(model, processor, adapter, samples, batch_size=16, max_groups=None, s
             squares[key] = squares[key] + state * state if key in squares else state * state
             counts[key] += 1
 
-    bar = tqdm(total=len(order), desc="spatial IDs (clean)", unit="q", disable=not progress)
+    bar = tqdm(total=len(order), desc="spatial IDs (clean)", unit="q", disable=not progress,
+               mininterval=1 if sys.stderr.isatty() else 30)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         batch, positions, cells = data.split_batch(collate([samples[i] for _, i in chunk]), device)

@@ -326,7 +326,8 @@ def collect_loss_token_states(model, processor, adapter, samples, layers, batch_
     collate = data.VLMCollator(processor, adapter, with_answer=False)
     device = next(model.parameters()).device
     states = []
-    bar = tqdm(total=len(samples), desc="states at obj2's token", unit="q", disable=not progress)
+    bar = tqdm(total=len(samples), desc="states at obj2's token", unit="q", disable=not progress,
+               mininterval=1 if sys.stderr.isatty() else 30)
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         inputs, positions, _ = data.split_batch(collate(chunk), device)

@@ -81,7 +81,8 @@ def make_grid_images(out_dir, objects, cell=224, sizes=OBJECT_SIZES, no_same_row
     out_dir.mkdir(parents=True, exist_ok=True)
     fitted = {}  # objects scaled to each size, reused when there is no per-image variation
     written = []
-    for layout in tqdm(layouts, desc=f"grid images -> {out_dir}", disable=not progress, unit="img"):
+    for layout in tqdm(layouts, desc=f"grid images -> {out_dir}", disable=not progress, unit="img",
+                       mininterval=1 if sys.stderr.isatty() else 30):
         img = render_grid_image(layout, objects, cell, local_variation, backgrounds, seed, fitted,
                                 transparent=file_layout == "extraction")
         path = layout_path(out_dir, layout, file_layout)
