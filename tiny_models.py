@@ -34,7 +34,7 @@ TINY_SEED = 0
 TINY_VERSIONS = {
     "tiny": "qwen2vl-v1", "tiny-qwen2.5": "qwen2.5vl-v1", "tiny-llava": "llava-v1",
     "tiny-mllama": "mllama-v2", "tiny-internvl": "internvl-v1", "tiny-gemma3": "gemma3-v2",
-    "tiny-warm": "qwen2vl-warm-v1",
+    "tiny-warm": "qwen2vl-warm-v1", "tiny-spatial": "qwen2vl-spatial-v1",
 }
 TINY_ALIASES = tuple(TINY_VERSIONS)
 
@@ -406,7 +406,8 @@ BUILDERS = {
     "tiny-gemma3": build_tiny_gemma3,
 }
 # Models whose weights ship with the repository instead of being built here (see the docstring).
-SHIPPED = {"tiny-warm": REPO_ROOT / "weights" / "tiny-warm-v1"}
+SHIPPED = {"tiny-warm": REPO_ROOT / "weights" / "tiny-warm-v1",
+           "tiny-spatial": REPO_ROOT / "weights" / "tiny-spatial-v1"}
 MANIFEST = "SHA256SUMS"
 
 
@@ -443,7 +444,7 @@ def verify_shipped(alias):
     shown = os.path.relpath(folder, REPO_ROOT)
     if not manifest.is_file():
         raise ValueError(f"{manifest}: missing; {alias}'s weights ship with the repository "
-                         f"(git checkout -- {shown}, or rebuild: python tiny_warm.py --overwrite)")
+                         f"(git checkout -- {shown}, or rebuild: python {alias.replace('-', '_')}.py --overwrite)")
     for line in manifest.read_text().splitlines():
         digest, name = line.split(None, 1)
         path = folder / name.strip()
@@ -456,7 +457,8 @@ def verify_shipped(alias):
 def build_tiny(alias, out_dir):
     """Build a tiny model, tokenizer and processor config into `out_dir` (deterministic)."""
     if alias in SHIPPED:
-        raise ValueError(f"{alias} ships in {SHIPPED[alias]}; its recipe rebuilds it: python tiny_warm.py --out DIR")
+        recipe = alias.replace("-", "_") + ".py"
+        raise ValueError(f"{alias} ships in {SHIPPED[alias]}; its recipe rebuilds it: python {recipe} --out DIR")
     if alias not in BUILDERS:
         raise ValueError(f"unknown tiny model {alias!r}; known: {', '.join(TINY_ALIASES)}")
     out_dir = Path(out_dir)
