@@ -722,8 +722,9 @@ def main(argv=None):
     parser.add_argument("--out", help="folder for report.md and compare.png "
                                       "(default: compare_<groups> next to the first run)")
     parser.add_argument("--brief", action="store_true",
-                        help="print only the plain table, the holdout first-vs-final test, the spatial loss against "
-                             "its weight-0 control and where the report went (the report is complete)")
+                        help="print only the plain table, the holdout first-vs-final test, the holdout paired "
+                             "statistics against the first group, the spatial loss against its weight-0 control and "
+                             "where the report went (the report is complete)")
     args = parser.parse_args(argv)
     if args.labels and len(args.labels) != len(args.runs):
         parser.error(f"argument --labels: {len(args.labels)} labels for {len(args.runs)} runs (one per run)")
@@ -733,10 +734,10 @@ def main(argv=None):
         plain = table([summary_row(r) for r in runs])
         print(plain)
         sections = build_sections(groups, args.pairing)
-        # --brief keeps the two questions a demo asks: did training change the holdout answers, and
-        # is the spatial loss optimised beyond what drift does to it?
+        # --brief keeps the questions a demo asks: did training change the holdout answers, do the
+        # runs differ from the first on them, and is the spatial loss optimised beyond drift?
         shown = [(t, x) for t, x in sections if not args.brief or t.startswith(f"{SETS['holdout']}: did training")
-                 or t == SPATIAL_CONTROL_TITLE]
+                 or t.startswith(f"{SETS['holdout']}: paired statistics") or t == SPATIAL_CONTROL_TITLE]
         for title, text in shown:
             print(f"\n## {title}\n\n{text}")
         out = Path(args.out) if args.out else default_out(groups, args.runs[0])
