@@ -31,4 +31,4 @@ demo: install
 	PYTHON=$(PY) bash demo.sh
 
 clean:
-	rm -rf .cache data/grid data/grid_holdout data/coco_standin data/demo_grid data/demo_extraction data/demo_coco_standin runs/demo_* runs/compare_demo_* embeds/universal_id_90/tiny.pt embeds/universal_id_90/tiny.json embeds/universal_id_90/tiny_?_axis.pt embeds/universal_id_90/tiny-warm.pt embeds/universal_id_90/tiny-warm.json embeds/universal_id_90/tiny-warm_?_axis.pt
+	rm -rf .cache data/grid data/grid_holdout data/coco_standin data/demo_grid data/demo_extraction data/demo_coco_standin runs/demo_* runs/compare_demo_* embeds/universal_id_90/tiny.pt embeds/universal_id_90/tiny.json embeds/universal_id_90/tiny_?_axis.pt embeds/universal_id_90/tiny-warm.pt embeds/universal_id_90/tiny-warm.json embeds/universal_id_90/tiny-warm_?_axis.pt embeds/universal_id_90/tiny-spatial.pt embeds/universal_id_90/tiny-spatial.json embeds/universal_id_90/tiny-spatial_?_axis.pt

@@ -49,3 +49,14 @@ def test_tiny_spatial_meets_every_target(id_images, tmp_path):
 def test_the_same_checks_fail_on_tiny_warm(id_images, tmp_path):
     met = sandbox_numbers("tiny-warm", id_images, tmp_path)
     assert not met["id_agreement"] and not met["spatial_loss_step0"] and not met["held_out_accuracy"], met
+
+
+def test_the_recipe_runs_and_starts_where_the_shipped_build_started():
+    """tiny_spatial.py's first step on tiny-warm gives the losses its build logged at step 0
+    (relation 1.003, code 1.015), so the recipe is the one that made the weights."""
+    import torch
+
+    torch.manual_seed(0)
+    model, processor, adapter = models.load_model_and_processor("tiny-warm")
+    [(relation, code)] = tiny_spatial.train_phase(model, processor, adapter, 1, 0.0, progress=False)
+    assert relation == pytest.approx(1.003, abs=5e-3) and code == pytest.approx(1.015, abs=5e-3)
