@@ -14,6 +14,7 @@ teaching something. Its weights ship in `weights/tiny-warm-v1/` (checked against
 there) and are never rebuilt on the fly: its recipe (`python tiny_warm.py`) is a training run,
 and another CPU's float arithmetic trains another model from the same seed.
 """
+import argparse
 import hashlib
 import os
 import shutil
@@ -434,6 +435,29 @@ def write_manifest(folder):
     folder = Path(folder)
     lines = [f"{_sha256(p)}  {p.name}\n" for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST]
     (folder / MANIFEST).write_text("".join(lines))
+
+
+def rebuild_shipped(alias, build, description, argv=None):
+    """The command line of a shipped model's recipe: `--out` (default: its shipped folder) and
+    `--overwrite`. `build(folder)` writes the model into a temporary folder beside `--out`, which
+    is then renamed into place, so a killed build leaves `--out` as it was. Returns (folder, what
+    `build` returned)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(SHIPPED[alias]), help=f"folder to write (default: {SHIPPED[alias]})")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        parser.error(f"argument --out: {out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        record = build(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, record
 
 
 def verify_shipped(alias):

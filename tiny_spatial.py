@@ -18,12 +18,9 @@ of how they were made:
 
     python tiny_spatial.py --overwrite        # rebuild weights/tiny-spatial-v1/ (about 30 CPU minutes)
 """
-import argparse
 import json
 import random
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -182,25 +179,9 @@ def build_tiny_spatial(out_dir, progress=True):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(tiny_models.SHIPPED["tiny-spatial"]),
-                        help="folder to write (default: the shipped weights/tiny-spatial-v1)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        parser.error(f"argument --out: {out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        record = build_tiny_spatial(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out, record = tiny_models.rebuild_shipped("tiny-spatial", build_tiny_spatial, __doc__, argv)
     print(f"wrote {out}: held-out relation accuracy {record['accuracy_held_out_white']:.3f}")
     return record
-
 
 if __name__ == "__main__":
     main()

@@ -30,13 +30,10 @@ their recipe, not something that runs on a user's machine:
     python tiny_warm.py --overwrite          # rebuild weights/tiny-warm-v1/ (about 2 CPU minutes)
     python tiny_warm.py --out /tmp/warm      # build elsewhere, e.g. to compare with the shipped one
 """
-import argparse
 import json
 import math
 import random
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -208,27 +205,11 @@ def build_tiny_warm(out_dir, progress=True):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(tiny_models.SHIPPED["tiny-warm"]),
-                        help="folder to write (default: the shipped weights/tiny-warm-v1)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        parser.error(f"argument --out: {out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # a killed build leaves `out` as it was
-    try:
-        record = build_tiny_warm(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out, record = tiny_models.rebuild_shipped("tiny-warm", build_tiny_warm, __doc__, argv)
     print(f"wrote {out}: {record['steps']} steps; accuracy on its own objects (new layouts) "
           f"{record['accuracy_pretraining_objects_new_layouts']:.3f}, on {', '.join(NEW_OBJECTS)} "
           f"{record['accuracy_new_objects']:.3f}")
     return record
-
 
 if __name__ == "__main__":
     main()

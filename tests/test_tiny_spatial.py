@@ -60,3 +60,29 @@ def test_the_recipe_runs_and_starts_where_the_shipped_build_started():
     model, processor, adapter = models.load_model_and_processor("tiny-warm")
     [(relation, code)] = tiny_spatial.train_phase(model, processor, adapter, 1, 0.0, progress=False)
     assert relation == pytest.approx(1.003, abs=5e-3) and code == pytest.approx(1.015, abs=5e-3)
+
+
+def test_a_recipe_writes_its_folder_whole_or_not_at_all(tmp_path):
+    """rebuild_shipped (both recipes' command line): an existing --out is refused without
+    --overwrite, a build that fails leaves it as it was, one that succeeds replaces it."""
+    import tiny_models
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old").write_text("old")
+
+    def good(folder):
+        (folder / "new").write_text("new")
+        return "record"
+
+    def broken(folder):
+        (folder / "half").write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(SystemExit):
+        tiny_models.rebuild_shipped("tiny-spatial", good, "", ["--out", str(out)])
+    with pytest.raises(RuntimeError):
+        tiny_models.rebuild_shipped("tiny-spatial", broken, "", ["--out", str(out), "--overwrite"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (out / "old").is_file()
+    assert tiny_models.rebuild_shipped("tiny-spatial", good, "", ["--out", str(out), "--overwrite"]) == (out, "record")
+    assert sorted(p.name for p in out.iterdir()) == ["new"]
