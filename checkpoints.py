@@ -66,14 +66,16 @@ def atomic_folder(target):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_model(folder, model, processor, adapter):
+def save_model(folder, model, processor, adapter, card=None):
     """The whole model and processor, loadable with from_pretrained (and AutoProcessor where the
-    family's standard processor class can be built)."""
+    family's standard processor class can be built), and its model card when given."""
     model.save_pretrained(folder)
     if hasattr(adapter, "save_processor"):
         adapter.save_processor(processor, folder)
     else:
         processor.save_pretrained(folder)
+    if card:
+        (Path(folder) / MODEL_CARD).write_text(card)
 
 
 def trainable_tensors(model, spatial_loss=None):
@@ -94,9 +96,7 @@ def save_checkpoint(folder, model, processor, adapter, state, info, spatial_loss
         save_file(tensors, str(tmp / TRAINABLE))
         torch.save(state, tmp / TRAINING_STATE)
         if full:
-            save_model(tmp, model, processor, adapter)
-            if card:
-                (tmp / MODEL_CARD).write_text(card)
+            save_model(tmp, model, processor, adapter, card)
         (tmp / CHECKPOINT_JSON).write_text(json.dumps({**info, "tensors": sorted(tensors), "full": full},
                                                       indent=2, default=str))
     return Path(folder)
@@ -104,9 +104,7 @@ def save_checkpoint(folder, model, processor, adapter, state, info, spatial_loss
 
 def save_final(folder, model, processor, adapter, card=None):
     with atomic_folder(folder) as tmp:
-        save_model(tmp, model, processor, adapter)
-        if card:
-            (tmp / MODEL_CARD).write_text(card)
+        save_model(tmp, model, processor, adapter, card)
     return Path(folder)
 
 

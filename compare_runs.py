@@ -165,8 +165,9 @@ def markdown_table(header, rows):
 
 # --- seed groups -----------------------------------------------------------------------------
 
-def grouping_key(args):
-    return json.dumps({k: v for k, v in args.items() if k not in GROUPING_IGNORES}, sort_keys=True, default=str)
+def grouping_key(args, ignores=GROUPING_IGNORES):
+    """What runs of one experiment share: their arguments less `ignores`."""
+    return json.dumps({k: v for k, v in args.items() if k not in ignores}, sort_keys=True, default=str)
 
 
 def automatic_group_name(runs):
@@ -512,10 +513,6 @@ def is_weight0_control(run):
     return bool(args.get("universal_id_path")) and args.get("spatial_id_weight") == 0
 
 
-def _control_key(args):
-    return json.dumps({k: v for k, v in args.items() if k not in CONTROL_MAY_DIFFER}, sort_keys=True, default=str)
-
-
 def spatial_points(run):
     """{step: logged spatial-ID loss}."""
     return {e["step"]: e["spatial_loss"] for e in run["train"] if e.get("spatial_loss") is not None}
@@ -561,12 +558,12 @@ def spatial_control_rows(runs):
     controls = {}
     for r in runs:
         if is_weight0_control(r):
-            controls.setdefault(_control_key(r["args"]), r)
+            controls.setdefault(grouping_key(r["args"], CONTROL_MAY_DIFFER), r)
     rows = []
     for r in runs:
         if not r["args"].get("universal_id_path") or is_weight0_control(r):
             continue
-        control = controls.get(_control_key(r["args"]))
+        control = controls.get(grouping_key(r["args"], CONTROL_MAY_DIFFER))
         stats = spatial_vs_control(r, control) if control is not None else None
         if stats is None:
             continue

@@ -462,11 +462,11 @@ def image_problem(path):
         size = path.stat().st_size
         if size == 0:
             return "empty (0 bytes)"
-        with Image.open(path) as img:
-            ending = _FILE_ENDINGS.get(img.format)
-        if ending is None:
-            return None
-        with path.open("rb") as f:
+        with path.open("rb") as f:  # one open for the header and the ending
+            with Image.open(f) as img:
+                ending = _FILE_ENDINGS.get(img.format)
+            if ending is None:
+                return None
             f.seek(max(0, size - 64))
             tail = f.read().rstrip(b"\x00\r\n ")  # some writers pad after the end marker
         return None if tail.endswith(ending) else "truncated"
@@ -541,9 +541,12 @@ class VLMCollator:
         texts = [p + adapter.render_answer(s["answer"]) if self.with_answer else p for p, s in zip(prompts, samples)]
         batch = adapter.encode(self.processor, texts, images)
         if self.encode_images_once:
-            image_of_path = {}
-            image_index = [image_of_path.setdefault(str(s["image_path"]), len(image_of_path)) for s in samples]
-            first_rows = [image_index.index(i) for i in range(len(image_of_path))]
+            image_of_path, image_index, first_rows = {}, [], []
+            for row, s in enumerate(samples):
+                if str(s["image_path"]) not in image_of_path:
+                    image_of_path[str(s["image_path"])] = len(first_rows)
+                    first_rows.append(row)
+                image_index.append(image_of_path[str(s["image_path"])])
             batch = adapter.keep_unique_images(batch, first_rows)
             batch["image_index"] = torch.tensor(image_index)
         if unreadable:

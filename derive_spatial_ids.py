@@ -457,7 +457,8 @@ def main(argv=None):
                 print(f"warning: {single} (pair, a's cell) group(s) of one image left out: one image centred "
                       "over itself is zero", file=sys.stderr)
         else:
-            clean_groups(data.questions_for_images(items, args.train_question_style))
+            samples = data.questions_for_images(items, args.train_question_style)
+            clean_groups(samples)
     except ValueError as err:
         sys.exit(f"error: {where}: {err}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -479,7 +480,6 @@ def main(argv=None):
             ids, stats = derive_paper(model, processor, adapter, items, args.batch_size, layers=layers, images=images)
             per_layer = _per_layer(ids, layers)
         else:
-            samples = data.questions_for_images(items, args.train_question_style)
             for sample in samples if images else ():
                 sample["image"] = images[sample["image_path"]]
             per_layer, stats = derive(model, processor, adapter, samples, args.batch_size, args.max_groups,

@@ -119,9 +119,10 @@ def read_axes(ids_path, ids_per_layer):
         files[name] = torch.load(path, map_location="cpu", weights_only=True) if Path(path).is_file() else {}
     axes = {}
     for layer, ids in ids_per_layer.items():
-        computed = axis_directions(ids)
-        x = files["x"].get(layer, computed[0])
-        y = files["y"].get(layer, computed[1])
+        x, y = files["x"].get(layer), files["y"].get(layer)
+        if x is None or y is None:
+            computed = axis_directions(ids)
+            x, y = x if x is not None else computed[0], y if y is not None else computed[1]
         if x is not None and y is not None and x.norm() > 0 and y.norm() > 0:
             axes[layer] = (x.float(), y.float())
     return axes
@@ -196,9 +197,10 @@ def means_by(states, labels):
     return {label: states[torch.tensor(idx)].mean(0) for label, idx in rows.items()}
 
 
-def r_squared(centred, labels):
-    """Share of the centred states' sum of squares explained by per-label means; None if zero."""
-    means = means_by(centred, labels)
+def r_squared(centred, labels, means=None):
+    """Share of the centred states' sum of squares explained by per-label means (`means_by`,
+    computed here unless given); None if zero."""
+    means = means if means is not None else means_by(centred, labels)
     fitted = torch.stack([means[label] for label in labels])
     total = float((centred ** 2).sum())
     return 1 - float(((centred - fitted) ** 2).sum()) / total if total > 0 else None
@@ -290,7 +292,7 @@ def universality(raw, centred, keys, pairs):
                 "id_agreement": None, "probe_accuracy": None}
     return {
         "r2_within_pair": r_squared(centred, [(p, k) for p, k in zip(pairs, keys)]),
-        "r2_pooled": r_squared(centred, keys),
+        "r2_pooled": r_squared(centred, keys, cell_means),
         "cell_part_ratio": float(explained.double().pow(2).sum(-1).mean().sqrt()) / raw_rms if raw_rms > 0 else None,
         "id_agreement": id_agreement(centred, keys, pairs),
         "probe_accuracy": probe_accuracy(centred, [k[:2] for k in keys], pairs),
@@ -501,24 +503,10 @@ def parse_args(argv=None):
     return args
 
 
-def load_ids_file(path):
-    """{layer: {(col, row, size): tensor}} of every layer in an IDs file (checked like training does)."""
-    raw = sl._read_ids_file(path)
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected {{layer: {{'universal': {{(col, row, size): tensor}}}}}}, "
-                         f"found a {type(raw).__name__}")
-    layers = sorted(n for n in (sl._layer_int(k) for k in raw) if n is not None)
-    if not layers:
-        raise ValueError(f"{path}: no layers")
-    first = next(iter(raw[layers[0]]["universal"].values()))
-    hidden = int(first.reshape(-1).shape[0])
-    return {layer: sl.load_universal_ids(path, layer, hidden) for layer in layers}
-
-
 def main(argv=None):
     args = parse_args(argv)
     try:
-        ids_per_layer = load_ids_file(args.ids)
+        ids_per_layer = sl.load_all_universal_ids(args.ids)
         provenance = sl.read_provenance(args.ids) or {}
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: --ids {err}")

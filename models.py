@@ -340,7 +340,7 @@ class VLMAdapter:
         features in `mm_encoder_outputs` (HF's input for precomputed image features), the vision
         tower run once per distinct image. `model`: the unwrapped model."""
         inputs = dict(inputs)
-        image_index = inputs.pop("image_index")
+        image_index = inputs.pop("image_index").tolist()  # once: each int() of a CUDA element is a sync
         pixels = {key: inputs.pop(key) for key in self.pixel_keys}
         first_rows = first_rows_of(image_index)
         features = self.unique_image_features(model, pixels, inputs, first_rows)
@@ -376,7 +376,8 @@ def first_rows_of(image_index):
         if image == len(first_rows):
             first_rows.append(row)
         elif image > len(first_rows):
-            raise ValueError(f"image_index must number images in order of first appearance: {image_index.tolist()}")
+            raise ValueError("image_index must number images in order of first appearance: "
+                             f"{[int(i) for i in image_index]}")
     return first_rows
 
 
@@ -392,7 +393,7 @@ def _per_row(features, image_index, n_unique):
     if features.shape[0] % n_unique:
         raise ValueError(f"image features of leading size {features.shape[0]} do not split into {n_unique} images")
     per_image = features.reshape(n_unique, -1, *features.shape[1:])
-    return per_image[image_index.to(features.device)].reshape(-1, *features.shape[1:])
+    return per_image[torch.as_tensor(image_index, device=features.device)].reshape(-1, *features.shape[1:])
 
 
 class QwenVLAdapter(VLMAdapter):
@@ -505,7 +506,7 @@ class MllamaAdapter(VLMAdapter):
         takes the projected vision states as `cross_attention_states` (what it computes from
         pixel_values), here of the distinct images, repeated per row."""
         inputs = dict(inputs)
-        image_index = inputs.pop("image_index")
+        image_index = inputs.pop("image_index").tolist()
         pixels = {key: inputs.pop(key) for key in self.pixel_keys}
         backbone = model.model
         states = backbone.vision_model(**pixels).last_hidden_state

@@ -109,6 +109,22 @@ def load_universal_ids(path, layer, hidden_size, needed_keys=None):
     the layer is absent, a vector has the wrong size or is not finite/non-zero, or one of
     `needed_keys` (the cells the training data uses) has no ID."""
     path = Path(path)
+    return _checked_layer(path, _layers_of(path), layer, hidden_size, needed_keys)
+
+
+def load_all_universal_ids(path):
+    """{layer: {(col, row, size): float32 tensor}} of every layer of an IDs file, read once and
+    checked as `load_universal_ids` checks one layer (the hidden size is the first ID's)."""
+    path = Path(path)
+    layers = _layers_of(path)
+    if not layers:
+        raise ValueError(f"{path}: no layers")
+    first = next(iter(_checked_layer(path, layers, min(layers), None).values()))
+    return {layer: _checked_layer(path, layers, layer, first.shape[0]) for layer in sorted(layers)}
+
+
+def _layers_of(path):
+    """{layer int: entry} of an IDs file, read once (other, non-layer entries are allowed)."""
     data = _read_ids_file(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected {{layer: {{'universal': {{(col, row, size): tensor}}}}}}, "
@@ -121,6 +137,11 @@ def load_universal_ids(path, layer, hidden_size, needed_keys=None):
         if n in layers:
             raise ValueError(f"{path}: layer {n} appears twice (as int and str keys)")
         layers[n] = value
+    return layers
+
+
+def _checked_layer(path, layers, layer, hidden_size, needed_keys=None):
+    """One layer's IDs from `_layers_of`'s entries, checked (hidden_size None: any, one for all)."""
     layer = int(layer)
     if layer not in layers:
         raise ValueError(f"{path}: no universal spatial IDs for layer {layer}; it holds layers "
@@ -137,6 +158,8 @@ def load_universal_ids(path, layer, hidden_size, needed_keys=None):
         if not isinstance(vec, torch.Tensor):
             raise ValueError(f"{path}: layer {layer}, cell {key}: expected a tensor, found {type(vec).__name__}")
         vec = vec.detach().reshape(-1) if vec.dim() == 2 and 1 in vec.shape else vec.detach()
+        if hidden_size is None and vec.dim() == 1:
+            hidden_size = vec.shape[0]
         if vec.dim() != 1 or vec.shape[0] != hidden_size:
             raise ValueError(
                 f"{path}: layer {layer}, cell {key}: ID has {vec.shape[-1] if vec.dim() else 0} dims "

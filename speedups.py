@@ -65,27 +65,25 @@ def compile_blocks(model, adapter, which="all", backend="inductor"):
         warn(f"--compile_blocks: torch.compile ({backend_name}) cannot run here ({failure}); plain path")
         report.update(fallback=True, reason=failure)
         return report
-    failed = {}
-
     def guarded(block):
         eager = block.forward
         compiled = torch.compile(eager, backend=backend)
-        state = {"checked": False}
+        checked = False
 
         def forward(*args, **kwargs):
-            if failed:
+            nonlocal checked
+            if report.get("fallback"):  # one block failed: every block runs eagerly
                 return eager(*args, **kwargs)
-            if state["checked"]:
+            if checked:
                 return compiled(*args, **kwargs)
             try:
                 out = compiled(*args, **kwargs)
             except Exception as err:  # noqa: BLE001 - any compile failure means: run eagerly
-                failed["reason"] = _reason(err)
-                warn(f"torch.compile ({backend_name}) failed on {type(block).__name__} ({failed['reason']}); "
+                report.update(fallback=True, reason=_reason(err))
+                warn(f"torch.compile ({backend_name}) failed on {type(block).__name__} ({report['reason']}); "
                      "all blocks run eagerly")
-                report.update(fallback=True, reason=failed["reason"])
                 return eager(*args, **kwargs)
-            state["checked"] = True
+            checked = True
             return out
 
         block.forward = forward

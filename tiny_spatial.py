@@ -78,10 +78,15 @@ def two_colours(rng, objects):
             return a, b
 
 
-def draw(layout, questions, rng, black_share):
-    black = black_share > 0 and rng.random() < black_share
-    return render.render_grid_image(layout, questions.renders, cell=CELL, _fitted=questions._fitted,
+def draw(layout, objects, black):
+    """The layout on white, or on the extraction layout's black canvas, as RGB."""
+    return render.render_grid_image(layout, objects.renders, cell=CELL, _fitted=objects._fitted,
                                     transparent=black).convert("RGB")
+
+
+def on_black(rng, black_share):
+    """Whether the next image goes on black (no random draw when none does, as the build ran)."""
+    return black_share > 0 and rng.random() < black_share
 
 
 def relation_questions(rng, questions, n=RELATION_BATCH, black_share=0.0):
@@ -91,7 +96,7 @@ def relation_questions(rng, questions, n=RELATION_BATCH, black_share=0.0):
         obj1, obj2 = two_colours(rng, questions.objects)
         cell1, cell2 = rng.sample(CELLS, 2)
         layout = data.GridLayout(obj1, cell1, obj2, cell2, SIZE)
-        image = draw(layout, questions, rng, black_share)
+        image = draw(layout, questions, on_black(rng, black_share))
         for qtype, answer in data.questions_for_layout(layout):
             out.append(data.sample_record(f"<{data.format_grid_name(layout)}>", qtype, answer, obj1, obj2, "paper",
                                           image=image, cell1=cell1, cell2=cell2, size=SIZE))
@@ -104,13 +109,12 @@ def code_group(rng, questions, black_share=0.0):
     obj1, obj2 = two_colours(rng, questions.objects)
     cell1 = (rng.randrange(data.GRID), rng.randrange(data.GRID))
     paper_query = rng.random() < 0.5
-    black = black_share > 0 and rng.random() < black_share
+    black = on_black(rng, black_share)
     qtype = rng.choice(["lr", "ab"])
     out = []
     for cell2 in [c for c in CELLS if c != cell1]:
         layout = data.GridLayout(obj1, cell1, obj2, cell2, SIZE)
-        image = render.render_grid_image(layout, questions.renders, cell=CELL, _fitted=questions._fitted,
-                                         transparent=black).convert("RGB")
+        image = draw(layout, questions, black)
         path = f"<{data.format_grid_name(layout)}>"
         if paper_query:
             out.append({"image_path": path, "question": PAPER_QUERY.format(a=obj1, b=obj2), "obj1": obj1, "obj2": obj2,
