@@ -641,7 +641,7 @@ def load_coco_spatial(json_path, image_root, question_style="clean", max_samples
     as the original did (`question_style="paper"`) or with "the {name}" (`"clean"`).
 
     The gold answer is the relation of the first caption. Missing images are an error that
-    counts them and names the first five, before any model is loaded. An image that cannot be
+    counts them and names the first, in one line, before any model is loaded. An image that cannot be
     read (empty, not an image, truncated) is an error naming its row, or, given a list as
     `unreadable`, its question is left out and (row, path, why) appended there; rows whose
     images all fail are an error either way."""
@@ -689,10 +689,10 @@ def load_coco_spatial(json_path, image_root, question_style="clean", max_samples
         if question_style == "paper":
             sample["question"], sample["obj2_span"] = original_question(row[1])
         samples.append(sample)
-    if missing:
+    if missing:  # one line whatever the count: the folder once, the first file by name
         raise FileNotFoundError(
-            f"{len(missing)} of {len(samples)} COCO-Spatial images missing under {image_root} "
-            f"(first: {', '.join(missing[:5])}). Put COCO val2017 images there as {{id:012d}}.jpg."
+            f"{image_root}: {len(missing)} of the {len(rows)} COCO-Spatial images of {json_path.name} are missing "
+            f"(first: {Path(missing[0]).name}); put the COCO val2017 images there, named {{id:012d}}.jpg"
         )
     if not samples:
         _, path, why = unreadable[0]

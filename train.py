@@ -64,6 +64,7 @@ def _range_checks(p, args):
     need(0 <= args.warmup_frac < 1, "warmup_frac", "must be in [0, 1) (a fraction of the optimizer steps)")
     need(args.max_grad_norm > 0, "max_grad_norm", "must be > 0")
     need(0 <= args.spatial_holdout_frac < 1, "spatial_holdout_frac", "must be in [0, 1)")
+    need(0 <= args.max_unreadable_frac <= 1, "max_unreadable_frac", "must be in [0, 1] (a share of the images)")
     need(0 < args.param_budget_frac <= 1, "param_budget_frac", "must be in (0, 1] (a fraction of all parameters)")
     need(args.last_k_blocks >= 1, "last_k_blocks", "must be >= 1")
     need(args.num_workers is None or args.num_workers >= 0, "num_workers", "must be >= 0")
@@ -79,6 +80,9 @@ def parse_args(argv=None):
     protocols.add_protocol_arg(p)
     p.add_argument("--train_dir", default=None,
                    help="folder of grid images (make_grid_data.py); default data/grid unless --train_objects")
+    p.add_argument("--max_unreadable_frac", type=float, default=0.05,
+                   help="largest share of --train_dir's images that may be unreadable (left out, named); above it "
+                        "training stops before the model loads: a folder that broken is a broken download")
     p.add_argument("--train_question_style", choices=data.QUESTION_STYLES, default=None,
                    help="grid question wording: paper = bare names, clean = 'the {name}' (default: --protocol)")
     add_data_args(p)
@@ -266,6 +270,23 @@ def _setup_run_folder(args, accelerator):
     return resume_dir, state
 
 
+def _check_unreadable_share(grid, max_frac, line_budget=280):
+    """A folder with more than `max_frac` of its images unreadable stops here, in one line: the
+    count, the share and the first files, as many as fit in `line_budget` characters (one at least)."""
+    broken = len(grid.unreadable)
+    share = broken / (broken + grid.n_images) if broken else 0.0
+    if share <= max_frac:
+        return
+    head = (f"{grid.folder}: {broken} of {broken + grid.n_images} training images ({share:.0%}) unreadable, over "
+            f"--max_unreadable_frac {max_frac:g} (a broken download?); first: ")
+    names = [f"{Path(grid.unreadable[0][0]).name} ({grid.unreadable[0][1]})"]
+    for path, _ in grid.unreadable[1:]:
+        if len(head) + len(", ".join(names)) + len(Path(path).name) + 2 > line_budget:
+            break
+        names.append(Path(path).name)
+    raise ValueError(head + ", ".join(names))
+
+
 def _setup_data(args, accelerator):
     """Grid questions, the holdout split, COCO-Spatial, the ID file's provenance: every data
     problem surfaces here, before the (slow) model load."""
@@ -275,6 +296,7 @@ def _setup_data(args, accelerator):
     else:  # the same questions as make_grid_data.py's folder from the same flags; images drawn in the workers
         grid = grid_sources.RenderedGridDataset(renderer, args.train_question_style)
     source = args.train_dir or f"--train_objects {args.train_objects}"
+    _check_unreadable_share(grid, args.max_unreadable_frac)
     accelerator.print(grid.report())
     for path, why in grid.unreadable[:UNREADABLE_NAMED]:
         accelerator.print(f"warning: skipped unreadable training image {path} ({why})", file=sys.stderr)

@@ -312,10 +312,10 @@ def test_broken_images_some_of_them_are_skipped_counted_and_named(world, tmp_pat
     broken_coco = sorted(str(p) for p in coco.glob("*.jpg") if p.stat().st_size == 60)
     assert len(broken) == 15 and 0 < len(broken_coco) < 4
     json_path = coco / make_grid_data.STANDIN_JSON
-    # training
+    # training (half the folder broken is above the default --max_unreadable_frac: allowed here)
     summary, _, err = _accepted(train, _quick_train(world, tmp_path / "run", "--train_dir", str(grid), "--val_json",
                                                     str(json_path), "--coco_val_dir", str(coco),
-                                                    "--eval_max_samples", "4"), capsys)
+                                                    "--eval_max_samples", "4", "--max_unreadable_frac", "0.5"), capsys)
     assert summary["unreadable_images"] == len(broken)
     assert [path for path in broken + broken_coco if path not in err] == [], err
     # evaluation
@@ -326,6 +326,37 @@ def test_broken_images_some_of_them_are_skipped_counted_and_named(world, tmp_pat
     # the check can fail: whole images leave nothing out
     summary, err = good_run
     assert summary["unreadable_images"] == 0 and "unreadable" not in err
+
+
+def test_a_training_folder_with_too_many_broken_images_stops_before_the_model(world, tmp_path, tiny_path,
+                                                                              monkeypatch, capsys):
+    """Half the PNGs truncated (a broken download) stops training in one line giving the count,
+    the share and the first files; up to --max_unreadable_frac, the broken ones are skipped."""
+    grid = _damaged_copy(world / "grid", tmp_path / "grid", lambda i, p: truncate(p) if i % 2 else None)
+    first = sorted(p.name for p in grid.iterdir() if p.stat().st_size == 60)[0]
+    last = _refused(train, _quick_train(world, tmp_path / "run", "--train_dir", str(grid)), grid, [world, grid],
+                    monkeypatch, capsys)
+    assert "15 of 30 training images (50%) unreadable" in last and "--max_unreadable_frac 0.05" in last, last
+    assert f"{first} (truncated)" in last, last
+    # one broken image in 30 (3%) is under the default: trained, counted, named
+    one = _damaged_copy(world / "grid", tmp_path / "one", lambda i, p: truncate(p) if i == 7 else None)
+    summary, _, err = _accepted(train, _quick_train(world, tmp_path / "run_one", "--train_dir", str(one)), capsys)
+    assert summary["unreadable_images"] == 1 and "unreadable" in err
+
+
+def test_missing_coco_images_are_one_short_line(world, tmp_path, monkeypatch, capsys):
+    """440 rows whose images are not there: one line under 300 characters naming the folder, the
+    first missing file and how many are missing (it listed five full paths before)."""
+    rows = [[100 + i, "A photo of a dog to the left of a cat", "A photo of a dog to the right of a cat"]
+            for i in range(440)]
+    (tmp_path / "coco_qa_two_obj.json").write_text(json.dumps(rows))
+    images = tmp_path / "datasets" / "coco" / "images_of_the_validation_split"
+    images.mkdir(parents=True)
+    for module, argv in ((train, _train(world, "--coco_val_dir", str(images))),
+                         (eval_coco, _eval(world, "--coco_val_dir", str(images)))):
+        argv[argv.index("--val_json") + 1] = str(tmp_path / "coco_qa_two_obj.json")
+        last = _refused(module, argv, images, [world], monkeypatch, capsys)
+        assert "440 of the 440" in last and "000000000100.jpg" in last, last
 
 
 @pytest.mark.parametrize("module, argv, fixed", [
