@@ -272,28 +272,31 @@ def _is_slim(folder):
 def check_checkpoint_source(name):
     """Everything about a checkpoint folder, alias or hub id that can be checked without loading
     weights (see models.model_source); a slim checkpoint's base model and its trained tensors'
-    file too. Raises ModelUnavailableError or CheckpointError naming the culprit."""
+    file too. Raises ModelUnavailableError or CheckpointError naming the culprit. Returns the
+    models.ModelSource of the model that loads (a slim checkpoint's base), for load_checkpoint_model."""
     folder = Path(name)
     if not (folder.is_dir() and _is_slim(folder)):
-        models.model_source(str(name))
-        return
+        return models.model_source(str(name))
     base = read_info(folder).get("base_model")
     if not base:
         raise CheckpointError(f"{folder}/{CHECKPOINT_JSON} names no base_model")
-    models.model_source(base)
+    source = models.model_source(base)
     if not (folder / TRAINABLE).is_file():
         raise CheckpointError(f"{folder}: no {TRAINABLE}")
     models.check_safetensors_complete(folder / TRAINABLE)
+    return source
 
 
-def load_checkpoint_model(folder, dtype=torch.float32, device="cpu"):
+def load_checkpoint_model(folder, dtype=torch.float32, device="cpu", source=None):
     """(model, processor, adapter) of a checkpoint folder: a full one through from_pretrained, a
-    slim one as its base model with the trained tensors applied."""
+    slim one as its base model with the trained tensors applied. `source`: what
+    check_checkpoint_source returned, when the caller checked the folder already."""
     folder = Path(folder)
     if not _is_slim(folder):
-        return models.load_model_and_processor(str(folder), dtype=dtype, device=device)
+        return models.load_model_and_processor(str(folder), dtype=dtype, device=device, source=source)
     info = read_info(folder)
-    model, processor, adapter = models.load_model_and_processor(info["base_model"], dtype=dtype, device=device)
+    model, processor, adapter = models.load_model_and_processor(info["base_model"], dtype=dtype, device=device,
+                                                                source=source)
     tensors = {k: v for k, v in read_trainable(folder).items() if not k.startswith(SPATIAL_HEAD_PREFIX)}
     if any(".lora_" in k for k in tensors):  # a --lora_rank run: put the adapters back first
         run = load_training_state(folder).get("args", {})

@@ -464,8 +464,8 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.bf16 and device == "cuda" else torch.float32
     try:
-        model_source(args.model)  # a name or folder that cannot be had, found before the load
-        model, processor, adapter = load_model_and_processor(args.model, dtype=dtype, device=device)
+        checked_model = model_source(args.model)  # a name or folder that cannot be had, found before the load
+        model, processor, adapter = load_model_and_processor(args.model, dtype=dtype, device=device, source=checked_model)
     except ModelUnavailableError as err:
         sys.exit(f"error: --model {err}")
 

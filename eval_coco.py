@@ -218,7 +218,7 @@ def main(argv=None):
         print(f"warning: left out {len(unreadable)} of {len(samples) + len(unreadable)} questions whose image cannot "
               f"be read: {data.named_problems([(path, why) for _, path, why in unreadable])}", file=sys.stderr)
     try:
-        check_checkpoint_source(args.ckpt)
+        source = check_checkpoint_source(args.ckpt)
     except (ModelUnavailableError, CheckpointError) as err:
         sys.exit(f"error: --ckpt {err}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -226,7 +226,7 @@ def main(argv=None):
     if args.bf16 and device != "cuda":
         print("--bf16 ignored: no CUDA device, evaluating in float32", file=sys.stderr)
     try:
-        model, processor, adapter = load_checkpoint_model(args.ckpt, dtype=dtype, device=device)
+        model, processor, adapter = load_checkpoint_model(args.ckpt, dtype=dtype, device=device, source=source)
     except (ModelUnavailableError, CheckpointError) as err:
         sys.exit(f"error: --ckpt {err}")
     report, rows = evaluate(model, processor, adapter, samples, args.batch_size, args.mode, args.max_new_tokens,

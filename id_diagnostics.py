@@ -517,7 +517,7 @@ def main(argv=None):
     samples = []
     if measure:
         try:
-            model_source(model_name)  # a name or folder that cannot be had, found before any work
+            checked_model = model_source(model_name)  # a name or folder that cannot be had, found before any work
         except ModelUnavailableError as err:
             sys.exit(f"error: --model {err}")
         try:
@@ -544,7 +544,7 @@ def main(argv=None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if args.bf16 and device == "cuda" else torch.float32
         try:
-            model, processor, adapter = load_model_and_processor(model_name, dtype=dtype, device=device)
+            model, processor, adapter = load_model_and_processor(model_name, dtype=dtype, device=device, source=checked_model)
             n_layers = len(adapter.lm_layers(model))
             layers = resolve_layers(args.layers, n_layers) if args.layers else [l for l in layers if l <= n_layers]
         except ModelUnavailableError as err:

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import transformers
@@ -339,14 +340,19 @@ class VLMAdapter:
         """Model side: `inputs` without `image_index` and the pixel inputs, with every row's image
         features in `mm_encoder_outputs` (HF's input for precomputed image features), the vision
         tower run once per distinct image. `model`: the unwrapped model."""
-        inputs = dict(inputs)
-        image_index = inputs.pop("image_index").tolist()  # once: each int() of a CUDA element is a sync
-        pixels = {key: inputs.pop(key) for key in self.pixel_keys}
-        first_rows = first_rows_of(image_index)
+        inputs, image_index, pixels, first_rows = self._split_image_inputs(inputs)
         features = self.unique_image_features(model, pixels, inputs, first_rows)
         features.pooler_output = _per_row(features.pooler_output, image_index, len(first_rows))
         inputs["mm_encoder_outputs"] = {"image": features}
         return inputs
+
+    def _split_image_inputs(self, inputs):
+        """(a copy of `inputs` without the image inputs, image_index as a list, the pixel inputs,
+        the first row of each distinct image)."""
+        inputs = dict(inputs)
+        image_index = inputs.pop("image_index").tolist()  # once: each int() of a CUDA element is a sync
+        pixels = {key: inputs.pop(key) for key in self.pixel_keys}
+        return inputs, image_index, pixels, first_rows_of(image_index)
 
     # -- processor
     processor_class = None  # standard class name a saved processor names, where ours is a subclass
@@ -505,13 +511,11 @@ class MllamaAdapter(VLMAdapter):
         """Mllama's LM reads images through cross-attention, not merged embeddings: its forward
         takes the projected vision states as `cross_attention_states` (what it computes from
         pixel_values), here of the distinct images, repeated per row."""
-        inputs = dict(inputs)
-        image_index = inputs.pop("image_index").tolist()
-        pixels = {key: inputs.pop(key) for key in self.pixel_keys}
+        inputs, image_index, pixels, first_rows = self._split_image_inputs(inputs)
         backbone = model.model
         states = backbone.vision_model(**pixels).last_hidden_state
         states = backbone.multi_modal_projector(states).reshape(-1, states.shape[-2], backbone.hidden_size)
-        inputs["cross_attention_states"] = _per_row(states, image_index, len(first_rows_of(image_index)))
+        inputs["cross_attention_states"] = _per_row(states, image_index, len(first_rows))
         return inputs
 
 
@@ -675,14 +679,12 @@ def save_lora_adapter(model, out_dir, base_model):
     return out_dir
 
 
-def _load_lora(path, dtype, device):
+def _apply_lora(path, model, device):
+    """The LoRA adapter of folder `path` (and the other tensors it trained) on its base `model`."""
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict  # optional: LoRA runs only
 
     config = LoraConfig.from_pretrained(str(path))
     base = config.base_model_name_or_path
-    if not base:
-        raise ValueError(f"{path}/{LORA_CONFIG} names no base_model_name_or_path")
-    model, processor, adapter = load_model_and_processor(base, dtype=dtype, device=device)
     inject_adapter_in_model(config, model)
     model.peft_config = {"default": config}
     model.save_pretrained = lambda save_directory, **kwargs: save_lora_adapter(model, save_directory, base)
@@ -699,7 +701,7 @@ def _load_lora(path, dtype, device):
             if name not in params:
                 raise ValueError(f"{path}: tensor {name} is not a parameter of {base}")
             params[name].copy_(tensors[name])
-    return model.eval(), processor, adapter
+    return model.eval()
 
 
 def inject_lora_from_tensors(model, names, shapes, alpha=None, dropout=0.0):
@@ -800,12 +802,21 @@ def _looks_like_a_path(name):
     return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(name)
 
 
+class ModelSource(NamedTuple):
+    """A model name checked from its files (`model_source`): what from_pretrained reads, its config
+    and family adapter, and for a LoRA folder the folder itself (`path` is then its base's)."""
+    path: str
+    config: object
+    adapter: "VLMAdapter"
+    lora_dir: str | None = None
+
+
 def model_source(name):
-    """(where from_pretrained reads it, its config, its family adapter) for a model name, from the
-    config alone: nothing here reads weights, so every problem a user can cause (an unknown name,
-    a path that does not exist, a folder without weights or with a half-written
-    model.safetensors, a model that is not a VLM) is found before a model load, as a
-    ModelUnavailableError whose message starts with `name`. A LoRA folder reports its base."""
+    """The ModelSource of a model name, from the config alone: nothing here reads weights, so every
+    problem a user can cause (an unknown name, a path that does not exist, a folder without
+    weights or with a half-written model.safetensors, a model that is not a VLM) is found before
+    a model load, as a ModelUnavailableError whose message starts with `name`. A LoRA folder
+    reports its base, with `lora_dir` set."""
     if is_lora_folder(name):
         try:
             base = json.loads((Path(name) / LORA_CONFIG).read_text()).get("base_model_name_or_path")
@@ -816,7 +827,7 @@ def model_source(name):
         if not (Path(name) / LORA_WEIGHTS).is_file():
             raise ModelUnavailableError(f"{name}: no {LORA_WEIGHTS} beside {LORA_CONFIG}")
         check_safetensors_complete(Path(name) / LORA_WEIGHTS)
-        return model_source(base)
+        return model_source(base)._replace(lora_dir=str(name))
     path = resolve_model_name(name)
     if path in tiny_models.TINY_ALIASES:
         try:
@@ -848,7 +859,7 @@ def model_source(name):
         raise ModelUnavailableError(
             f"{name}: model type {getattr(config, 'model_type', None)!r} is not a vision-language model of a "
             f"supported family ({', '.join(sorted(ADAPTERS))})") from None
-    return path, config, adapter
+    return ModelSource(path, config, adapter)
 
 
 def list_models():
@@ -870,16 +881,14 @@ class ListModelsAction(argparse.Action):
         parser.exit()
 
 
-def load_model_and_processor(name, dtype=torch.float32, device="cpu"):
+def load_model_and_processor(name, dtype=torch.float32, device="cpu", source=None):
     """Load any supported VLM (alias, hub id, local folder, or a tiny alias) and its processor; a
     folder with adapter_config.json loads its base model plus the LoRA adapter.
 
     Returns (model, processor, adapter). The model is in eval mode on `device`. Everything that can
-    be checked without the weights is checked first (`model_source`)."""
-    if is_lora_folder(name):
-        model_source(name)
-        return _load_lora(name, dtype, device)
-    path, config, adapter = model_source(name)
+    be checked without the weights is checked first (`model_source`), once: a caller that already
+    checked `name` passes what model_source returned as `source`."""
+    path, config, adapter, lora_dir = source or model_source(name)
     raw, _ = type(config).get_config_dict(path)
     config = adapter.prepare_config(config, raw)
     try:
@@ -887,6 +896,8 @@ def load_model_and_processor(name, dtype=torch.float32, device="cpu"):
     except (OSError, SafetensorError) as err:  # damaged in a way the size check cannot see
         raise ModelUnavailableError(f"{name}: weights unreadable ({_short(err)})") from None
     model.to(device).eval()
+    if lora_dir:
+        model = _apply_lora(lora_dir, model, device)
     processor = adapter.build_processor(path)
     processor.tokenizer.padding_side = adapter.padding_side
     return model, processor, adapter

@@ -238,8 +238,9 @@ def _mean_std(values):
 def summary_table(args, baselines, spatials):
     """Our COCO-Spatial accuracy before training, after the LM-loss control and after the
     spatial-ID loss (mean ± sample std over seeds), beside the paper's published figures."""
-    before = [_end(f)[0] for f in baselines]
-    base = [_end(f)[1] for f in baselines]
+    baseline_ends = [_end(f) for f in baselines]  # each metrics.jsonl read once
+    before = [first for first, _ in baseline_ends]
+    base = [last for _, last in baseline_ends]
     spatial = [_end(f)[1] for f in spatials]
     seeds = " ".join(args.seeds)
     return "\n".join([

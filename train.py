@@ -187,6 +187,7 @@ UNREADABLE_NAMED = 20  # unreadable training images named one per line; the rest
 
 # Arguments that may change when a run is resumed without changing what it trains.
 RESUME_FREE_ARGS = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "fork", "num_workers",
+                    "max_unreadable_frac",
                     "eval_batch_size", "eval_max_samples", "holdout_max_samples", "log_every", "save_total_limit",
                     "keep_best", "save_full_checkpoints", "save_steps",
                     "encode_images_once", "compile_blocks", "liger_kernel"}
@@ -341,29 +342,32 @@ def _setup_data(args, accelerator):
 def _check_model_and_ids(args, grid):
     """The model's config and the ID file, both read before the (slow) weights: a model that
     cannot be had, a folder without complete weights, a layer the model lacks and every problem of
-    the ID file stop here. Returns the IDs of --spatial_id_layer (None without the spatial loss)."""
+    the ID file stop here. Returns (the checked models.ModelSource, which the load takes as it is;
+    the IDs of --spatial_id_layer, None without the spatial loss)."""
     try:
-        _, config, adapter = model_source(args.model_name)
+        source = model_source(args.model_name)
     except ModelUnavailableError as err:
         raise ValueError(f"--model_name {err}") from None
     if not args.universal_id_path:
-        return None
-    n_layers = config.get_text_config().num_hidden_layers
+        return source, None
+    n_layers = source.config.get_text_config().num_hidden_layers
     if args.spatial_id_layer > n_layers:
         raise ValueError(f"--spatial_id_layer {args.spatial_id_layer} is outside 0..{n_layers} for {args.model_name}")
     needed = {(*s["cell2"], s["size"]) for s in grid.samples}
-    return sl.load_universal_ids(args.universal_id_path, args.spatial_id_layer, adapter.lm_hidden_size(config),
-                                 needed_keys=needed)
+    return source, sl.load_universal_ids(args.universal_id_path, args.spatial_id_layer,
+                                         source.adapter.lm_hidden_size(source.config), needed_keys=needed)
 
 
-def _setup_model(args, accelerator, resume_dir):
-    """(model, processor, adapter, selection): the base model with the trainable slice chosen and,
-    when resuming, the checkpoint's trained tensors applied."""
+def _setup_model(args, accelerator, resume_dir, source):
+    """(model, processor, adapter, selection): the base model (`source`, checked by
+    _check_model_and_ids) with the trainable slice chosen and, when resuming, the checkpoint's
+    trained tensors applied."""
     cuda = accelerator.device.type == "cuda"
     dtype = torch.bfloat16 if args.bf16 and cuda else torch.float32
     accelerator.print(f"model: {args.model_name} in {str(dtype).removeprefix('torch.')} on {accelerator.device}"
                       + (" (--bf16 applies on CUDA only)" if args.bf16 and not cuda else ""))
-    model, processor, adapter = load_model_and_processor(args.model_name, dtype=dtype, device=accelerator.device)
+    model, processor, adapter = load_model_and_processor(args.model_name, dtype=dtype, device=accelerator.device,
+                                                         source=source)
     selection = param_selectors.select_from_args(model, adapter, args)
     accelerator.print(selection.summary())
     if resume_dir is not None:
@@ -519,7 +523,7 @@ def main(argv=None):
     try:
         resume_dir, state = _setup_run_folder(args, accelerator)
         grid, coco, holdout, train_idx, holdout_idx, batch_sampler = _setup_data(args, accelerator)
-        ids = _check_model_and_ids(args, grid)
+        source, ids = _check_model_and_ids(args, grid)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     processes = accelerator.num_processes
@@ -531,7 +535,7 @@ def main(argv=None):
 
     # 3. model and trainable slice, 4. spatial loss, 5. optimiser and schedule
     try:
-        model, processor, adapter, selection = _setup_model(args, accelerator, resume_dir)
+        model, processor, adapter, selection = _setup_model(args, accelerator, resume_dir, source)
         spatial_loss = _setup_spatial_loss(args, ids, accelerator, resume_dir, model)
     except (ValueError, ModelUnavailableError) as err:
         sys.exit(f"error: {err}")

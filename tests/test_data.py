@@ -233,15 +233,15 @@ def test_malformed_coco_row_is_named(tmp_path, bad, message):
         data.load_coco_spatial(path, root)
 
 
-def test_missing_coco_images_are_counted_and_listed(tmp_path):
+def test_missing_coco_images_are_counted_and_the_first_named(tmp_path):
     rows = COCO_ROWS + [[1000 + i, "A photo of a cat above a dog", "A photo of a cat below a dog"] for i in range(6)]
     path, root = _coco(tmp_path, rows=rows, images=False)
     _png(root / "000000000139.jpg", 32)
     with pytest.raises(FileNotFoundError) as err:
         data.load_coco_spatial(path, root)
     text = str(err.value)
-    assert text.startswith("9 of 10 COCO-Spatial images missing")
-    assert text.count("coco/0000") == 5 and "000000000285.jpg" in text and "000000001005" not in text
+    assert text.startswith(f"{root}: 9 of the 10 COCO-Spatial images of {path.name} are missing")
+    assert text.count("00000000") == 1 and "(first: 000000000285.jpg)" in text and "\n" not in text
 
 
 def test_an_image_asked_about_twice_in_a_batch_is_decoded_once(tiny, tmp_path, monkeypatch):

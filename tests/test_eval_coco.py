@@ -266,7 +266,7 @@ def test_cli_missing_image_fails_before_the_model_loads(standin, tmp_path, monke
     out = tmp_path / "preds.jsonl"
     args = ["--ckpt", "tiny", "--val_json", str(broken / json_path.name), "--coco_val_dir", str(broken),
             "--output", str(out)]
-    with pytest.raises(SystemExit, match=rf"^error: 1 of {N} COCO-Spatial images missing.*{7:012d}\.jpg"):
+    with pytest.raises(SystemExit, match=rf"^error: .*coco: 1 of the {N} COCO-Spatial images .* missing.*{7:012d}\.jpg"):
         eval_coco.main(args)
     assert not out.exists()
 

@@ -323,7 +323,8 @@ def test_a_span_starting_inside_a_token_is_an_error(family, grid):
 def test_the_config_alone_gives_the_hidden_size_and_layer_count(family):
     """train.py checks an ID file against these before loading the weights."""
     alias, model, _, adapter = family
-    _, config, config_adapter = models.model_source(alias)
+    source = models.model_source(alias)
+    config, config_adapter = source.config, source.adapter
     assert type(config_adapter) is type(adapter)
     assert config_adapter.lm_hidden_size(config) == adapter.lm_hidden_size(model)
     assert config.get_text_config().num_hidden_layers == len(adapter.lm_layers(model))

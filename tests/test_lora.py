@@ -98,14 +98,30 @@ def test_lora_cli_and_errors(tiny):
                           lora_rank=2)
 
 
-def test_a_lora_training_run_saves_adapters_and_eval_reproduces_its_accuracy(tmp_path, tiny_path):
+def test_a_lora_training_run_saves_adapters_and_eval_reproduces_its_accuracy(tmp_path, tiny_path, monkeypatch):
     """train.py --lora_rank: checkpoints hold the adapter only (plus the processor), and
-    eval_coco.py --ckpt on one reproduces the accuracy and predictions training recorded there."""
+    eval_coco.py --ckpt on one reproduces the accuracy and predictions training recorded there.
+    Each command checks the model's files once (train.py and the LoRA folder's base did twice)."""
     import json
 
     import eval_coco
     import make_grid_data
     import train
+
+    checks, depth = [], []  # models.model_source calls from outside it (a LoRA folder's recurses for its base)
+    model_source = models.model_source
+
+    def counted(name):
+        if not depth:
+            checks.append(name)
+        depth.append(name)
+        try:
+            return model_source(name)
+        finally:
+            depth.pop()
+
+    for module in (models, train):
+        monkeypatch.setattr(module, "model_source", counted)
 
     objects = make_grid_data.builtin_objects()
     grid = tmp_path / "grid"
@@ -120,6 +136,7 @@ def test_a_lora_training_run_saves_adapters_and_eval_reproduces_its_accuracy(tmp
     train.main(["--model_name", "tiny", "--train_dir", str(grid), *coco, "--output_dir", str(out),
                 "--batch_size", "6", "--lr", "1e-2", "--holdout_max_samples", "4", "--max_steps", "3",
                 "--eval_save_steps", "3", "--eval_mode", "score", "--lora_rank", "2"])
+    assert len(checks) == 1, checks
     import checkpoints
 
     ckpt = out / "checkpoint-3"
@@ -129,7 +146,9 @@ def test_a_lora_training_run_saves_adapters_and_eval_reproduces_its_accuracy(tmp
     assert (out / "final" / "adapter_config.json").is_file() and not (out / "final" / "model.safetensors").exists()
     assert json.loads((out / "final" / "adapter_config.json").read_text())["r"] == 2
     trained, _, _ = checkpoints.load_checkpoint_model(ckpt)
+    checks.clear()
     final, _, _ = checkpoints.load_checkpoint_model(out / "final")  # base + adapter folder
+    assert len(checks) == 1, checks
     assert {n: p for n, p in final.named_parameters()}.keys() == {n: p for n, p in trained.named_parameters()}.keys()
     assert all(torch.equal(a, b) for a, b in zip(final.parameters(), trained.parameters()))
     base, _, _ = models.load_model_and_processor("tiny")
@@ -140,7 +159,9 @@ def test_a_lora_training_run_saves_adapters_and_eval_reproduces_its_accuracy(tmp
         if ".lora_" not in n:
             assert torch.equal(p, base_params[n.replace(".base_layer", "")]), n
     evals = [e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if e["event"] == "eval"]
+    checks.clear()
     report = eval_coco.main(["--ckpt", str(ckpt), *coco, "--mode", "score", "--output", str(tmp_path / "e.jsonl")])
+    assert len(checks) == 1, checks
     assert report["accuracy"] == evals[-1]["coco"]["accuracy"] and evals[-1]["step"] == 3
     recorded = [r["prediction"] for r in map(json.loads, (out / "predictions" / "step-3.jsonl").read_text().splitlines())
                 if r["set"] == "coco"]

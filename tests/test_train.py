@@ -177,7 +177,7 @@ def test_bad_arguments_and_data_are_reported_before_the_model_loads(dataset, tmp
     monkeypatch.setattr(train, "load_model_and_processor", no_model)
     with pytest.raises(SystemExit, match="make_grid_data.py"):
         train.main(_args(dataset, tmp_path / "r", "--train_dir", str(tmp_path / "none")))
-    with pytest.raises(SystemExit, match="COCO-Spatial images missing"):
+    with pytest.raises(SystemExit, match="COCO-Spatial images of .* are missing"):
         train.main(_args(dataset, tmp_path / "r", "--coco_val_dir", str(tmp_path)))
     with pytest.raises(SystemExit):
         train.main(_args(dataset, tmp_path / "r", "--universal_id_path", "x.pt", "--sampler", "shuffle"))
