@@ -1,5 +1,6 @@
 # make demo : offline end-to-end demo on the built-in tiny model (no GPU, no downloads)
-# make test : the test suite
+# make test : the test suite (every test, on every core: pytest-xdist, one OpenMP thread per worker)
+# make test-fast : the edit loop's tier (tests marked `fast`, under a minute); CI runs `make test`
 # Both create (or reuse) .venv and install what they need.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,20 +13,26 @@ export PYTHONUNBUFFERED := 1
 OMP_NUM_THREADS ?= 1
 export OMP_NUM_THREADS
 
-.PHONY: install test demo clean
+# Test workers: one per core (`make test TEST_WORKERS=1` runs them in one process, in order).
+TEST_WORKERS ?= auto
 
-$(VENV)/.installed: requirements.txt
+.PHONY: install test test-fast demo clean
+
+$(VENV)/.installed: requirements.txt requirements-test.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU machine.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -r requirements.txt pytest
+	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
 	touch $@
 
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n $(TEST_WORKERS) --durations=15
+
+test-fast: install
+	$(PY) -m pytest tests -q -n $(TEST_WORKERS) -m fast
 
 demo: install
 	PYTHON=$(PY) bash demo.sh
