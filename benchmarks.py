@@ -304,12 +304,13 @@ def _check_row_shape(kind, row):
         ok = (isinstance(row, dict) and isinstance(row.get("image_path"), str)
               and isinstance(row.get("caption_options"), list) and row["caption_options"]
               and isinstance(row["caption_options"][0], str))
-        want = '{"image_path", "caption_options": [true caption, false captions...]}'
+        want = '{"image_path", "caption_options": [true caption, ...]}'
     else:
         ok = isinstance(row, (list, tuple)) and len(row) >= 2 and isinstance(row[1], str)
         want = "[image_id, true caption, false caption(s)]"
     if not ok:
-        raise BenchmarkFormatError(f"malformed row {json.dumps(row)[:120]} (want {want})")
+        shown = json.dumps(row)
+        raise BenchmarkFormatError(f"malformed row {shown[:60] + ('...' if len(shown) > 60 else '')} (want {want})")
 
 
 def _sample(name, index, row, path, image_id):
