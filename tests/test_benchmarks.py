@@ -401,3 +401,74 @@ def test_cli_missing_files_listed_before_the_model_loads(roots, tmp_path, monkey
     path.write_text(path.read_text().replace('"label": 1', '"label": 2', 1))
     with pytest.raises(SystemExit, match=r"test\.jsonl: row 0: malformed row"):
         eval_coco.main(cli(broken, "--benchmark", "vsr", "--output", str(tmp_path / "out")))
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py --eval_benchmarks, compare_runs per benchmark
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(roots, tmp_path_factory, tiny_path):
+    """A 1-step tiny run evaluating vg_two_obj and vsr at steps 0 and 1, and a copy of it."""
+    import train
+
+    root = tmp_path_factory.mktemp("train")
+    objects = mg.builtin_objects()
+    for names in (("red circle", "blue square"), ("green triangle", "yellow star")):
+        mg.make_grid_images(root / "grid", {n: objects[n] for n in names}, cell=28, sizes=(124,), max_pairs=1,
+                            max_images=15, seed=0, progress=False)
+    out = root / "run"
+    train.main(["--model_name", "tiny", "--train_dir", str(root / "grid"), "--val_json", roots.val_json,
+                "--coco_val_dir", roots.coco_val_dir, "--output_dir", str(out), "--batch_size", "6",
+                "--protocol", "clean", "--holdout_max_samples", "4", "--eval_max_samples", "6", "--max_steps", "1",
+                "--eval_benchmarks", "vg_two_obj", "vsr", "--whatsup_dir", roots.whatsup_dir,
+                "--vsr_dir", roots.vsr_dir])
+    shutil.copytree(out, root / "copy")
+    return out, root / "copy"
+
+
+def test_train_evaluates_the_named_benchmarks_at_every_step(trained):
+    out, _ = trained
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 1]
+    for e in evals:
+        assert {"coco", "holdout", "vg_two_obj", "vsr"} <= set(e)
+        assert e["vg_two_obj"]["n"] == 6 and e["vg_two_obj"]["consistency"]["n_pairs"] == 6
+        assert "auc" in e["vsr"]
+    rows = [json.loads(line) for line in (out / "predictions" / "step-1.jsonl").read_text().splitlines()]
+    sets = Counter((r["set"], r.get("order", "asked")) for r in rows)
+    assert sets[("vg_two_obj", "asked")] == sets[("vg_two_obj", "swapped")] == 6 and sets[("vsr", "asked")] == 6
+    assert sets[("coco", "asked")] == 6  # COCO-Spatial as before
+
+
+def test_compare_runs_has_tables_and_paired_tests_per_benchmark(trained, tmp_path, capsys):
+    import compare_runs
+
+    out, copy = trained
+    result = compare_runs.main([str(out), str(copy), "--labels", "a", "b", "--out", str(tmp_path / "cmp")])
+    report = (result["out"] / "report.md").read_text()
+    for name in ("vg_two_obj", "vsr"):
+        assert f"## {name}: accuracy per evaluation step" in report
+        assert f"## {name}: paired statistics" in report
+    # the paired test counts the questions as asked (6), not their swapped twins
+    vg = report.split("## vg_two_obj: paired statistics")[1].split("##")[0]
+    assert "| final | b @1 vs a @1 | 6 |" in vg and "vs a @1 | 12 |" not in vg
+
+
+def test_train_names_a_missing_benchmark_file_before_the_model_loads(roots, tmp_path, monkeypatch):
+    import train
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(models, "load_model_and_processor", no_model)
+    grid = tmp_path / "grid"
+    objects = mg.builtin_objects()
+    mg.make_grid_images(grid, {n: objects[n] for n in ("red circle", "blue square")}, cell=28, sizes=(124,),
+                        max_pairs=1, max_images=15, seed=0, progress=False)
+    with pytest.raises(SystemExit, match="controlled_a: .*controlled_images_dataset.json not found"):
+        train.main(["--model_name", "tiny", "--train_dir", str(grid), "--val_json", roots.val_json,
+                    "--coco_val_dir", roots.coco_val_dir, "--output_dir", str(tmp_path / "run"),
+                    "--spatial_holdout_frac", "0", "--eval_benchmarks", "controlled_a",
+                    "--whatsup_dir", str(tmp_path / "none")])
