@@ -472,3 +472,43 @@ def test_train_names_a_missing_benchmark_file_before_the_model_loads(roots, tmp_
                     "--coco_val_dir", roots.coco_val_dir, "--output_dir", str(tmp_path / "run"),
                     "--spatial_holdout_frac", "0", "--eval_benchmarks", "controlled_a",
                     "--whatsup_dir", str(tmp_path / "none")])
+
+
+# ---------------------------------------------------------------------------------------------
+# reproduce.py: the benchmarks present are evaluated, a summary row each
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.fast
+def test_reproduce_passes_the_present_benchmarks_to_the_runs_and_summarises_them(tmp_path, monkeypatch):
+    import argparse
+
+    import reproduce
+
+    commands = []
+    monkeypatch.setattr(reproduce, "run", commands.append)
+    args = argparse.Namespace(model="tiny", train_objects="builtin", cell=None, sizes=None, train_object_names=None,
+                              val_json="v.json", coco_val_dir="coco", output_dir=None, ids="ids.pt", train_extra=[],
+                              protocol="paper", runs_dir=tmp_path, benchmarks=["vg_two_obj", "vsr"],
+                              whatsup_dir="w", vsr_dir="v")
+    reproduce.stage_run(args, "baseline", 0)
+    at = commands[0].index("--eval_benchmarks")
+    assert commands[0][at:at + 7] == ["--eval_benchmarks", "vg_two_obj", "vsr", "--whatsup_dir", "w", "--vsr_dir", "v"]
+    args.benchmarks = []
+    reproduce.stage_run(args, "baseline", 1)
+    assert "--eval_benchmarks" not in commands[1]
+
+    def run_folder(name, accuracies):
+        folder = tmp_path / name
+        folder.mkdir()
+        events = [{"event": "eval", "step": s, "coco": {"accuracy": 0.5}, "vsr": {"accuracy": a}}
+                  for s, a in zip((0, 10), accuracies)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+        return folder
+
+    baselines = [run_folder("b0", (0.5, 0.6)), run_folder("b1", (0.5, 0.7))]
+    spatials = [run_folder("s0", (0.5, 0.8)), run_folder("s1", (0.5, 0.9))]
+    args.benchmarks = ["vg_two_obj", "vsr"]  # vg_two_obj: present now, not evaluated by these runs
+    table = reproduce.benchmark_table(args, baselines, spatials)
+    assert table.splitlines()[2:] == ["| vsr | 0.500 ± 0.000 | 0.650 ± 0.071 | 0.850 ± 0.071 |"]
+    args.benchmarks = ["vg_two_obj"]
+    assert reproduce.benchmark_table(args, baselines, spatials) is None
