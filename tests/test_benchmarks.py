@@ -16,6 +16,7 @@ import benchmarks
 import eval_coco
 import make_grid_data as mg
 import models
+from test_eval_coco import sensitive  # noqa: F401 (fixture: the tiny model whose answers vary by question)
 
 N = 12  # rows per stand-in
 
@@ -34,17 +35,6 @@ def loaded(roots):
 @pytest.fixture(scope="module")
 def tiny_ro(tiny_path):
     return models.load_model_and_processor("tiny")
-
-
-@pytest.fixture(scope="module")
-def sensitive(tiny_path):
-    """The tiny model with its LM matrices scaled by 10, so its answers vary from question to question."""
-    model, processor, adapter = models.load_model_and_processor("tiny")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 2 and "visual" not in name:
-                param.mul_(10.0)
-    return model, processor, adapter
 
 
 def copy_roots(roots, tmp_path):
