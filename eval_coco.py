@@ -9,6 +9,13 @@ the log-probabilities of the two option words in one forward pass per batch and 
 decoder runs to its last hidden state and the LM head is applied at the last position only
 (lm_loss.last_position_logits). `--agreement` also runs `generate` and reports how often the two
 agree. train.py calls `evaluate` from here.
+
+    python eval_coco.py --ckpt runs/x/final --benchmark all --whatsup_dir data/whatsup --vsr_dir data/vsr
+
+`--benchmark NAME ... | all` evaluates What'sUp's subsets and VSR (benchmarks.py) with their
+checks (evaluate_benchmark): strict reading of generated answers, the swapped-objects twin of every
+two-object question, option-order rotations, pair/set accuracy, VSR's ROC-AUC; each missing file
+is named on its own line before a model loads. docs/evaluation.md has the details.
 """
 import argparse
 import json

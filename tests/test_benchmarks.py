@@ -373,6 +373,14 @@ def test_cli_benchmark_all(roots, tiny_path, tmp_path, capsys):
 
 
 @pytest.mark.fast
+def test_cli_bad_option_orders_is_one_line(roots, capsys):
+    with pytest.raises(SystemExit) as err:
+        eval_coco.main(cli(roots, "--benchmark", "vsr", "--option_orders", "0"))
+    assert err.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("argument --option_orders: must be >= 1, not 0")
+
+
+@pytest.mark.fast
 def test_cli_missing_files_listed_before_the_model_loads(roots, tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
