@@ -37,10 +37,12 @@ import data
 OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above", "on": "under", "under": "on",
             "front": "behind", "behind": "front", "top": "bottom", "bottom": "top", "true": "true",
             "false": "false"}
-# Two-object caption phrases -> relation word.
+# Two-object caption phrases -> relation word (a benchmark reads only the phrases of its own
+# relations). "on top of" reads as above: What'sUp's own loader files VG's two-object captions
+# that say neither left, right, front nor behind under "top".
 RELATION_PHRASE = {"to the left of": "left", "to the right of": "right", "above": "above", "below": "below",
-                   "in front of": "front", "behind": "behind", "on": "on", "under": "under"}
-PHRASE_OF = {rel: phrase for phrase, rel in RELATION_PHRASE.items()}
+                   "in front of": "front", "behind": "behind", "on": "on", "under": "under", "on top of": "above"}
+PHRASE_OF = {rel: phrase for phrase, rel in reversed(RELATION_PHRASE.items())}  # the first phrase of each
 
 WHATSUP = "What'sUp: github.com/amitakamath/whatsup_vlms (its README's Google Drive folder)"
 COCO_VAL = "COCO val2017: images.cocodataset.org/zips/val2017.zip, as {id:012d}.jpg"
@@ -208,7 +210,7 @@ class BenchmarkFormatError(ValueError):
 
 
 def _phrase_re(relations):
-    phrases = sorted((PHRASE_OF[r] for r in relations), key=len, reverse=True)
+    phrases = sorted((p for p, r in RELATION_PHRASE.items() if r in relations), key=len, reverse=True)
     return re.compile(r"^\s*(?:a photo of\s+)?(?P<a1>an?|the)\s+(?P<x>.+?)\s+(?P<phrase>"
                       + "|".join(re.escape(p) for p in phrases)
                       + r")\s+(?P<a2>an?|the)\s+(?P<y>.+?)\s*\.?\s*$", re.IGNORECASE)

@@ -79,6 +79,28 @@ def test_every_loader_reads_its_released_format(name, loaded):
 
 
 @pytest.mark.fast
+def test_the_caption_forms_of_the_released_files():
+    vg2, vg1 = benchmarks.BENCHMARKS["vg_two_obj"].options, benchmarks.BENCHMARKS["vg_one_obj"].options
+    assert benchmarks.parse_one_object_caption("A photo of a dining table on the bottom",
+                                               benchmarks.BENCHMARKS["coco_one_obj"].options) == ("dining table", "bottom")
+    assert benchmarks.parse_one_object_caption("A photo of an umbrella in the front", vg1) == ("umbrella", "front")
+    assert benchmarks.parse_two_object_caption("A photo of a dining table to the left of a refrigerator", vg2)[:3] == (
+        "dining table", "left", "refrigerator")
+    assert benchmarks.parse_two_object_caption("A photo of a cup on top of a table", vg2)[:3] == ("cup", "above", "table")
+    assert benchmarks.parse_two_object_caption("A beer bottle on a armchair",
+                                               benchmarks.BENCHMARKS["controlled_a"].options)[:3] == (
+        "beer bottle", "on", "armchair")
+    with pytest.raises(benchmarks.BenchmarkFormatError, match="relation among to the left of"):
+        benchmarks.parse_two_object_caption("A beer bottle on a armchair", vg2)  # 'on' is not a VG relation
+    assert benchmarks.controlled_relation("data/controlled_images/beer-bottle_on_armchair.jpeg",
+                                          benchmarks.BENCHMARKS["controlled_a"].options) == "on"
+    assert benchmarks.controlled_relation("data/controlled_clevr/cube_in-front_of_sphere.jpeg",
+                                          benchmarks.BENCHMARKS["controlled_b"].options) == "front"
+    assert benchmarks.controlled_relation("data/controlled_clevr/cube_behind_sphere.jpeg",
+                                          benchmarks.BENCHMARKS["controlled_b"].options) == "behind"
+
+
+@pytest.mark.fast
 def test_coco_two_obj_keeps_todays_questions(roots, loaded):
     """coco_two_obj is data.load_coco_spatial's questions, word for word, in both styles."""
     import data
