@@ -532,3 +532,18 @@ def test_reproduce_passes_the_present_benchmarks_to_the_runs_and_summarises_them
     assert table.splitlines()[2:] == ["| vsr | 0.500 ± 0.000 | 0.650 ± 0.071 | 0.850 ± 0.071 |"]
     args.benchmarks = ["vg_two_obj"]
     assert reproduce.benchmark_table(args, baselines, spatials) is None
+
+
+def test_generation_shares_images_only_where_the_family_can(loaded, monkeypatch):
+    """Mllama's generate cannot take precomputed image features: its adapter says so and the
+    evaluation encodes per row there (same answers as the plain path); told otherwise, it fails."""
+    model, processor, adapter = models.load_model_and_processor("tiny-mllama")
+    assert adapter.generate_takes_image_features is False
+    samples = loaded["vg_two_obj"][:3]
+    _, rows = eval_coco.evaluate_benchmark(model, processor, adapter, samples, batch_size=6, progress=False)
+    plain = eval_coco.generate_answers(model, processor, adapter, benchmarks.with_checks(samples), batch_size=6,
+                                       progress=False)
+    assert [r["generated"] for r in rows] == plain
+    monkeypatch.setattr(type(adapter), "generate_takes_image_features", True)
+    with pytest.raises(RuntimeError):
+        eval_coco.evaluate_benchmark(model, processor, adapter, samples, batch_size=6, progress=False)
