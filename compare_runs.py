@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+import benchmarks
+
 SETS = {"coco": "COCO-Spatial", "holdout": "holdout pairs"}
 # Arguments that do not change what a run computes: runs differing only in these are seeds of
 # one experiment.
@@ -314,8 +316,8 @@ def load_correctness(run, step, set_name):
                            f"train.py saves at each evaluation")
     correct, seen = {}, {}
     for row in read_jsonl(path):
-        if row.get("set", "coco") != set_name:
-            continue
+        if row.get("set", "coco") != set_name or row.get("order", "asked") != "asked" or row.get("rotation"):
+            continue  # a benchmark's swapped and option-rotated questions are its checks, not its score
         key = question_key(row)
         # Identical rows (same question text, no row/image id) stay distinct by their order.
         seen[key] = seen.get(key, 0) + 1
@@ -669,18 +671,26 @@ def default_out(groups, first_folder):
     return Path(first_folder).parent / f"compare_{names}"[:120]
 
 
+def evaluated_sets(groups):
+    """{set name: title}: COCO-Spatial and the holdout pairs, then each benchmark that some run
+    evaluated (train.py --eval_benchmarks), in benchmarks.NAMES order."""
+    found = {key for g in groups for r in g["runs"] for e in r["evals"] for key in e}
+    return dict(SETS) | {name: name for name in benchmarks.NAMES if name in found}
+
+
 def build_sections(groups, pairing="majority"):
     """[(title, text)] of everything after the plain table."""
+    sets = evaluated_sets(groups)
     sections = [("Runs and seed groups", markdown_table(
         ["run", "group", "seed", "protocol", "git commit", "folder"], provenance_rows(groups))
         + "\n\nCommands:\n\n" + command_lines(groups))]
-    for set_name, title in SETS.items():
+    for set_name, title in sets.items():
         text = step_table(groups, set_name)
         if text is not None:
             sections.append((f"{title}: accuracy per evaluation step", text + "\n\nCells: accuracy (correct/n) for "
                              "one run; mean ± sample std over seeds (n questions per seed) for a seed group. "
                              "'runs' counts the group's runs evaluated at that step."))
-    for set_name, title in SETS.items():
+    for set_name, title in sets.items():
         rows = learning_rows(groups, set_name)
         if rows:
             sections.append((f"{title}: did training change the answers? (first vs final step)",
@@ -689,7 +699,7 @@ def build_sections(groups, pairing="majority"):
     if rows:
         sections.append((SPATIAL_CONTROL_TITLE, markdown_table(SPATIAL_CONTROL_HEADER, rows) + "\n\n" + SPATIAL_CONTROL_NOTE))
     if len(groups) > 1:
-        for set_name, title in SETS.items():
+        for set_name, title in sets.items():
             rows = paired_rows(groups, set_name, pairing)
             if rows:
                 sections.append((f"{title}: paired statistics ({pairing})",

@@ -619,12 +619,18 @@ def parse_caption(caption):
     return m["x"].strip(), _REL_WORD[m["rel"].lower()], m["y"].strip(), m["art1"], m["art2"]
 
 
-def original_question(caption):
-    """The original code's exact wording: the caption's article kept on obj1, and on obj2 for
-    left/right; for above/below its pattern dropped a leading 'a ' or 'the ' from obj2 (not 'an ')."""
-    x, rel, y, a1, a2 = parse_caption(caption)
+def original_refs(x, rel, y, a1, a2):
+    """(ref1, ref2): how the original code named the objects of a parsed caption: the caption's
+    article kept on obj1, and on obj2 for left/right; for above/below its pattern dropped a
+    leading 'a ' or 'the ' from obj2 (not 'an ')."""
     ref2 = f"{a2} {y}" if rel in ("left", "right") or a2.lower() not in ("a", "the") else y
-    return fill_template(RELATION_TYPE[rel], f"{a1} {x}", ref2)
+    return f"{a1} {x}", ref2
+
+
+def original_question(caption):
+    """The original code's exact wording of a caption's question (see original_refs)."""
+    x, rel, y, a1, a2 = parse_caption(caption)
+    return fill_template(RELATION_TYPE[rel], *original_refs(x, rel, y, a1, a2))
 
 
 def coco_image_path(root, image_id):
@@ -685,7 +691,7 @@ def load_coco_spatial(json_path, image_root, question_style="clean", max_samples
                 raise ValueError(f"{json_path}: row {index}: image {path} cannot be read ({problem})")
             unreadable.append((index, str(path), problem))
             continue
-        sample = sample_record(path, qtype, rel, obj1, obj2, image_id=image_id, row=index)
+        sample = sample_record(path, qtype, rel, obj1, obj2, image_id=image_id, row=index, caption=row[1])
         if question_style == "paper":
             sample["question"], sample["obj2_span"] = original_question(row[1])
         samples.append(sample)

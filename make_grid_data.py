@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+import benchmarks
 import data
 from data import GRID, OBJECT_SIZES, REFERENCE_CELL
 from grid_sources import (BUILTIN, IMAGE_SUFFIXES, ObjectSubsetError, cell_pairs, check_grid_args, grid_cells, grid_layouts,  # noqa: F401
@@ -163,6 +164,103 @@ def make_coco_standin(out_dir, objects, n=40, image_size=224, seed=0):
     json_path.write_text("[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n")  # a row per line
     data.load_coco_spatial(json_path, out_dir)  # the evaluation loader must accept it
     return json_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Stand-ins of every benchmark format (benchmarks.py), for tests and bench/bench_eval.py
+# ---------------------------------------------------------------------------------------------
+
+# Where a drawn stand-in puts obj1 relative to obj2 for relations off the image plane.
+_DRAWN_AS = {"front": "below", "behind": "above", "on": "above", "under": "below", "top": "above", "bottom": "below"}
+
+
+def _standin_image(path, relation, names, objects, image_size, rng):
+    """A stand-in image: obj1 placed `relation` of obj2 (two names), or one object in the
+    `relation` part of the image (one name)."""
+    img = standin_background(image_size, rng)
+    size = round(image_size * rng.uniform(0.22, 0.3))
+    if len(names) == 1:
+        far, near = image_size * 0.78, image_size * 0.22
+        centre = {"left": (near, image_size / 2), "right": (far, image_size / 2), "top": (image_size / 2, near),
+                  "bottom": (image_size / 2, far), "front": (image_size / 2, far), "behind": (image_size / 2, near)}
+        places = [centre[relation]]
+    else:
+        places = standin_positions(_DRAWN_AS.get(relation, relation), size, size, image_size, rng)
+    for name, (cx, cy) in zip(names, places):
+        obj = fit_object(objects[name], size)
+        img.paste(obj, (round(cx - obj.width / 2), round(cy - obj.height / 2)), obj)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, **JPEG_OPTIONS)
+
+
+def make_benchmark_standins(root, objects, n=12, image_size=64, seed=0, names=None):
+    """Write stand-ins of the benchmarks `names` (default: all) under `root`, each in its released
+    format and folder layout, n rows each (the controlled sets: n rounded up to whole sets of four;
+    VSR: a true and a false caption per image), relations cycling through the set's options so the
+    gold answers are balanced. Returns the benchmarks.DataRoots that finds them.
+
+    Synthetic STAND-INS for tests and timing only: none of them is the benchmark."""
+    root = Path(root)
+    names = list(names or benchmarks.NAMES)
+    roots = benchmarks.DataRoots(val_json=str(root / "coco" / STANDIN_JSON), coco_val_dir=str(root / "coco"),
+                                 whatsup_dir=str(root / "whatsup"), vsr_dir=str(root / "vsr"))
+    objs = list(objects)
+    if "coco_two_obj" in names:
+        make_coco_standin(root / "coco", objects, n=n, image_size=image_size, seed=seed)
+    for offset, name in enumerate(b for b in benchmarks.NAMES if b in names and b != "coco_two_obj"):
+        bench = benchmarks.BENCHMARKS[name]
+        folder = benchmarks.image_dir(name, roots)
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = []
+        count = -(-n // 4) * 4 if bench.kind == "controlled" else n
+        for i in range(count):
+            rng = random.Random(f"benchmark-standin:{seed}:{name}:{i}")
+            options = bench.options
+            if bench.kind == "controlled":
+                obj1, obj2 = objs[(i // 4) % len(objs)], objs[(i // 4 + 1) % len(objs)]
+                rel = options[i % 4]
+                spelt = {"left": "left_of", "right": "right_of", "on": "on", "under": "under", "front": "in-front_of",
+                         "behind": "behind"}[rel]
+                file = f"{obj1.replace(' ', '-')}_{spelt}_{obj2.replace(' ', '-')}.jpeg"
+                _standin_image(folder / file, rel, (obj1, obj2), objects, image_size, rng)
+                others = [r for r in options if r != rel]
+                captions = [f"A {obj1} {benchmarks.PHRASE_OF[r]} a {obj2}" for r in [rel] + others]
+                rows.append({"image_path": f"data/{folder.name}/{file}", "caption_options": captions})
+                continue
+            image_id = 1000 * (offset + 2) + (i // 2 if bench.kind == "vsr" else i)
+            obj1, obj2 = rng.sample(objs, 2)
+            if bench.kind == "vsr":  # rows 2j and 2j+1: a true and a false caption of image j
+                rng = random.Random(f"benchmark-standin:{seed}:{name}:image{image_id}")
+                obj1, obj2 = rng.sample(objs, 2)
+                rel = ("left", "right", "above", "below")[(i // 2) % 4]
+                said = rel if i % 2 == 0 else OPPOSITE[rel]
+                file = f"{image_id:012d}.jpg"
+                if i % 2 == 0:
+                    _standin_image(folder / file, rel, (obj1, obj2), objects, image_size, rng)
+                phrase = benchmarks.PHRASE_OF[said]
+                rows.append({"image": file, "caption": f"The {obj1} is {phrase} the {obj2}.", "label": int(i % 2 == 0),
+                             "relation": phrase.replace("to the ", ""), "subj": obj1, "obj": obj2})
+                continue
+            rel = options[i % len(options)]
+            path = (data.coco_image_path(folder, image_id) if bench.images == "coco" else folder / f"{image_id}.jpg")
+            if bench.kind == "one_obj":
+                _standin_image(path, rel, (obj1,), objects, image_size, rng)
+                preposition = "on the" if rel in ("left", "right", "top", "bottom") else "in the"
+                captions = [f"A photo of {data.indefinite_article(obj1)} {obj1} {preposition} {r}"
+                            for r in [rel] + [r for r in options if r != rel]]
+            else:
+                _standin_image(path, rel, (obj1, obj2), objects, image_size, rng)
+                captions = [f"A photo of {data.indefinite_article(a)} {a} {benchmarks.PHRASE_OF[r]} "
+                            f"{data.indefinite_article(b)} {b}" for a, r, b in ((obj1, rel, obj2),
+                                                                                (obj1, benchmarks.OPPOSITE[rel], obj2))]
+            rows.append([image_id, *captions])
+        path = benchmarks.annotation_path(name, roots)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".jsonl":
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        else:
+            path.write_text("[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n")
+    return roots
 
 
 # ---------------------------------------------------------------------------------------------

@@ -159,6 +159,7 @@ class VLMAdapter:
       encode_images_once(model, inputs)       model side: inputs with every row's features
                                    precomputed (`mm_encoder_outputs`; Mllama:
                                    `cross_attention_states`), `image_index` and pixels removed
+      generate_takes_image_features  whether model.generate accepts those inputs (Mllama: no)
     """
 
     family = "?"
@@ -310,6 +311,8 @@ class VLMAdapter:
     # Rows that show the same image then share one encoding; the loss is the plain path's, and the
     # gradient of the shared encoding is the sum of the rows' (what two encodings got apart).
     pixel_keys = ("pixel_values",)  # inputs whose leading dimension counts image entries, not rows
+    # model.generate accepts encode_images_once's inputs (evaluation shares an image's encoding).
+    generate_takes_image_features = True
 
     def pixel_chunks(self, batch):
         """[B]: how many leading entries of the pixel inputs belong to each row's image (1 for
@@ -506,6 +509,9 @@ class MllamaAdapter(VLMAdapter):
 
     # One entry per row in each (its tiles inside); cross_attention_mask stays per row.
     pixel_keys = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
+    # Its generate recomputes the cross-attention mask's length from pixel_values; given
+    # cross_attention_states instead it fails, so generation encodes each row's image.
+    generate_takes_image_features = False
 
     def encode_images_once(self, model, inputs):
         """Mllama's LM reads images through cross-attention, not merged embeddings: its forward

@@ -14,7 +14,8 @@ continues where it stopped:
      with the run scripts' defaults and the training images drawn on the fly; a run with an `end`
      event and final/README.md is complete; an interrupted one resumes from its latest checkpoint;
   4. report: compare_runs.py over every run, then summary.md: our accuracies beside the paper's
-     published figures.
+     published figures, and a row per other benchmark (What'sUp, VSR) whose files are present:
+     the runs evaluate those too (train.py --eval_benchmarks), before and after training.
 """
 import argparse
 import json
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+import benchmarks
 import data
 import grid_sources
 from models import ModelUnavailableError, model_source
@@ -62,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="object sizes for both image sets (default all 4)")
     p.add_argument("--val_json", default="data/coco_qa_two_obj.json")
     p.add_argument("--coco_val_dir", default="data/coco")
+    p.add_argument("--whatsup_dir", default="data/whatsup",
+                   help="What'sUp's files (eval_coco.py --whatsup_dir); its benchmarks present there are evaluated too")
+    p.add_argument("--vsr_dir", default="data/vsr", help="VSR's data/ folder (eval_coco.py --vsr_dir); evaluated if present")
     p.add_argument("--ids", default=None, help="ID file (default embeds/universal_id_90/<model>.pt)")
     p.add_argument("--id_layers", default="all", help="derive_spatial_ids.py --layers")
     p.add_argument("--id_max_groups", type=int, default=None, help="derive_spatial_ids.py --max_groups")
@@ -206,6 +211,8 @@ def stage_run(args, kind, seed):
            "--val_json", args.val_json, "--coco_val_dir", args.coco_val_dir, "--output_dir", str(folder)]
     if kind == "spatial":
         cmd += ["--universal_id_path", args.ids]
+    if args.benchmarks:
+        cmd += ["--eval_benchmarks", *args.benchmarks, "--whatsup_dir", args.whatsup_dir, "--vsr_dir", args.vsr_dir]
     if torch.cuda.is_available():  # two workers draw and process images faster than an H200 trains on them
         cmd += ["--num_workers", "2"]
     cmd += args.train_extra
@@ -221,10 +228,11 @@ def stage_run(args, kind, seed):
     return folder
 
 
-def _end(folder):
+def _end(folder, set_name="coco"):
+    """(accuracy at the first evaluation, at the last) of one run on `set_name`."""
     events = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    evals = [e for e in events if e["event"] == "eval"]
-    return evals[0]["coco"]["accuracy"], evals[-1]["coco"]["accuracy"]
+    evals = [e for e in events if e["event"] == "eval" and set_name in e]
+    return (evals[0][set_name]["accuracy"], evals[-1][set_name]["accuracy"]) if evals else None
 
 
 def _mean_std(values):
@@ -253,6 +261,22 @@ def summary_table(args, baselines, spatials):
     ])
 
 
+def benchmark_table(args, baselines, spatials):
+    """A row per other benchmark the runs evaluated: before training, after the LM-loss control,
+    with the spatial-ID loss (mean ± sample std over seeds); None without any."""
+    rows = []
+    for name in args.benchmarks:
+        if not all(_end(f, name) for f in baselines + spatials):
+            continue  # files added after the runs: `eval_coco.py --benchmark` evaluates their final/
+        before = [_end(f, name)[0] for f in baselines]
+        rows.append(f"| {name} | {_mean_std(before)} | {_mean_std([_end(f, name)[1] for f in baselines])} "
+                    f"| {_mean_std([_end(f, name)[1] for f in spatials])} |")
+    if not rows:
+        return None
+    return "\n".join(["| benchmark (ours; no published figure) | before training | after the LM-loss control "
+                      "| with the spatial-ID loss |", "|---|---|---|---|", *rows])
+
+
 def stage_report(args, baselines, spatials):
     out = args.runs_dir / "compare"
     report, summary = out / "report.md", args.runs_dir / "summary.md"
@@ -263,6 +287,10 @@ def stage_report(args, baselines, spatials):
         return
     run([sys.executable, "compare_runs.py", *map(str, baselines + spatials), "--brief", "--out", str(out)])
     table = summary_table(args, baselines, spatials)
+    others = benchmark_table(args, baselines, spatials)
+    if others:
+        table += "\n\nOther benchmarks, strict reading of answers (eval_coco.py --benchmark; consistency and " \
+                 "per-relation numbers in the runs' metrics.jsonl):\n\n" + others
     standin = "standin" in args.val_json
     summary.write_text("\n".join([
         f"# Reproduction: {args.model}", "",
@@ -288,7 +316,14 @@ def main(argv=None):
         problem = ids_provenance_problem(args, renderers["id"])
         if problem and not problem.startswith("incomplete"):
             sys.exit(f"error: --ids {args.ids} was derived from other inputs ({problem}); move it away or pass --ids PATH")
-    log(f"inputs: ok (training images {renderers['train'].describe()}; COCO-Spatial {args.val_json})")
+    roots = benchmarks.DataRoots(val_json=args.val_json, coco_val_dir=args.coco_val_dir, whatsup_dir=args.whatsup_dir,
+                                 vsr_dir=args.vsr_dir)
+    args.benchmarks = [n for n in benchmarks.present(roots) if n != "coco_two_obj"]
+    absent = [n for n in benchmarks.NAMES if n != "coco_two_obj" and n not in args.benchmarks]
+    log(f"inputs: ok (training images {renderers['train'].describe()}; COCO-Spatial {args.val_json}; also evaluated: "
+        f"{', '.join(args.benchmarks) or 'no other benchmark'}"
+        + (f"; files absent for {', '.join(absent)}: eval_coco.py --benchmark NAME says where to get them)"
+           if absent else ")"))
     stage_ids(args, renderers["id"])
     baselines, spatials = [], []
     for seed in args.seeds:

@@ -32,6 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
+import benchmarks
 import checkpoints
 import data
 import grid_sources
@@ -39,7 +40,8 @@ import param_selectors
 import protocols
 import spatial_loss as sl
 import speedups
-from eval_coco import accuracy_report, add_data_args, check_data_args, evaluate, format_report, write_jsonl
+from eval_coco import (accuracy_report, add_benchmark_args, add_data_args, check_data_args, evaluate, evaluate_benchmark,
+                       format_benchmark_report, format_report, load_benchmarks, parsing_for, write_jsonl)
 from lm_loss import supervised_lm_loss
 from models import ListModelsAction, ModelUnavailableError, load_model_and_processor, merge_lora, model_source
 from provenance import run_metadata
@@ -86,6 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--train_question_style", choices=data.QUESTION_STYLES, default=None,
                    help="grid question wording: paper = bare names, clean = 'the {name}' (default: --protocol)")
     add_data_args(p)
+    add_benchmark_args(p, "--eval_benchmarks", help_default="none: COCO-Spatial and the holdout pairs only")
     p.add_argument("--output_dir", default=None, help="run folder (default runs/<model>_<baseline|spatial>_seed<seed>)")
     p.add_argument("--overwrite_output_dir", action="store_true", help="replace the run in --output_dir")
     p.add_argument("--resume_from_checkpoint", default=None,
@@ -190,7 +193,9 @@ RESUME_FREE_ARGS = {"output_dir", "overwrite_output_dir", "resume_from_checkpoin
                     "max_unreadable_frac",
                     "eval_batch_size", "eval_max_samples", "holdout_max_samples", "log_every", "save_total_limit",
                     "keep_best", "save_full_checkpoints", "save_steps",
-                    "encode_images_once", "compile_blocks", "liger_kernel"}
+                    "encode_images_once", "compile_blocks", "liger_kernel",
+                    "eval_benchmarks", "whatsup_dir", "vg_image_dir", "controlled_dir", "vsr_dir", "consistency",
+                    "option_orders"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +441,7 @@ def _scalars(event):
         return {f"train/{k}": event[k] for k in ("loss", "lm_loss", "spatial_loss", "lr", "grad_norm") if k in event}
     if event["event"] == "eval":
         out = {}
-        for name in ("coco", "holdout"):
+        for name in ("coco", "holdout", *benchmarks.NAMES):
             if name in event:
                 out[f"eval/{name}_accuracy"] = event[name]["accuracy"]
                 out.update({f"eval/{name}_{rel}": r["accuracy"] for rel, r in event[name]["per_relation"].items()})
@@ -526,6 +531,8 @@ def main(argv=None):
         source, ids = _check_model_and_ids(args, grid)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
+    # --eval_benchmarks: every file checked now (one line per missing one), before the model loads
+    benchmark_sets = load_benchmarks(benchmarks.resolve_names(args.eval_benchmarks), args) if args.eval_benchmarks else {}
     processes = accelerator.num_processes
     steps_per_epoch = math.ceil(len(batch_sampler) / args.grad_accum)
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
@@ -586,6 +593,16 @@ def main(argv=None):
             event[name] = report
             rows += [dict(r, set=name) for r in set_rows]
             accelerator.print(format_report(report, f"step {step} {title}"))
+        # The named benchmarks, with their checks, on the main process (a handful of questions
+        # next to a training run; the others go on training and wait at the next gradient sync).
+        for name, samples in benchmark_sets.items() if is_main else ():
+            report, set_rows = evaluate_benchmark(model, processor, adapter, samples, args.eval_batch_size,
+                                                  args.eval_mode, consistency=args.consistency,
+                                                  option_orders=args.option_orders,
+                                                  parsing=parsing_for(name, args.protocol), desc=f"{name} @{step}")
+            event[name] = report
+            rows += [dict(r, set=name) for r in set_rows]
+            accelerator.print(f"step {step} " + format_benchmark_report(report))
         if is_main:
             write_jsonl(out / "predictions" / f"step-{step}.jsonl", rows)
         progress.last_eval = event

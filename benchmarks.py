@@ -1,0 +1,424 @@
+"""Released spatial benchmarks -> evaluation samples, selected by name.
+
+Every format below becomes the same sample dict (what data.VLMCollator and eval_coco read):
+`question`, `options`, `answer` (the gold option), `relation`, `image_path`, `obj1`/`obj2` (obj2's
+character span in the question as `obj2_span`), the row number `row`, and what rebuilding the
+question needs (`template`, `ref1`, `ref2`): `swapped(sample)` asks a two-object question with
+the objects named in the other order and the gold flipped; `rotated(sample, k)` lists the options
+in another order.
+
+| name | annotation file | images | released rows | options |
+|---|---|---|---|---|
+| coco_two_obj | coco_qa_two_obj.json (`--val_json`) | COCO val2017 | 440 | left/right, above/below |
+| coco_one_obj | coco_qa_one_obj.json | COCO val2017 | 2,247 | left, right, top, bottom |
+| vg_two_obj | vg_qa_two_obj.json | vg_images/{id}.jpg | 291 | left, right, front, behind, above, below |
+| vg_one_obj | vg_qa_one_obj.json | vg_images/{id}.jpg | 1,160 | left, right, front, behind, top, bottom |
+| controlled_a | controlled_images_dataset.json | controlled_images/ | 412 | left, right, on, under |
+| controlled_b | controlled_clevr_dataset.json | controlled_clevr/ | 408 | left, right, front, behind |
+| vsr | splits/zeroshot/test.jsonl (pinned) | VSR images (COCO 2017) | 1,222 on 715 images | true, false |
+
+What'sUp rows are [image_id, true caption, false caption(s)] (the true one first; the controlled
+sets: {"image_path", "caption_options"}). A one-object relation is its caption's last word; the
+controlled sets take theirs from the image's file name (`left_of`, `right_of`, `_on_`, else under;
+`in-front_of`, else behind) and their caption must agree. Object names come from the caption; a
+row or caption that does not parse is an error naming its row. VSR rows are JSON lines
+{"image", "caption", "label" (1 true, 0 false), "relation", ...}; its question asks to judge the
+caption true or false. coco_two_obj is data.load_coco_spatial's questions, worded as before
+(`question_style`); the others say "the {name}".
+"""
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import data
+
+# Every relation word the benchmarks answer with, and its opposite (the swapped question's gold).
+OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above", "on": "under", "under": "on",
+            "front": "behind", "behind": "front", "top": "bottom", "bottom": "top", "true": "true",
+            "false": "false"}
+# Two-object caption phrases -> relation word (a benchmark reads only the phrases of its own
+# relations). "on top of" reads as above: What'sUp's own loader files VG's two-object captions
+# that say neither left, right, front nor behind under "top".
+RELATION_PHRASE = {"to the left of": "left", "to the right of": "right", "above": "above", "below": "below",
+                   "in front of": "front", "behind": "behind", "on": "on", "under": "under", "on top of": "above"}
+PHRASE_OF = {rel: phrase for phrase, rel in reversed(RELATION_PHRASE.items())}  # the first phrase of each
+
+WHATSUP = "What'sUp: github.com/amitakamath/whatsup_vlms (its README's Google Drive folder)"
+COCO_VAL = "COCO val2017: images.cocodataset.org/zips/val2017.zip, as {id:012d}.jpg"
+VSR = ("VSR: github.com/cambridgeltl/visual-spatial-reasoning, data/splits/zeroshot/test.jsonl; images as its "
+       "data/README.md says (vsr_images.zip, or COCO 2017 train+val) under images/")
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    kind: str  # "two_obj", "one_obj", "controlled" (two objects, relation from the file name), "vsr"
+    annotation: str  # file name under its folder
+    images: str  # image folder: "coco" (--coco_val_dir), or a folder under its root
+    options: tuple
+    released_rows: int
+    source: str  # where to get the annotation file
+    image_source: str
+
+
+BENCHMARKS = {b.name: b for b in (
+    Benchmark("coco_two_obj", "two_obj", "coco_qa_two_obj.json", "coco", ("left", "right", "above", "below"), 440,
+              WHATSUP, COCO_VAL),
+    Benchmark("coco_one_obj", "one_obj", "coco_qa_one_obj.json", "coco", ("left", "right", "top", "bottom"), 2247,
+              WHATSUP, COCO_VAL),
+    Benchmark("vg_two_obj", "two_obj", "vg_qa_two_obj.json", "vg_images",
+              ("left", "right", "front", "behind", "above", "below"), 291, WHATSUP, WHATSUP + ", vg_images.tar.gz"),
+    Benchmark("vg_one_obj", "one_obj", "vg_qa_one_obj.json", "vg_images",
+              ("left", "right", "front", "behind", "top", "bottom"), 1160, WHATSUP, WHATSUP + ", vg_images.tar.gz"),
+    Benchmark("controlled_a", "controlled", "controlled_images_dataset.json", "controlled_images",
+              ("left", "right", "on", "under"), 412, WHATSUP, WHATSUP + ", controlled_images.tar.gz"),
+    Benchmark("controlled_b", "controlled", "controlled_clevr_dataset.json", "controlled_clevr",
+              ("left", "right", "front", "behind"), 408, WHATSUP, WHATSUP + ", controlled_clevr.tar.gz"),
+    Benchmark("vsr", "vsr", "splits/zeroshot/test.jsonl", "images", ("true", "false"), 1222, VSR, VSR),
+)}
+NAMES = tuple(BENCHMARKS)
+TWO_OBJECT_KINDS = ("two_obj", "controlled")
+
+
+@dataclass(frozen=True)
+class DataRoots:
+    """Where each source lives (eval_coco's data-root flags)."""
+    val_json: str = "data/coco_qa_two_obj.json"  # coco_two_obj's file
+    coco_val_dir: str = "data/coco"  # COCO val2017 images
+    whatsup_dir: str = "data/whatsup"  # What'sUp's other JSON files
+    vg_image_dir: str = None  # default: whatsup_dir/vg_images
+    controlled_dir: str = None  # holds controlled_images/ and controlled_clevr/; default: whatsup_dir
+    vsr_dir: str = "data/vsr"  # VSR's data/ folder: splits/zeroshot/test.jsonl and images/
+
+
+def resolve_names(names):
+    """The benchmark names asked for ("all" = every one), in the table's order, each once."""
+    names = list(names or ["coco_two_obj"])
+    unknown = [n for n in names if n != "all" and n not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(NAMES)} or all")
+    return list(NAMES) if "all" in names else [n for n in NAMES if n in names]
+
+
+def annotation_path(name, roots):
+    bench = BENCHMARKS[name]
+    if name == "coco_two_obj":
+        return Path(roots.val_json)
+    return Path(roots.vsr_dir if bench.kind == "vsr" else roots.whatsup_dir) / bench.annotation
+
+
+def image_dir(name, roots):
+    bench = BENCHMARKS[name]
+    if bench.images == "coco":
+        return Path(roots.coco_val_dir)
+    if bench.kind == "vsr":
+        return Path(roots.vsr_dir) / bench.images
+    if bench.images == "vg_images":
+        return Path(roots.vg_image_dir or Path(roots.whatsup_dir) / "vg_images")
+    return Path(roots.controlled_dir or roots.whatsup_dir) / bench.images
+
+
+def missing_files(names, roots):
+    """One line per missing annotation file or image folder, saying where to get it."""
+    lines = []
+    for name in names:
+        bench, path, folder = BENCHMARKS[name], annotation_path(name, roots), image_dir(name, roots)
+        if not path.is_file():
+            lines.append(f"{name}: {path} not found; get {Path(bench.annotation).name} from {bench.source}")
+        if not folder.is_dir():
+            lines.append(f"{name}: image folder {folder} not found; get the images from {bench.image_source}")
+    return lines
+
+
+def present(roots, names=NAMES):
+    """The benchmarks whose annotation file and image folder are both there."""
+    return [n for n in names if not missing_files([n], roots)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Questions
+# ---------------------------------------------------------------------------------------------
+
+def options_phrase(options):
+    return ", ".join(options[:-1]) + " or " + options[-1]
+
+
+def two_object_template(options):
+    return "Where is {obj1} in relation to {obj2}? Answer with " + options_phrase(options) + "."
+
+
+def one_object_template(options):
+    return "Where is {obj2} in the photo? Answer with " + options_phrase(options) + "."
+
+
+def vsr_template(options):
+    return 'Is this statement about the image true or false? "{obj2}" Answer with ' + options_phrase(options) + "."
+
+
+def fill(template, ref1, ref2):
+    """(question, (start, end) span of ref2 inside it): the template's {obj1} and {obj2} filled
+    as plain text (nothing else in a template or a reference is read as a format field)."""
+    before, after = template.split("{obj2}")
+    before = before.replace("{obj1}", ref1 or "")
+    return before + ref2 + after, (len(before), len(before) + len(ref2))
+
+
+def with_question(sample, **changes):
+    """A copy of `sample` with `changes`, its question rebuilt from template, ref1 and ref2."""
+    out = dict(sample, **changes)
+    out["question"], span = fill(out["template"], out["ref1"], out["ref2"])
+    if "ref2_name_start" in out:  # VSR: the object named inside the caption
+        start = span[0] + out["ref2_name_start"]
+        span = (start, start + len(out["obj2"]))
+    out["obj2_span"] = span
+    return out
+
+
+def swapped(sample):
+    """The two-object question with the objects named in the other order and the gold flipped
+    (left<->right, above<->below, on<->under, front<->behind)."""
+    if sample["kind"] not in TWO_OBJECT_KINDS:
+        raise ValueError(f"{sample['benchmark']} row {sample['row']}: only two-object questions have a swapped twin")
+    ref1, ref2 = sample["ref2"], sample["ref1"]
+    if sample.get("paper_refs"):  # the original's wording of the swapped caption, its article quirk included
+        x, rel, y, a1, a2 = sample["paper_refs"]
+        ref1, ref2 = data.original_refs(y, OPPOSITE[rel], x, a2, a1)
+    return with_question(sample, obj1=sample["obj2"], obj2=sample["obj1"], ref1=ref1, ref2=ref2,
+                         answer=OPPOSITE[sample["answer"]], relation=OPPOSITE[sample["relation"]],
+                         order="swapped", paper_refs=None)
+
+
+def rotated(sample, k):
+    """The question with its option list rotated by k (options[k:] + options[:k]) in the prompt:
+    each option word of the template is replaced by the word at its place in the new order."""
+    options = tuple(sample["options"])
+    k %= len(options)
+    new = options[k:] + options[:k]
+    mapping = dict(zip(options, new))
+    pattern = re.compile(r"\b(" + "|".join(re.escape(o) for o in options) + r")\b")
+    template = pattern.sub(lambda m: mapping[m.group(1)], sample["template"])
+    return with_question(sample, template=template, options=new, rotation=k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders
+# ---------------------------------------------------------------------------------------------
+
+class BenchmarkFormatError(ValueError):
+    """A row or caption of a released file that does not parse; the message names the row."""
+
+
+def _phrase_re(relations):
+    phrases = sorted((p for p, r in RELATION_PHRASE.items() if r in relations), key=len, reverse=True)
+    return re.compile(r"^\s*(?:a photo of\s+)?(?P<a1>an?|the)\s+(?P<x>.+?)\s+(?P<phrase>"
+                      + "|".join(re.escape(p) for p in phrases)
+                      + r")\s+(?P<a2>an?|the)\s+(?P<y>.+?)\s*\.?\s*$", re.IGNORECASE)
+
+
+_ONE_OBJECT_RE = re.compile(r"^\s*(?:a photo of\s+)?(?:an?|the)\s+(?P<x>.+?)(?:\s+(?:on|to|at|in)(?:\s+the)?)?"
+                            r"\s+(?P<rel>[a-z]+)\s*\.?\s*$", re.IGNORECASE)
+
+
+def parse_two_object_caption(caption, relations):
+    """(obj1, relation, obj2, article1, article2) of '[A photo of] a X <phrase> a Y'."""
+    m = _phrase_re(relations).match(caption) if isinstance(caption, str) else None
+    if not m:
+        raise BenchmarkFormatError(f"caption {caption!r} is not 'A photo of a X <relation> a Y' with a relation "
+                                   f"among {', '.join(PHRASE_OF[r] for r in relations)}")
+    return m["x"].strip(), RELATION_PHRASE[m["phrase"].lower()], m["y"].strip(), m["a1"], m["a2"]
+
+
+def parse_one_object_caption(caption, relations):
+    """(obj, relation) of 'A photo of a X on the <relation>' (the relation is the last word)."""
+    m = _ONE_OBJECT_RE.match(caption) if isinstance(caption, str) else None
+    if not m or m["rel"].lower() not in relations:
+        raise BenchmarkFormatError(f"caption {caption!r} is not 'A photo of a X on the <relation>' with its last "
+                                   f"word among {', '.join(relations)}")
+    return m["x"].strip(), m["rel"].lower()
+
+
+def controlled_relation(image_path, options):
+    """What'sUp's rule: the relation from the image's file name (`options`: the set's four, the
+    third the one its name spells out: `_on_` or `in-front_of`, else the fourth)."""
+    name = Path(str(image_path)).name
+    if "left_of" in name:
+        return "left"
+    if "right_of" in name:
+        return "right"
+    return options[2] if {"on": "_on_", "front": "in-front_of"}[options[2]] in name else options[3]
+
+
+def controlled_pair_key(image_path):
+    """What'sUp's key of the four images of one object pair: (first, last) '_' parts of the name."""
+    stem = Path(str(image_path)).stem
+    parts = stem.split("_")
+    return parts[0], parts[-1]
+
+
+def _read_json_rows(path):
+    try:
+        if path.suffix == ".jsonl":
+            rows = []
+            for number, line in enumerate(path.read_text().splitlines()):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError as err:
+                        raise BenchmarkFormatError(f"{path}: row {len(rows)} (line {number + 1}) is not JSON ({err})")
+        else:
+            rows = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        if isinstance(err, BenchmarkFormatError):
+            raise
+        raise BenchmarkFormatError(f"{path}: not a readable JSON file ({err})") from None
+    if not isinstance(rows, list) or not rows:
+        raise BenchmarkFormatError(f"{path}: expected a non-empty list of rows")
+    return rows
+
+
+def _image_for(name, row, folder):
+    """(image id, image path) of a row of `name`'s file."""
+    bench = BENCHMARKS[name]
+    if bench.kind == "vsr":
+        image = row["image"]
+        direct = folder / image
+        for sub in ("", "train2017", "val2017"):
+            if (folder / sub / image).is_file():
+                return image, folder / sub / image
+        return image, direct
+    if bench.kind == "controlled":
+        return row["image_path"], folder / Path(row["image_path"]).name
+    image_id = row[0]
+    if isinstance(image_id, str) and image_id.strip().isdigit():
+        image_id = int(image_id)
+    if not isinstance(image_id, int) or isinstance(image_id, bool):
+        raise BenchmarkFormatError(f"bad image id {row[0]!r}")
+    return image_id, data.coco_image_path(folder, image_id) if bench.images == "coco" else folder / f"{image_id}.jpg"
+
+
+def _check_row_shape(kind, row):
+    if kind == "vsr":
+        ok = (isinstance(row, dict) and isinstance(row.get("image"), str) and isinstance(row.get("caption"), str)
+              and row.get("label") in (0, 1))
+        want = '{"image", "caption", "label": 0 or 1, ...}'
+    elif kind == "controlled":
+        ok = (isinstance(row, dict) and isinstance(row.get("image_path"), str)
+              and isinstance(row.get("caption_options"), list) and row["caption_options"]
+              and isinstance(row["caption_options"][0], str))
+        want = '{"image_path", "caption_options": [true caption, ...]}'
+    else:
+        ok = isinstance(row, (list, tuple)) and len(row) >= 2 and isinstance(row[1], str)
+        want = "[image_id, true caption, false caption(s)]"
+    if not ok:
+        shown = json.dumps(row)
+        raise BenchmarkFormatError(f"malformed row {shown[:60] + ('...' if len(shown) > 60 else '')} (want {want})")
+
+
+def _sample(name, index, row, path, image_id):
+    """The evaluation sample of one parsed row (its image path already resolved)."""
+    bench = BENCHMARKS[name]
+    base = dict(benchmark=name, kind=bench.kind, row=index, image_id=image_id, image_path=str(path), order="asked",
+                rotation=0, options=bench.options)
+    if bench.kind == "vsr":
+        caption = row["caption"].strip()
+        obj = row.get("obj") if isinstance(row.get("obj"), str) else None
+        start = caption.lower().rfind(obj.lower()) if obj else -1
+        if start < 0:  # no object field (the README's form): the last word
+            obj = re.findall(r"[A-Za-z]+", caption)[-1]
+            start = caption.rfind(obj)
+        # The caption is the question's {obj2}: its object is located inside it.
+        return with_question(base, template=vsr_template(bench.options), ref1=None, ref2=caption,
+                             ref2_name_start=start, obj1=row.get("subj") or "", obj2=caption[start:start + len(obj)],
+                             answer="true" if row["label"] == 1 else "false",
+                             relation=str(row.get("relation", "")), caption=caption)
+    if bench.kind == "one_obj":
+        obj, rel = parse_one_object_caption(row[1], bench.options)
+        return with_question(base, template=one_object_template(bench.options), ref1=None, ref2=f"the {obj}",
+                             obj1=obj, obj2=obj, answer=rel, relation=rel, caption=row[1])
+    if bench.kind == "controlled":
+        caption = row["caption_options"][0]
+        x, rel, y, _, _ = parse_two_object_caption(caption, bench.options)
+        named = controlled_relation(row["image_path"], bench.options)
+        if rel != named:
+            raise BenchmarkFormatError(f"caption {caption!r} says {rel!r}, its file name {row['image_path']} says {named!r}")
+        base["pair_key"] = controlled_pair_key(row["image_path"])
+    else:
+        x, rel, y, _, _ = parse_two_object_caption(row[1], bench.options)
+        caption = row[1]
+    return with_question(base, template=two_object_template(bench.options), ref1=f"the {x}", ref2=f"the {y}",
+                         obj1=x, obj2=y, answer=rel, relation=rel, caption=caption)
+
+
+def _coco_two_obj(roots, question_style, max_samples, unreadable):
+    """data.load_coco_spatial's questions (wording unchanged), with what swapping and rotating need."""
+    samples = data.load_coco_spatial(roots.val_json, roots.coco_val_dir, question_style, max_samples,
+                                     unreadable=unreadable)
+    out = []
+    for s in samples:
+        x, rel, y, a1, a2 = data.parse_caption(s["caption"])
+        if question_style == "paper":
+            ref1, ref2, paper_refs = *data.original_refs(x, rel, y, a1, a2), (x, rel, y, a1, a2)
+        else:
+            ref1, ref2, paper_refs = data.refer(x), data.refer(y), None
+        extra = dict(benchmark="coco_two_obj", kind="two_obj", order="asked", rotation=0, relation=rel,
+                     template=data.QUESTION_TEMPLATES[s["qtype"]], ref1=ref1, ref2=ref2, paper_refs=paper_refs)
+        rebuilt = with_question(dict(s, **extra))
+        if rebuilt["question"] != s["question"]:  # the same words as load_coco_spatial's, by construction
+            raise AssertionError(f"coco_two_obj row {s['row']}: rebuilt {rebuilt['question']!r} != {s['question']!r}")
+        out.append(rebuilt)
+    return out
+
+
+def load(name, roots, question_style="clean", max_samples=None, unreadable=None):
+    """Evaluation samples of benchmark `name` from its released files under `roots` (DataRoots).
+
+    A missing file, a malformed row or a caption that does not parse is an error naming the file
+    and row; missing images are counted and the first named, in one line; an unreadable image is an error
+    naming its row, or with a list as `unreadable` its question is left out and (row, path, why)
+    appended there. All before any model loads."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")
+    if name == "coco_two_obj":
+        return _coco_two_obj(roots, question_style, max_samples, unreadable)
+    missing = missing_files([name], roots)
+    if missing:
+        raise FileNotFoundError(missing[0])
+    path, folder, bench = annotation_path(name, roots), image_dir(name, roots), BENCHMARKS[name]
+    rows = _read_json_rows(path)
+    if max_samples:
+        rows = rows[:max_samples]
+    samples, absent = [], []
+    for index, row in enumerate(rows):
+        try:
+            _check_row_shape(bench.kind, row)
+            image_id, image = _image_for(name, row, folder)
+            sample = _sample(name, index, row, image, image_id)
+        except BenchmarkFormatError as err:
+            raise BenchmarkFormatError(f"{path}: row {index}: {err}") from None
+        if not image.is_file():
+            absent.append(str(image))
+            continue
+        if problem := data.image_problem(image):
+            if unreadable is None:
+                raise ValueError(f"{path}: row {index}: image {image} cannot be read ({problem})")
+            unreadable.append((index, str(image), problem))
+            continue
+        samples.append(sample)
+    if absent:
+        raise FileNotFoundError(f"{folder}: {len(absent)} of the {len(rows)} images of {name} are missing "
+                                f"(first: {Path(absent[0]).name}); get them from {bench.image_source}")
+    if not samples:
+        raise ValueError(f"{path}: none of the images of its {len(rows)} rows can be read (first: {unreadable[0][1]})")
+    return samples
+
+
+def with_checks(samples, consistency=True, option_orders=1):
+    """The questions to ask: every sample as given, its swapped twin (two-object benchmarks, with
+    `consistency`), and its options rotated by 1 .. option_orders-1."""
+    out = list(samples)
+    if consistency:
+        out += [swapped(s) for s in samples if s["kind"] in TWO_OBJECT_KINDS]
+    for k in range(1, option_orders):
+        out += [rotated(s, k) for s in samples if k < len(s["options"])]
+    return out
