@@ -407,7 +407,7 @@ def load(name, roots, question_style="clean", max_samples=None, unreadable=None)
         samples.append(sample)
     if absent:
         raise FileNotFoundError(f"{folder}: {len(absent)} of the {len(rows)} images of {name} are missing "
-                                f"(first: {Path(absent[0]).name}); get them from {bench.image_source}")
+                                f"(first: {Path(absent[0]).name}); docs/evaluation.md says where to get them")
     if not samples:
         raise ValueError(f"{path}: none of the images of its {len(rows)} rows can be read (first: {unreadable[0][1]})")
     return samples
