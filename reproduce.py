@@ -2,6 +2,8 @@
 
     bash reproduce.sh qwen2-2b                         # the paper's experiment, seed 0
     SEEDS="0 1 2" PROTOCOL=clean bash reproduce.sh qwen2-2b --lr 1e-4    # extra flags go to train.py
+    SEEDS="0 1 2" bash reproduce.sh qwen2-2b --spatial_id_weights 0 1 10 \
+        --arm lm_slice="--selector lm_mlp_lastk --spatial_id_weights 0 10" --launcher slurm --slurm_partition gpu
 
 Stages, each skipped when its output is complete, so a killed pipeline rerun with the same command
 continues where it stopped:
@@ -10,15 +12,25 @@ continues where it stopped:
      model loads; each missing one is named on one line with where to get it;
   2. ids: derive_spatial_ids.py on the ID objects, drawn on the fly (the original's recipe under
      --protocol paper); an ID file whose provenance matches (model, protocol, images) is reused;
-  3. runs: for each seed the baseline (LM loss, the paper's control arm) and the spatial-ID run,
-     with the run scripts' defaults and the training images drawn on the fly; a run with an `end`
-     event and final/README.md is complete; an interrupted one resumes from its latest checkpoint;
-  4. report: compare_runs.py over every run, then summary.md: our accuracies beside the paper's
-     published figures.
+  3. runs: for each seed the baseline (LM loss, the paper's control arm, `baseline_seed<S>`) and
+     each spatial arm at each of its weights (`<arm>_w<W>_seed<S>`; weight 0 is the weight-0
+     control), with the run scripts' defaults and the training images drawn on the fly; a run
+     with an `end` event and final/README.md is complete (skipped); an interrupted one resumes
+     from its latest checkpoint. `--launcher` runs them one after another here, up to
+     --max_parallel at once on this machine, or as a SLURM job array (launchers.py);
+  4. report: compare_runs.py over every run (with the dose-response across weights), then
+     summary.md: our accuracies beside the paper's published figures.
+
+Arms: `spatial` (run_vision_spatial_loss.sh at each --spatial_id_weights) and the baseline always
+run; `--arm NAME="FLAGS"` adds a spatial arm whose train.py FLAGS come after the common ones (e.g.
+`--arm lm_slice="--selector lm_mlp_lastk"`); `--spatial_id_weights` among FLAGS gives that arm its
+own weights.
 """
 import argparse
 import json
+import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -28,6 +40,8 @@ import torch
 
 import data
 import grid_sources
+import launchers
+from launchers import Run, TrainJob, run_state
 from models import ModelUnavailableError, model_source
 from spatial_loss import DEFAULT_SPATIAL_ID_LAYER
 
@@ -63,18 +77,103 @@ def parse_args(argv=None):
     p.add_argument("--val_json", default="data/coco_qa_two_obj.json")
     p.add_argument("--coco_val_dir", default="data/coco")
     p.add_argument("--ids", default=None, help="ID file (default embeds/universal_id_90/<model>.pt)")
+    p.add_argument("--id_layout", choices=("extraction", "flat"), default="extraction",
+                   help="derive_spatial_ids.py --layout: the original's extraction images (transparent canvas) or "
+                        "the flat training layout (the demo's, for a model that learnt its code on white)")
     p.add_argument("--id_layers", default="all", help="derive_spatial_ids.py --layers")
     p.add_argument("--id_max_groups", type=int, default=None, help="derive_spatial_ids.py --max_groups")
     p.add_argument("--runs_dir", default=None, help="where the runs and the report go (default runs/reproduce_<model>)")
+    sweep = p.add_argument_group("sweep")
+    sweep.add_argument("--spatial_id_weights", type=float, nargs="+", default=[1.0], metavar="W",
+                       help="the spatial arm runs at each weight (default 1, the paper's); 0 = the weight-0 control")
+    sweep.add_argument("--arm", action="append", default=[], metavar='NAME="FLAGS"',
+                       help="another spatial arm: train.py FLAGS after the common ones, and optionally its own "
+                            "--spatial_id_weights; repeatable. E.g. --arm lm_slice=\"--selector lm_mlp_lastk\"")
+    sweep.add_argument("--diagnose_checkpoints", action="store_true",
+                       help="ID strength against accuracy: id_diagnostics.py agreement and the spatial loss at every "
+                            "saved checkpoint of the spatial runs, beside that checkpoint's accuracy")
+    sweep.add_argument("--report_only", action="store_true",
+                       help="write the report from the runs there are, train nothing (the SLURM launcher's last job)")
+    launch = p.add_argument_group("launchers (launchers.py, through submitit)")
+    launch.add_argument("--launcher", choices=launchers.LAUNCHERS, default="serial",
+                        help="serial: one run after another here; local: up to --max_parallel at once on this "
+                             "machine, one GPU each (or CPU processes); slurm: a job array")
+    launch.add_argument("--max_parallel", type=int, default=None,
+                        help="runs at once (local: default the number of GPUs, 1 on a CPU; slurm: the array's %%N)")
+    launch.add_argument("--gpus_per_run", type=int, default=1, help="slurm: GPUs per job")
+    launch.add_argument("--cpus_per_run", type=int, default=None, help="slurm: CPUs per job (--cpus-per-task)")
+    launch.add_argument("--timeout_min", type=int, default=24 * 60,
+                        help="a job's time limit in minutes (slurm --time; a local job's too); a run that reaches "
+                             "it is stopped at a saved step and requeued")
+    launch.add_argument("--signal_delay_s", type=int, default=90,
+                        help="slurm: the warning signal's lead on the end of a job (--signal=USR2@N)")
+    launch.add_argument("--slurm_partition", default=None)
+    launch.add_argument("--slurm_account", default=None)
+    launch.add_argument("--slurm_extra", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="more sbatch options, e.g. qos=high constraint=a100 exclusive")
     args, train_extra = p.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.train_extra = train_extra
     args.seeds = args.seeds.split()
     if not args.seeds or not all(s.lstrip("-").isdigit() for s in args.seeds):
         p.error(f"argument --seeds: space-separated integers, not {' '.join(args.seeds)!r}")
+    args.spatial_id_weights = _check_weights(p, "--spatial_id_weights", args.spatial_id_weights)
+    args.arms = [("spatial", [], args.spatial_id_weights)] + [_parse_arm(p, spec, args.spatial_id_weights)
+                                                               for spec in args.arm]
+    names = [name for name, _, _ in args.arms]
+    if len(set(names)) != len(names):
+        p.error(f"argument --arm: arm names must differ, not {' '.join(names)}")
+    set_by_sweep = [flag for flag in train_extra if flag.split("=")[0] in SWEEP_FLAGS]
+    if set_by_sweep:
+        p.error(f"argument {set_by_sweep[0]}: the sweep sets it per run (use --seeds, --spatial_id_weights, --runs_dir)")
+    for flag in ("max_parallel", "gpus_per_run", "timeout_min", "signal_delay_s", "cpus_per_run"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "gpus_per_run" else 1):
+            p.error(f"argument --{flag}: must be >= {0 if flag == 'gpus_per_run' else 1}, not {value}")
+    args.gpus = list(range(torch.cuda.device_count())) if args.launcher == "local" else []
+    if args.launcher == "local":
+        args.max_parallel = args.max_parallel or max(1, len(args.gpus))
+        if args.gpus and args.max_parallel > len(args.gpus):
+            p.error(f"argument --max_parallel: {args.max_parallel} runs at once with one GPU each, but "
+                    f"{len(args.gpus)} GPU(s) are visible")
     name = Path(args.model).name
     args.ids = args.ids or f"embeds/universal_id_90/{name}.pt"
     args.runs_dir = Path(args.runs_dir or f"runs/reproduce_{name}")
     return args
+
+
+# train.py flags the sweep sets for each run itself.
+SWEEP_FLAGS = {"--output_dir", "--seed", "--spatial_id_weight", "--universal_id_path", "--resume_from_checkpoint",
+               "--overwrite_output_dir"}
+ARM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+
+
+def _check_weights(p, flag, weights):
+    bad = [w for w in weights if not (math.isfinite(w) and w >= 0)]
+    if bad:
+        p.error(f"argument {flag}: weights must be finite and >= 0, not {bad[0]}")
+    return list(dict.fromkeys(weights))  # each weight once, in the order given
+
+
+def _parse_arm(p, spec, default_weights):
+    """(name, train.py flags, weights) of one --arm NAME="FLAGS"."""
+    name, sep, flags = spec.partition("=")
+    if not sep or not ARM_NAME.fullmatch(name) or name in ("baseline", "spatial"):
+        p.error(f"argument --arm: NAME=\"FLAGS\" with a NAME of letters, digits, _ . - other than baseline and "
+                f"spatial, not {spec!r}")
+    try:
+        tokens = shlex.split(flags)
+    except ValueError as err:
+        p.error(f"argument --arm {name}: {err} in {flags!r}")
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--spatial_id_weights", type=float, nargs="+", default=default_weights)
+    known, train_flags = own.parse_known_args(tokens)
+    if not train_flags:
+        p.error(f"argument --arm {name}: gives no train.py flag, so it would repeat the spatial arm")
+    for flag in train_flags:
+        if flag.split("=")[0] in SWEEP_FLAGS:
+            p.error(f"argument --arm {name}: {flag} is set by the sweep for each run")
+    return name, train_flags, _check_weights(p, f"--arm {name} --spatial_id_weights", known.spatial_id_weights)
 
 
 def layout_flags(args, which):
@@ -96,7 +195,7 @@ def _renderer(args, which):
                                    bg_dir=None, max_pairs=None, max_images=None, grid_seed=None,
                                    objects=args.train_object_names if which == "train" else args.id_object_names,
                                    source=args.train_objects if which == "train" else args.id_objects)
-    return grid_sources.renderer_from_args(namespace, "--source", transparent=which == "id")
+    return grid_sources.renderer_from_args(namespace, "--source", transparent=which == "id" and args.id_layout == "extraction")
 
 
 def check_inputs(args):
@@ -157,7 +256,8 @@ def ids_provenance_problem(args, renderer):
         found = json.loads(provenance.read_text())
     except ValueError:
         return "incomplete (unreadable provenance JSON)"
-    wanted = {"model": args.model, "protocol": args.protocol, "images": renderer.describe(), "layout": "nested"}
+    wanted = {"model": args.model, "protocol": args.protocol, "images": renderer.describe(),
+              "layout": "nested" if args.id_layout == "extraction" else "flat"}
     different = [f"{k}: {found.get(k)!r} (want {v!r})" for k, v in wanted.items() if found.get(k) != v]
     if DEFAULT_SPATIAL_ID_LAYER not in found.get("layers", []):
         different.append(f"layers: {found.get('layers')} lack layer {DEFAULT_SPATIAL_ID_LAYER}")
@@ -173,52 +273,54 @@ def stage_ids(args, renderer):
         # Someone else's IDs: never overwritten silently.
         sys.exit(f"error: --ids {args.ids} was derived from other inputs ({problem}); move it away or pass --ids PATH")
     log(f"ids: deriving {args.ids} ({problem})")
-    cmd = [sys.executable, "derive_spatial_ids.py", "--model", args.model, "--protocol", args.protocol,
-           "--id_objects", args.id_objects, *layout_flags(args, "id"), "--layers", args.id_layers,
-           "--out", args.ids, "--overwrite"]
-    if args.id_max_groups:
-        cmd += ["--max_groups", str(args.id_max_groups)]
-    run(cmd)
+    run(ids_command(args))
     log(f"ids: done, {args.ids}")
 
 
-def run_state(folder):
-    """"complete", "interrupted" (has a checkpoint to resume from) or "new"."""
-    metrics = folder / "metrics.jsonl"
-    if metrics.is_file() and (folder / "final" / "README.md").is_file():
-        events = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        if events and events[-1]["event"] == "end":
-            return "complete"
-    if any(p.name.startswith("checkpoint-") for p in folder.glob("checkpoint-*")):
-        return "interrupted"
-    return "new"
+def weight_name(weight):
+    """1.0 -> "1", 0.5 -> "0.5": the weight as a run's name shows it."""
+    return f"{weight:g}"
 
 
-def stage_run(args, kind, seed):
-    folder = args.runs_dir / f"{kind}_seed{seed}"
-    state = run_state(folder)
-    label = f"{kind} seed {seed}"
-    if state == "complete":
-        log(f"run {label}: skipped, {folder} is complete (end event, final/README.md)")
-        return folder
-    script = "run_vision_baseline.sh" if kind == "baseline" else "run_vision_spatial_loss.sh"
+def train_command(args, seed, folder, weight=None, arm_flags=()):
+    """The run script's command for one run (the baseline when `weight` is None), without the
+    resume flags, which the job adds when it starts."""
+    script = "run_vision_baseline.sh" if weight is None else "run_vision_spatial_loss.sh"
     cmd = ["bash", script, args.model, "--train_objects", args.train_objects, *layout_flags(args, "train"),
            "--val_json", args.val_json, "--coco_val_dir", args.coco_val_dir, "--output_dir", str(folder)]
-    if kind == "spatial":
+    if weight is not None:
         cmd += ["--universal_id_path", args.ids]
-    if torch.cuda.is_available():  # two workers draw and process images faster than an H200 trains on them
+    gpu = args.gpus_per_run > 0 if args.launcher == "slurm" else torch.cuda.is_available()
+    if gpu:  # two workers draw and process images faster than an H200 trains on them
         cmd += ["--num_workers", "2"]
-    cmd += args.train_extra
-    if state == "interrupted":
-        log(f"run {label}: resuming {folder} from its latest checkpoint")
-        cmd += ["--resume_from_checkpoint", "latest"]
-    else:
-        log(f"run {label}: training into {folder}")
-        cmd += ["--overwrite_output_dir"]  # a folder with no checkpoint holds nothing to keep
-    env_cmd = ["env", f"PROTOCOL={args.protocol}", f"SEEDS={seed}", f"PYTHON={sys.executable}", *cmd]
-    run(env_cmd)
-    log(f"run {label}: done, {folder}")
-    return folder
+    cmd += [*args.train_extra, *arm_flags]
+    if weight is not None:
+        cmd += ["--spatial_id_weight", weight_name(weight)]
+    return ["env", f"PROTOCOL={args.protocol}", f"SEEDS={seed}", f"PYTHON={sys.executable}", *cmd]
+
+
+def plan_runs(args):
+    """Every run of the sweep, seed by seed (a sweep stopped early has whole seeds): the baseline,
+    then each arm at each of its weights."""
+    runs = []
+    for seed in args.seeds:
+        folder = args.runs_dir / f"baseline_seed{seed}"
+        runs.append(Run(folder.name, "baseline", None, int(seed), folder, train_command(args, seed, folder)))
+        for arm, flags, weights in args.arms:
+            for weight in weights:
+                folder = args.runs_dir / f"{arm}_w{weight_name(weight)}_seed{seed}"
+                runs.append(Run(folder.name, arm, weight, int(seed), folder,
+                                train_command(args, seed, folder, weight, flags)))
+    return runs
+
+
+def ids_command(args):
+    cmd = [sys.executable, "derive_spatial_ids.py", "--model", args.model, "--protocol", args.protocol,
+           "--id_objects", args.id_objects, *layout_flags(args, "id"), "--layout", args.id_layout,
+           "--layers", args.id_layers, "--out", args.ids, "--overwrite"]
+    if args.id_max_groups:
+        cmd += ["--max_groups", str(args.id_max_groups)]
+    return cmd
 
 
 def _end(folder):
@@ -235,33 +337,47 @@ def _mean_std(values):
     return f"{mean:.3f} ± {std:.3f}"
 
 
-def summary_table(args, baselines, spatials):
+def paper_weight_runs(runs):
+    """The spatial arm's runs at the paper's weight (1), or at its smallest non-zero weight."""
+    spatial = [r for r in runs if r.arm == "spatial" and r.weight]
+    weight = 1.0 if any(r.weight == 1.0 for r in spatial) else min((r.weight for r in spatial), default=None)
+    return [r for r in spatial if r.weight == weight], weight
+
+
+def summary_table(args, runs):
     """Our COCO-Spatial accuracy before training, after the LM-loss control and after the
     spatial-ID loss (mean ± sample std over seeds), beside the paper's published figures."""
+    baselines = [r.folder for r in runs if r.arm == "baseline"]
+    spatials, weight = paper_weight_runs(runs)
     before = [_end(f)[0] for f in baselines]
     base = [_end(f)[1] for f in baselines]
-    spatial = [_end(f)[1] for f in spatials]
+    spatial = [_end(r.folder)[1] for r in spatials]
     seeds = " ".join(args.seeds)
     return "\n".join([
-        "| COCO-Spatial accuracy | before training | after the LM-loss control | with the spatial-ID loss |",
+        "| COCO-Spatial accuracy | before training | after the LM-loss control | with the spatial-ID loss"
+        + (f" (weight {weight_name(weight)})" if weight not in (None, 1.0) else "") + " |",
         "|---|---|---|---|",
-        f"| ours: {args.model}, --protocol {args.protocol}, seeds {seeds} | {_mean_std(before)} | {_mean_std(base)} "
-        f"| {_mean_std(spatial)} |",
+        f"| ours: {args.model}, --protocol {args.protocol}, seeds {seeds} | {_mean_std(before) if before else '-'} "
+        f"| {_mean_std(base) if base else '-'} | {_mean_std(spatial) if spatial else '-'} |",
         f"| the paper's published figures (Kang et al., ICLR 2026; {PAPER['model']}) | {PAPER['before']:.2f} "
         f"| {PAPER['baseline']:.2f} | {PAPER['spatial']:.2f} |",
     ])
 
 
-def stage_report(args, baselines, spatials):
+def stage_report(args, runs):
     out = args.runs_dir / "compare"
     report, summary = out / "report.md", args.runs_dir / "summary.md"
-    newest_run = max((f / "metrics.jsonl").stat().st_mtime for f in baselines + spatials)
-    if summary.is_file() and report.is_file() and report.stat().st_mtime >= newest_run:
+    present = [r for r in runs if (r.folder / "metrics.jsonl").is_file()]
+    missing = [r.name for r in runs if r not in present]
+    if not present:
+        sys.exit(f"error: report: none of the {len(runs)} runs has started in {args.runs_dir}")
+    newest_run = max((r.folder / "metrics.jsonl").stat().st_mtime for r in present)
+    if summary.is_file() and report.is_file() and report.stat().st_mtime >= newest_run and not missing:
         log(f"report: skipped, {report} is newer than every run")
         print(summary.read_text())
         return
-    run([sys.executable, "compare_runs.py", *map(str, baselines + spatials), "--brief", "--out", str(out)])
-    table = summary_table(args, baselines, spatials)
+    run([sys.executable, "compare_runs.py", *(str(r.folder) for r in present), "--brief", "--dose_response", "--out", str(out)])
+    table = summary_table(args, present)
     standin = "standin" in args.val_json
     summary.write_text("\n".join([
         f"# Reproduction: {args.model}", "",
@@ -269,10 +385,54 @@ def stage_report(args, baselines, spatials):
         "Before training: the first run's step-0 evaluation. The paper's row is copied from the paper, not measured here"
         + (f"; ours is on a synthetic STAND-IN ({args.val_json}), not COCO-Spatial, so the rows do not compare."
            if standin else "."), "",
-        f"Full comparison (per relation, paired tests, figure): {report}",
-        f"Runs: {', '.join(str(f) for f in baselines + spatials)}; IDs: {args.ids}", ""]))
+        f"Full comparison (dose-response across weights, per relation, paired tests, figures): {report}",
+        f"Runs: {', '.join(str(r.folder) for r in present)}; IDs: {args.ids}",
+        *([f"NOT STARTED: {', '.join(missing)}"] if missing else []), ""]))
     log(f"report: done, {summary}")
     print(summary.read_text())
+
+
+def check_ids_owner(args, renderer):
+    """Someone else's IDs stop us now, not after the baseline runs."""
+    if Path(args.ids).is_file():
+        problem = ids_provenance_problem(args, renderer)
+        if problem and not problem.startswith("incomplete"):
+            sys.exit(f"error: --ids {args.ids} was derived from other inputs ({problem}); move it away or pass --ids PATH")
+
+
+def stage_runs(args, runs, renderer):
+    """The IDs, then every run that is not complete, through --launcher; the report after them
+    (queued as the last job under slurm). Returns False when the report must wait (slurm)."""
+    log_dir = args.runs_dir / "logs"
+    if args.launcher != "slurm":
+        stage_ids(args, renderer)
+    pending = []
+    for r in runs:
+        if run_state(r.folder) == "complete":
+            log(f"run {r.name}: skipped, {r.folder} is complete (end event, final/README.md)")
+        else:
+            pending.append(TrainJob(r, REPO, log_dir))
+    if args.launcher == "slurm":
+        ids_job = None
+        if ids_provenance_problem(args, renderer) is not None:
+            log(f"ids: {args.ids} is to be derived first")
+            ids_job = launchers.CommandJob("ids", ids_command(args), REPO)
+        report_job = launchers.CommandJob("report", [sys.executable, str(REPO / "reproduce.py"), *args.argv,
+                                                     "--report_only"], REPO)
+        launchers.launch_slurm(args, pending, ids_job, report_job, log_dir, log)
+        log("queued; the same command again later skips what finished and queues the rest")
+        return False
+    if args.launcher == "serial":
+        launchers.launch_serial(pending, log)
+        return True
+    log(f"runs: {len(pending)} to train, up to {args.max_parallel} at once on "
+        + (f"GPUs {args.gpus}" if args.gpus else "the CPU") + f" (local launcher; logs in {log_dir})")
+    failures = launchers.launch_local(pending, log, log_dir, args.max_parallel, args.gpus, args.timeout_min)
+    if failures:
+        log(f"stopped: {len(failures)} run(s) did not finish ({', '.join(name for name, _ in failures)}); "
+            "rerun the same command to continue")
+        sys.exit(1)
+    return True
 
 
 def main(argv=None):
@@ -283,17 +443,11 @@ def main(argv=None):
         for line in problems:
             print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
-    if Path(args.ids).is_file():  # someone else's IDs stop us now, not after the baseline runs
-        problem = ids_provenance_problem(args, renderers["id"])
-        if problem and not problem.startswith("incomplete"):
-            sys.exit(f"error: --ids {args.ids} was derived from other inputs ({problem}); move it away or pass --ids PATH")
+    check_ids_owner(args, renderers["id"])
     log(f"inputs: ok (training images {renderers['train'].describe()}; COCO-Spatial {args.val_json})")
-    stage_ids(args, renderers["id"])
-    baselines, spatials = [], []
-    for seed in args.seeds:
-        baselines.append(stage_run(args, "baseline", seed))
-        spatials.append(stage_run(args, "spatial", seed))
-    stage_report(args, baselines, spatials)
+    runs = plan_runs(args)
+    if args.report_only or stage_runs(args, runs, renderers["id"]):
+        stage_report(args, runs)
 
 
 if __name__ == "__main__":
