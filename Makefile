@@ -1,5 +1,6 @@
 # make demo : offline end-to-end demo on the built-in tiny model (no GPU, no downloads)
 # make test : the test suite
+# make study: the sandbox's dose-response on tiny-spatial (21 runs, 2 at a time; study.sh)
 # Both create (or reuse) .venv and install what they need.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ export PYTHONUNBUFFERED := 1
 OMP_NUM_THREADS ?= 1
 export OMP_NUM_THREADS
 
-.PHONY: install test demo clean
+.PHONY: install test demo study clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,5 +31,8 @@ test: install
 demo: install
 	PYTHON=$(PY) bash demo.sh
 
+study: install
+	PYTHON=$(PY) bash study.sh
+
 clean:
-	rm -rf .cache data/grid data/grid_holdout data/coco_standin data/demo_grid data/demo_extraction data/demo_coco_standin runs/demo_* runs/compare_demo_* embeds/universal_id_90/tiny.pt embeds/universal_id_90/tiny.json embeds/universal_id_90/tiny_?_axis.pt embeds/universal_id_90/tiny-warm.pt embeds/universal_id_90/tiny-warm.json embeds/universal_id_90/tiny-warm_?_axis.pt embeds/universal_id_90/tiny-spatial.pt embeds/universal_id_90/tiny-spatial.json embeds/universal_id_90/tiny-spatial_?_axis.pt
+	rm -rf .cache data/grid data/grid_holdout data/coco_standin data/demo_grid data/demo_extraction data/demo_coco_standin runs/demo_* runs/compare_demo_* runs/study_tiny-spatial data/study_coco_standin embeds/universal_id_90/tiny.pt embeds/universal_id_90/tiny.json embeds/universal_id_90/tiny_?_axis.pt embeds/universal_id_90/tiny-warm.pt embeds/universal_id_90/tiny-warm.json embeds/universal_id_90/tiny-warm_?_axis.pt embeds/universal_id_90/tiny-spatial.pt embeds/universal_id_90/tiny-spatial.json embeds/universal_id_90/tiny-spatial_?_axis.pt
