@@ -766,6 +766,8 @@ def plot_dose_response(groups, path):
                 ax.axhline(mean, color="gray", ls="--", label="baseline (mean ± sd)")
                 ax.axhspan(mean - (sd or 0), mean + (sd or 0), color="gray", alpha=0.15)
         ax.set_xscale("symlog", linthresh=1)
+        top = max((w for _, members in arms for w, _ in members), default=1)
+        ax.set_xlim(-0.5, max(top, 1) * 1.6)  # the baseline band would stretch the axis below 0
         ax.set_xlabel("spatial-ID loss weight (0 = weight-0 control)")
         ax.set_ylabel(measure)
         ax.set_title(measure)

@@ -227,7 +227,8 @@ def launch_slurm(args, jobs, ids_job, report_job, log_dir, log):
         queued["array"], after = array_id, f"afterany:{array_id}"
         log(f"runs: queued {len(jobs)} as SLURM job array {array_id} ({', '.join(j.run.name for j in jobs)})")
     report_params = slurm_parameters(args)
-    del report_params["gpus_per_node"]  # the report reads run folders: no GPU
+    if not args.diagnose_checkpoints:
+        del report_params["gpus_per_node"]  # the report reads run folders: no GPU (diagnostics load models)
     (job,) = submit(report_params, after, [report_job])
     queued["report"] = job.job_id
     log(f"report: queued as SLURM job {job.job_id}, after the runs; logs in {log_dir}")

@@ -37,7 +37,9 @@ import sys
 from pathlib import Path
 
 import torch
+from scipy import stats
 
+import checkpoints
 import data
 import grid_sources
 import launchers
@@ -372,12 +374,17 @@ def stage_report(args, runs):
     if not present:
         sys.exit(f"error: report: none of the {len(runs)} runs has started in {args.runs_dir}")
     newest_run = max((r.folder / "metrics.jsonl").stat().st_mtime for r in present)
-    if summary.is_file() and report.is_file() and report.stat().st_mtime >= newest_run and not missing:
+    diagnosed = not args.diagnose_checkpoints or (out / "id_strength.md").is_file()
+    if summary.is_file() and report.is_file() and report.stat().st_mtime >= newest_run and not missing and diagnosed:
         log(f"report: skipped, {report} is newer than every run")
         print(summary.read_text())
         return
     run([sys.executable, "compare_runs.py", *(str(r.folder) for r in present), "--brief", "--dose_response", "--out", str(out)])
     table = summary_table(args, present)
+    strength = stage_diagnose(args, present) if args.diagnose_checkpoints else ""
+    if strength:
+        (out / "id_strength.md").write_text(strength)
+        print(strength)
     standin = "standin" in args.val_json
     summary.write_text("\n".join([
         f"# Reproduction: {args.model}", "",
@@ -386,10 +393,83 @@ def stage_report(args, runs):
         + (f"; ours is on a synthetic STAND-IN ({args.val_json}), not COCO-Spatial, so the rows do not compare."
            if standin else "."), "",
         f"Full comparison (dose-response across weights, per relation, paired tests, figures): {report}",
+        *([f"ID strength against accuracy: {out / 'id_strength.md'}"] if strength else []),
         f"Runs: {', '.join(str(r.folder) for r in present)}; IDs: {args.ids}",
         *([f"NOT STARTED: {', '.join(missing)}"] if missing else []), ""]))
     log(f"report: done, {summary}")
     print(summary.read_text())
+
+
+def _events(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def diagnose_images(args):
+    """The ID objects' images written to a folder once (id_diagnostics.py reads a folder), with the
+    layout and flags the IDs were derived from."""
+    folder = args.runs_dir / "diagnose_images"
+    done = folder / ".complete"
+    if not done.is_file():
+        source = [] if args.id_objects == grid_sources.BUILTIN else ["--objects_dir", args.id_objects]
+        run([sys.executable, "make_grid_data.py", "--out_dir", str(folder), *source, *layout_flags(args, "id"),
+             "--layout", args.id_layout])
+        done.write_text("")
+    return folder
+
+
+STRENGTH_TITLE = "ID strength against accuracy at every saved checkpoint (--diagnose_checkpoints)"
+
+
+def stage_diagnose(args, runs):
+    """ID strength against accuracy: id_diagnostics.py on every saved checkpoint of the spatial runs
+    (ID agreement and the spatial loss the IDs give, at the loss's layer), beside the accuracy the
+    run measured at that step; Spearman's rho over all of them. Each checkpoint's diagnostics are
+    kept in RUN/id_diagnostics/checkpoint-N/ and not redone. Returns the markdown."""
+    layer = DEFAULT_SPATIAL_ID_LAYER
+    if "--spatial_id_layer" in args.train_extra:
+        layer = int(args.train_extra[args.train_extra.index("--spatial_id_layer") + 1])
+    images = diagnose_images(args)
+    sets = ("coco", "holdout")
+    rows, points = [], []
+    for r in runs:
+        if r.weight is None or run_state(r.folder) != "complete":
+            continue
+        evals = {e["step"]: e for e in _events(r.folder) if e["event"] == "eval"}
+        for step, folder in checkpoints.list_checkpoints(r.folder):
+            out = r.folder / "id_diagnostics" / folder.name
+            if not (out / "diagnostics.json").is_file():
+                log(f"diagnose: {folder}")
+                run([sys.executable, "id_diagnostics.py", "--ids", args.ids, "--model", str(folder),
+                     "--images", str(images), "--layers", str(layer), "--out", str(out),
+                     *(["--max_groups", str(args.id_max_groups)] if args.id_max_groups else [])])
+            found = json.loads((out / "diagnostics.json").read_text())["layers"][str(layer)]
+            accuracy = {name: evals.get(step, {}).get(name, {}).get("accuracy") for name in sets}
+            agreement, loss = found.get("id_agreement"), found.get("spatial_loss_step0")
+            points.append((agreement, loss, accuracy))
+            rows.append(f"| {r.name} | {step} | {_num(agreement)} | {_num(loss, 4)} | "
+                        + " | ".join(_num(accuracy[name]) for name in sets) + " |")
+    if not rows:
+        return ""
+    lines = [f"## {STRENGTH_TITLE}", "",
+             "| run | checkpoint step | ID agreement | spatial loss | COCO-Spatial accuracy | holdout accuracy |",
+             "|---|---|---|---|---|---|", *rows, ""]
+    for name in sets:
+        for label, index in (("ID agreement", 0), ("spatial loss", 1)):
+            pairs = [(p[index], p[2][name]) for p in points if p[index] is not None and p[2][name] is not None]
+            if len(pairs) >= 3 and len({a for a, _ in pairs}) > 1 and len({b for _, b in pairs}) > 1:
+                rho, pvalue = stats.spearmanr(*zip(*pairs))
+                lines.append(f"- {label} against {name} accuracy: Spearman rho {rho:+.2f} (p {pvalue:.3g}, "
+                             f"{len(pairs)} checkpoints)")
+    lines += ["", f"Layer {layer}; IDs {args.ids}; images {images} (the ID objects). *ID agreement*: cosine between "
+              "one object pair's per-cell states and those of the pairs sharing no object with it (the checkpoint's "
+              "own code); *spatial loss*: the loss these IDs give the checkpoint over the spatial arm's batches of "
+              "those images (id_diagnostics.py). Checkpoints of one run are not independent: read rho as a "
+              "description, not a test.", ""]
+    return "\n".join(lines)
+
+
+def _num(value, digits=3):
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def check_ids_owner(args, renderer):

@@ -84,7 +84,7 @@ def test_a_killed_sweep_rerun_skips_what_finished(shared, tmp_path):
     runs_dir = tmp_path / "runs"
     # One seed: the baseline, the spatial arm at weight 0 (the control), an arm of its own on the LM's MLPs.
     cmd = _command(shared, runs_dir, "--spatial_id_weights", "0",
-                   "--arm", "lm_slice=--selector lm_mlp_lastk --spatial_id_weights 1")
+                   "--arm", "lm_slice=--selector lm_mlp_lastk --spatial_id_weights 1", "--diagnose_checkpoints")
     first = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
     seen = []
@@ -108,6 +108,25 @@ def test_a_killed_sweep_rerun_skips_what_finished(shared, tmp_path):
     assert (config["selector"], config["spatial_id_weight"], config["seed"]) == ("lm_mlp_lastk", 1.0, 0)
     control = json.loads((runs_dir / "spatial_w0_seed0" / "config.json").read_text())["args"]
     assert (control["selector"], control["spatial_id_weight"]) == ("vision_mlp_lastk", 0.0)
+
+    # --diagnose_checkpoints: every checkpoint of the spatial runs (steps 0 and 2), the baseline's none.
+    strength = (runs_dir / "compare" / "id_strength.md").read_text()
+    rows = [line.split(" | ") for line in strength.splitlines() if line.startswith("| ") and "_seed0" in line]
+    assert [(r[0], r[1]) for r in rows] == [("| spatial_w0_seed0", "0"), ("| spatial_w0_seed0", "2"),
+                                            ("| lm_slice_w1_seed0", "0"), ("| lm_slice_w1_seed0", "2")]
+    # Step 0 is the same model in both runs: the same agreement and loss. The diagnostics read each
+    # checkpoint's own trained tensors: the LM slice's step 2 gives another loss than its step 0.
+    assert rows[0][2:4] == rows[2][2:4]
+
+    def diagnosed(step):
+        return json.loads((runs_dir / "lm_slice_w1_seed0" / "id_diagnostics" / f"checkpoint-{step}" /
+                           "diagnostics.json").read_text())
+
+    assert diagnosed(2)["info"]["model"] == str(runs_dir / "lm_slice_w1_seed0" / "checkpoint-2")
+    assert diagnosed(2)["layers"]["11"]["spatial_loss_step0"] != diagnosed(0)["layers"]["11"]["spatial_loss_step0"]
+    holdout = [e for e in map(json.loads, (runs_dir / "lm_slice_w1_seed0" / "metrics.jsonl").read_text().splitlines())
+               if e["event"] == "eval" and e["step"] == 2][0]["holdout"]["accuracy"]
+    assert rows[3][5].strip(" |") == f"{holdout:.3f}"  # beside that checkpoint's own accuracy
 
 
 FAKE_SBATCH = """#!/usr/bin/env python3
