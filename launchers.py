@@ -139,13 +139,24 @@ class TrainJob(submitit.helpers.Checkpointable):
 def launch_serial(jobs, log):
     """Run the jobs one after another here; the first failure ends the sweep with its status."""
     for job in jobs:
-        log(f"run {job.run.name}: training into {job.run.folder}")
+        resuming = run_state(job.run.folder) == "interrupted"
+        log(f"run {job.run.name}: " + (f"resuming {job.run.folder} from its latest checkpoint" if resuming
+                                       else f"training into {job.run.folder}"))
         try:
             job()
         except RunFailed as err:
             log(f"stopped: {err}; rerun the same command to continue")
             sys.exit(err.code)
         log(f"run {job.run.name}: done")
+
+
+def visible_gpus(device_count):
+    """The GPU indices a local job may be given: CUDA_VISIBLE_DEVICES's when it is set (a job's own
+    CUDA_VISIBLE_DEVICES replaces it, so it must name the same devices), else 0..device_count-1."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return list(range(device_count))
+    return [int(x) for x in listed.split(",") if x.strip().isdigit()][:device_count]
 
 
 def launch_local(jobs, log, log_dir, max_parallel, gpus, timeout_min):

@@ -132,7 +132,7 @@ def parse_args(argv=None):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "gpus_per_run" else 1):
             p.error(f"argument --{flag}: must be >= {0 if flag == 'gpus_per_run' else 1}, not {value}")
-    args.gpus = list(range(torch.cuda.device_count())) if args.launcher == "local" else []
+    args.gpus = launchers.visible_gpus(torch.cuda.device_count()) if args.launcher == "local" else []
     if args.launcher == "local":
         args.max_parallel = args.max_parallel or max(1, len(args.gpus))
         if args.gpus and args.max_parallel > len(args.gpus):

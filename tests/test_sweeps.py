@@ -242,3 +242,13 @@ def test_bad_sweep_flags_stop_with_one_line(flags, message, capsys):
     assert args.arms == [("spatial", [], [0.0, 10.0]), ("lm", ["--selector", "lm_mlp_lastk"], [0.0])]
     assert [r.name for r in reproduce.plan_runs(args)] == ["baseline_seed0", "spatial_w0_seed0", "spatial_w10_seed0",
                                                            "lm_w0_seed0"]
+
+
+@pytest.mark.fast
+def test_local_jobs_get_the_gpus_this_process_may_use(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert launchers.visible_gpus(2) == [0, 1]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")  # a job's own CUDA_VISIBLE_DEVICES replaces this
+    assert launchers.visible_gpus(2) == [2, 5]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert launchers.visible_gpus(0) == []
