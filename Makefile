@@ -1,6 +1,7 @@
 # make demo : offline end-to-end demo on the built-in tiny model (no GPU, no downloads)
 # make test : the test suite (every test, on every core: pytest-xdist, one OpenMP thread per worker)
 # make test-fast : the edit loop's tier (tests marked `fast`, under a minute); CI runs `make test`
+# make study: the sandbox's dose-response on tiny-spatial (21 runs, 2 at a time; study.sh)
 # Both create (or reuse) .venv and install what they need.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,7 +17,7 @@ export OMP_NUM_THREADS
 # Test workers: one per core (`make test TEST_WORKERS=1` runs them in one process, in order).
 TEST_WORKERS ?= auto
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast demo study clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,5 +38,8 @@ test-fast: install
 demo: install
 	PYTHON=$(PY) bash demo.sh
 
+study: install
+	PYTHON=$(PY) bash study.sh
+
 clean:
-	rm -rf .cache data/grid data/grid_holdout data/coco_standin data/demo_grid data/demo_extraction data/demo_coco_standin runs/demo_* runs/compare_demo_* embeds/universal_id_90/tiny.pt embeds/universal_id_90/tiny.json embeds/universal_id_90/tiny_?_axis.pt embeds/universal_id_90/tiny-warm.pt embeds/universal_id_90/tiny-warm.json embeds/universal_id_90/tiny-warm_?_axis.pt embeds/universal_id_90/tiny-spatial.pt embeds/universal_id_90/tiny-spatial.json embeds/universal_id_90/tiny-spatial_?_axis.pt
+	rm -rf .cache data/grid data/grid_holdout data/coco_standin data/demo_grid data/demo_extraction data/demo_coco_standin runs/demo_* runs/compare_demo_* runs/study_tiny-spatial data/study_coco_standin embeds/universal_id_90/tiny.pt embeds/universal_id_90/tiny.json embeds/universal_id_90/tiny_?_axis.pt embeds/universal_id_90/tiny-warm.pt embeds/universal_id_90/tiny-warm.json embeds/universal_id_90/tiny-warm_?_axis.pt embeds/universal_id_90/tiny-spatial.pt embeds/universal_id_90/tiny-spatial.json embeds/universal_id_90/tiny-spatial_?_axis.pt

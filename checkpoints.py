@@ -13,11 +13,18 @@ A checkpoint is written into a hidden temporary folder and renamed into place, s
 `checkpoint-N/` folder always holds a complete checkpoint; one damaged later (a truncated file)
 is skipped, by name, when resuming from `latest`. Files are 0644 and folders 0755 whatever the
 umask, so a run can be read by the rest of a group.
+
+Preemption: a cluster that is about to stop a job sends SIGTERM (SLURM's preemption and time
+limit) or the signal the job asked for (`sbatch --signal=USR1@90`). `StopRequest` turns either into
+a flag that the loop reads after each optimizer step; the run then saves a checkpoint, logs a
+`preempted` event and exits with PREEMPTED_EXIT_CODE, and `--resume_from_checkpoint latest`
+continues it exactly.
 """
 import contextlib
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -34,6 +41,37 @@ SPATIAL_HEAD_PREFIX = "spatial_loss."  # tensors of the spatial loss's head in t
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names it."""
+
+
+# The exit status of a run stopped by a signal after saving its checkpoint: 75 is EX_TEMPFAIL
+# (sysexits.h, "try again later"), apart from 0, from 1 (an error) and from 128 + N (killed by
+# signal N), so that a launcher can tell "resume me" from a failure.
+PREEMPTED_EXIT_CODE = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Remembers that SIGTERM or SIGUSR1 arrived (`.signal`: its name, None until then) instead of
+    dying at once; the loop decides when to stop (after the current optimizer step). `restore()`
+    puts the previous handlers back."""
+
+    def __init__(self, signals=STOP_SIGNALS):
+        self.signal = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+
+    def _handle(self, signum, frame):
+        self.signal = self.signal or signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def ignore_stop_signals(worker_id=None):
+    """DataLoader workers' init: a cluster signals every process of a job, and a worker killed by
+    it would end the run before its main process could save; the main process stops them."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _publish(folder):

@@ -23,6 +23,15 @@ A spatial run given with its weight-0 control (the same arguments and seed, `--s
 0`) is also compared on the spatial-ID loss itself, step by step over the same batches: the mean
 difference over the last half of the steps with a moving-block bootstrap interval, so that
 optimisation shows against drift, or its absence does.
+
+--dose_response (reproduce.py's sweeps): spatial runs whose arguments differ only in the seed and
+--spatial_id_weight form one arm; per arm and weight, the final accuracy on every evaluated set and
+the spatial-ID loss over the last half of the steps, mean ± sample std over seeds; paired tests of
+each weight against the arm's weight-0 control and of each arm and weight against the baseline
+(runs of the same seed paired: the difference per seed and a paired t-test over seeds, which
+measures training noise; and the seeds pooled per question by majority, McNemar and the
+bootstrap, which hold the models fixed); the figure OUT/dose_response.png: weight against accuracy
+and against the spatial-ID loss.
 """
 import argparse
 import json
@@ -33,6 +42,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 import benchmarks
 
@@ -584,6 +594,191 @@ def spatial_control_rows(runs):
     return rows
 
 
+# --- dose-response: arms across spatial-ID weights ---------------------------------------------
+
+# Runs of one arm differ in the seed and the spatial-ID weight only.
+ARM_IGNORES = GROUPING_IGNORES + ("spatial_id_weight",)
+DOSE_TITLE = "dose-response: final accuracy and spatial-ID loss per arm and weight"
+DOSE_PAIRED_TITLE = "dose-response: paired tests against the weight-0 control and the baseline"
+DOSE_NOTE = (
+    "Cells: mean ± sample std over seeds (seeds in the third column) of each run's last evaluation; the "
+    "spatial-ID loss is each run's mean over the last half of its logged steps. Weight 0 is the weight-0 "
+    "control: the spatial arm's batches with the loss logged but sending no gradient.")
+DOSE_PAIRED_HEADER = ["comparison", "measure", "seeds paired", "difference per seed (mean ± sd)",
+                      "paired t-test p (seeds)", "pooled answers: difference [95% CI]", "McNemar p (pooled)"]
+DOSE_PAIRED_NOTE = (
+    "Differences are the row's arm and weight minus its reference, run against run of the same seed (same "
+    "data order; the weight-0 control also has the same batches). The t-test over seeds measures training "
+    "noise (few seeds: wide); the pooled columns take each side's seeds by majority per question (a tie "
+    "counts as wrong) and test the answers with McNemar and a bootstrap over questions, which hold the "
+    "trained models fixed. '-' where a side lacks the measure or fewer than 2 seeds pair.")
+
+
+def spatial_weight(group):
+    """The group's spatial-ID weight; None for runs without the spatial loss (a baseline)."""
+    args = group["runs"][0]["args"]
+    return args.get("spatial_id_weight") if args.get("universal_id_path") else None
+
+
+def dose_arms(groups):
+    """([(arm name, [(weight, group)] by weight)], the first baseline group or None)."""
+    arms = {}
+    for g in groups:
+        if spatial_weight(g) is not None:
+            arms.setdefault(grouping_key(g["runs"][0]["args"], ARM_IGNORES), []).append((spatial_weight(g), g))
+    named = []
+    for members in arms.values():
+        members.sort(key=lambda m: m[0])
+        # spatial_w10_seed0 or spatial_w10 -> spatial
+        name = re.sub(r"[_-]?w[0-9.e+-]+$", "", re.sub(r"[_-]?seed\d+", "", members[0][1]["name"])) or members[0][1]["name"]
+        if name in [n for n, _ in named]:
+            name = f"{name} ({len(named) + 1})"
+        named.append((name, members))
+    baseline = next((g for g in groups if spatial_weight(g) is None), None)
+    return named, baseline
+
+
+def final_accuracy(run, set_name):
+    event = next((e for e in reversed(run["evals"]) if set_name in e), None)
+    return event[set_name]["accuracy"] if event else None
+
+
+def last_half_spatial_loss(run):
+    points = spatial_points(run)
+    steps = sorted(points)[len(points) // 2:]
+    return sum(points[s] for s in steps) / len(steps) if steps else None
+
+
+def _mean_sd_cell(values, digits=3):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean, sd = mean_std(values)
+    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+def dose_measures(groups):
+    """[(measure name, function of a run)]: every evaluated set's final accuracy, the spatial loss."""
+    sets = [name for name in SETS if any(final_accuracy(r, name) is not None for g in groups for r in g["runs"])]
+    return [(f"{SETS[name]} accuracy", (lambda n: lambda run: final_accuracy(run, n))(name)) for name in sets] \
+        + [("spatial-ID loss, last half", last_half_spatial_loss)]
+
+
+def dose_rows(groups):
+    arms, baseline = dose_arms(groups)
+    measures = dose_measures(groups)
+    rows = []
+    units = ([("baseline", "-", baseline)] if baseline else []) + [(name, f"{w:g}", g) for name, members in arms
+                                                                     for w, g in members]
+    for name, weight, g in units:
+        rows.append([name, weight, len(g["runs"])] + [_mean_sd_cell([f(r) for r in g["runs"]], 4 if "loss" in m else 3)
+                                                      for m, f in measures])
+    return ["arm", "weight", "seeds"] + [m for m, _ in measures], rows
+
+
+def _seed_paired(reference, other, measure):
+    """Per-seed differences other - reference of `measure` (runs of the same seed)."""
+    by_seed = {r["args"].get("seed"): r for r in reference["runs"]}
+    diffs = []
+    for run in other["runs"]:
+        ref = by_seed.get(run["args"].get("seed"))
+        if ref is not None and measure(run) is not None and measure(ref) is not None:
+            diffs.append(measure(run) - measure(ref))
+    return diffs
+
+
+def _paired_t_p(diffs):
+    if len(diffs) < 2 or np.std(diffs) == 0:
+        return None
+    return float(stats.ttest_1samp(diffs, 0.0).pvalue)
+
+
+def dose_paired_rows(groups):
+    arms, baseline = dose_arms(groups)
+    comparisons_ = []
+    for name, members in arms:
+        control = next((g for w, g in members if w == 0), None)
+        for w, g in members:
+            if control is not None and w != 0:
+                comparisons_.append((f"{name} w={w:g} vs its weight-0 control", control, g))
+            if baseline is not None:
+                comparisons_.append((f"{name} w={w:g} vs baseline", baseline, g))
+    rows = []
+    for label, reference, other in comparisons_:
+        for measure, f in dose_measures(groups):
+            if "loss" in measure and spatial_weight(reference) is None:
+                continue  # the baseline logs no spatial-ID loss
+            diffs = _seed_paired(reference, other, f)
+            if not diffs:
+                continue
+            p = _paired_t_p(diffs)
+            pooled = ["-", "-"]
+            set_name = next((k for k, v in SETS.items() if measure == f"{v} accuracy"), None)
+            if set_name is not None:
+                ref_final, _ = final_and_best_steps(reference, set_name)
+                other_final, _ = final_and_best_steps(other, set_name)
+                if ref_final is not None and other_final is not None:
+                    st = paired_comparison(reference, other, set_name, ref_final, other_final)
+                    pooled = [f"{st['diff']:+.3f} [{st['low']:+.3f}, {st['high']:+.3f}]", f"{st['p']:.4g}"]
+            digits = 4 if "loss" in measure else 3
+            mean, sd = mean_std(diffs)
+            rows.append([label, measure, len(diffs), f"{mean:+.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else ""),
+                         "-" if p is None else f"{p:.3g}", *pooled])
+    return rows
+
+
+def dose_sections(groups):
+    header, rows = dose_rows(groups)
+    sections = [(DOSE_TITLE, markdown_table(header, rows) + "\n\n" + DOSE_NOTE)]
+    paired = dose_paired_rows(groups)
+    if paired:
+        sections.append((DOSE_PAIRED_TITLE, markdown_table(DOSE_PAIRED_HEADER, paired) + "\n\n" + DOSE_PAIRED_NOTE))
+    return sections
+
+
+def plot_dose_response(groups, path):
+    """Weight against each set's final accuracy and against the spatial-ID loss: one line per arm
+    (mean ± sd over seeds, each seed a faint dot), the baseline as a band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms, baseline = dose_arms(groups)
+    measures = dose_measures(groups)
+    fig, axes = plt.subplots(1, len(measures), figsize=(5 * len(measures), 4.2))
+    for ax, (measure, f) in zip(np.atleast_1d(axes), measures):
+        for i, (name, members) in enumerate(arms):
+            weights, means, sds = [], [], []
+            for w, g in members:
+                values = [f(r) for r in g["runs"] if f(r) is not None]
+                if not values:
+                    continue
+                mean, sd = mean_std(values)
+                weights.append(w)
+                means.append(mean)
+                sds.append(sd or 0.0)
+                ax.plot([w] * len(values), values, "o", color=f"C{i}", alpha=0.3, ms=4)
+            if weights:
+                ax.errorbar(weights, means, yerr=sds, marker="osD^v"[i % 5], color=f"C{i}", capsize=4,
+                            label=f"{name} (mean ± sd over seeds)")
+        if baseline is not None and "loss" not in measure:
+            values = [f(r) for r in baseline["runs"] if f(r) is not None]
+            if values:
+                mean, sd = mean_std(values)
+                ax.axhline(mean, color="gray", ls="--", label="baseline (mean ± sd)")
+                ax.axhspan(mean - (sd or 0), mean + (sd or 0), color="gray", alpha=0.15)
+        ax.set_xscale("symlog", linthresh=1)
+        top = max((w for _, members in arms for w, _ in members), default=1)
+        ax.set_xlim(-0.5, max(top, 1) * 1.6)  # the baseline band would stretch the axis below 0
+        ax.set_xlabel("spatial-ID loss weight (0 = weight-0 control)")
+        ax.set_ylabel(measure)
+        ax.set_title(measure)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 # --- figure ----------------------------------------------------------------------------------
 
 def curve(group, points_of_run):
@@ -708,13 +903,15 @@ def build_sections(groups, pairing="majority"):
     return sections
 
 
-def write_report(out, plain, sections, figure):
+def write_report(out, plain, sections, figure, extra_figures=()):
     lines = ["# Run comparison", "", "```", plain, "```", ""]
     if INCOMPLETE in plain:
         lines += [f"Runs marked {INCOMPLETE} have no \"end\" event: they stopped early or are still running.", ""]
     for title, text in sections:
         lines += [f"## {title}", "", text, ""]
     lines += ["## Figure", "", f"![accuracy and losses over steps]({figure.name})", ""]
+    for title, path in extra_figures:
+        lines += [f"![{title}]({path.name})", ""]
     (out / "report.md").write_text("\n".join(lines))
 
 
@@ -732,6 +929,9 @@ def main(argv=None):
                         help="print only the plain table, the holdout first-vs-final test, the holdout paired "
                              "statistics against the first group, the spatial loss against its weight-0 control and "
                              "where the report went (the report is complete)")
+    parser.add_argument("--dose_response", action="store_true",
+                        help="per arm and spatial-ID weight: final accuracies and spatial loss (mean ± sd over seeds), "
+                             "paired tests against the weight-0 control and the baseline, OUT/dose_response.png")
     args = parser.parse_args(argv)
     if args.labels and len(args.labels) != len(args.runs):
         parser.error(f"argument --labels: {len(args.labels)} labels for {len(args.runs)} runs (one per run)")
@@ -741,20 +941,27 @@ def main(argv=None):
         plain = table([summary_row(r) for r in runs])
         print(plain)
         sections = build_sections(groups, args.pairing)
+        if args.dose_response:
+            sections = dose_sections(groups) + sections
         # --brief keeps the questions a demo asks: did training change the holdout answers, do the
         # runs differ from the first on them, and is the spatial loss optimised beyond drift?
         shown = [(t, x) for t, x in sections if not args.brief or t.startswith(f"{SETS['holdout']}: did training")
-                 or t.startswith(f"{SETS['holdout']}: paired statistics") or t == SPATIAL_CONTROL_TITLE]
+                 or t.startswith(f"{SETS['holdout']}: paired statistics") or t == SPATIAL_CONTROL_TITLE
+                 or t.startswith("dose-response")]
         for title, text in shown:
             print(f"\n## {title}\n\n{text}")
         out = Path(args.out) if args.out else default_out(groups, args.runs[0])
         out.mkdir(parents=True, exist_ok=True)
         figure = out / "compare.png"
         plot(groups, figure)
-        write_report(out, plain, sections, figure)
+        extra = []
+        if args.dose_response:
+            extra.append(("weight against accuracy and the spatial-ID loss", out / "dose_response.png"))
+            plot_dose_response(groups, extra[-1][1])
+        write_report(out, plain, sections, figure, extra)
     except (CompareError, OSError) as err:  # OSError: an unreadable run or an unwritable --out
         sys.exit(f"error: {err}")
-    print(f"\nreport: {out / 'report.md'}\nfigure: {figure}")
+    print(f"\nreport: {out / 'report.md'}\nfigure: {figure}" + "".join(f"\nfigure: {path}" for _, path in extra))
     return {"runs": runs, "groups": groups, "out": out}
 
 

@@ -48,11 +48,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+import checkpoints
 import data
 import protocols
 import spatial_loss as sl
 from derive_spatial_ids import axis_directions, collect_states, resolve_layers
-from models import ListModelsAction, ModelUnavailableError, load_model_and_processor, model_source
+from models import ListModelsAction, ModelUnavailableError
 from output_paths import output_problem
 
 # Below this ratio of the cell-explained part to the raw state, the position signal is treated as
@@ -467,7 +468,8 @@ def write_report(out, info, layers, projections, stats, train_layer, best, figur
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ids", required=True, help="universal IDs (derive_spatial_ids.py); its .json names the model and images")
-    p.add_argument("--model", default=None, help="alias, hub id or folder (default: the IDs' provenance)")
+    p.add_argument("--model", default=None,
+                   help="alias, hub id, folder or train.py checkpoint-N (default: the IDs' provenance)")
     p.add_argument("--list_models", action=ListModelsAction)
     p.add_argument("--images", default=None, help="extraction set or flat grid folder (default: the IDs' provenance)")
     p.add_argument("--layers", default=None,
@@ -517,8 +519,8 @@ def main(argv=None):
     samples = []
     if measure:
         try:
-            checked_model = model_source(model_name)  # a name or folder that cannot be had, found before any work
-        except ModelUnavailableError as err:
+            checked_model = checkpoints.check_checkpoint_source(model_name)  # one that cannot be had: before any work
+        except (ModelUnavailableError, checkpoints.CheckpointError) as err:
             sys.exit(f"error: --model {err}")
         try:
             items, layout_kind, _ = data.read_extraction_set(images)
@@ -544,7 +546,8 @@ def main(argv=None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if args.bf16 and device == "cuda" else torch.float32
         try:
-            model, processor, adapter = load_model_and_processor(model_name, dtype=dtype, device=device, source=checked_model)
+            model, processor, adapter = checkpoints.load_checkpoint_model(model_name, dtype=dtype, device=device,
+                                                                          source=checked_model)
             n_layers = len(adapter.lm_layers(model))
             layers = resolve_layers(args.layers, n_layers) if args.layers else [l for l in layers if l <= n_layers]
         except ModelUnavailableError as err:

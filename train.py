@@ -493,6 +493,15 @@ def _weights_in_sync(params, accelerator):
     return all(other == sums for other in gather_object([sums]))
 
 
+def _stop_requested(stop, accelerator):
+    """True on every process once any of them got a stop signal (SIGTERM, SIGUSR1): the flag is
+    summed across processes after each optimizer step, so that all of them stop after the same one."""
+    if accelerator.num_processes == 1:
+        return stop.signal is not None
+    flag = torch.tensor([float(stop.signal is not None)], device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() > 0
+
+
 def _evaluate_split(model, processor, adapter, samples, args, accelerator, desc):
     """(report, rows) of `samples`, each process answering every N-th question."""
     if accelerator.num_processes == 1:
@@ -557,7 +566,7 @@ def main(argv=None):
     forward_model = accelerator.prepare(model) if processes > 1 else model
     loader_settings = speedups.loader_settings(accelerator.device.type, args.num_workers, processes)
     loader = torch.utils.data.DataLoader(
-        grid, batch_sampler=batch_sampler, **loader_settings,
+        grid, batch_sampler=batch_sampler, **loader_settings, worker_init_fn=checkpoints.ignore_stop_signals,
         collate_fn=data.VLMCollator(processor, adapter, skip_unreadable=True,
                                     encode_images_once=args.encode_images_once),
     )
@@ -634,6 +643,10 @@ def main(argv=None):
             log({"event": "checkpoint", "step": step, "checkpoint": str(folder)})
         accelerator.wait_for_everyone()
 
+    # From here a stop signal (preemption, time limit) lets the current optimizer step finish,
+    # then the run saves and exits (8b).
+    stop = checkpoints.StopRequest()
+
     # 7. evaluate before training (or pick up where the checkpoint left off)
     if state is None:
         log(evaluate_and_save(0))
@@ -651,8 +664,9 @@ def main(argv=None):
     # Wall time of the optimizer steps since the last log (the loader's waits included, evaluation
     # and checkpoints not): train.py's own throughput, against bench/full_size_step.py's step.
     step_clock = [time.perf_counter(), 0]
+    stopped = False
     for epoch in range(progress.epoch, args.epochs):
-        if progress.step >= total_steps:
+        if progress.step >= total_steps or stopped:
             break
         first = progress.batches_done if epoch == progress.epoch else 0  # global batches already trained
         batch_sampler.set_epoch(epoch, skip=first)
@@ -716,9 +730,25 @@ def main(argv=None):
                 if progress.step % args.save_steps == 0:
                     save_checkpoint(progress.step)
                     step_clock = [time.perf_counter(), 0]
-            if progress.step >= total_steps:
+            stopped = _stop_requested(stop, accelerator)
+            if progress.step >= total_steps or stopped:
                 break
     bar.close()
+
+    # 8b. stopped by a signal: checkpoint this step, log it, exit with PREEMPTED_EXIT_CODE
+    if stopped:
+        if progress.step not in saved_steps:
+            save_checkpoint(progress.step)
+        log({"event": "preempted", "step": progress.step, "signal": stop.signal or "another process's",
+             "exit_code": checkpoints.PREEMPTED_EXIT_CODE})
+        if is_main:
+            metrics.close()
+        accelerator.print(f"preempted ({stop.signal or 'another process'}): stopped after step {progress.step}, "
+                          f"saved {out / f'checkpoint-{progress.step}'}; continue with --resume_from_checkpoint latest")
+        stop.restore()
+        accelerator.wait_for_everyone()
+        raise SystemExit(checkpoints.PREEMPTED_EXIT_CODE)
+    stop.restore()
 
     # 9. final evaluation, checkpoint and model
     if progress.last_eval.get("step") != progress.step:

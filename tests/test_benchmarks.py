@@ -504,34 +504,35 @@ def test_reproduce_passes_the_present_benchmarks_to_the_runs_and_summarises_them
 
     import reproduce
 
-    commands = []
-    monkeypatch.setattr(reproduce, "run", commands.append)
+    from launchers import Run
+
     args = argparse.Namespace(model="tiny", train_objects="builtin", cell=None, sizes=None, train_object_names=None,
                               val_json="v.json", coco_val_dir="coco", output_dir=None, ids="ids.pt", train_extra=[],
                               protocol="paper", runs_dir=tmp_path, benchmarks=["vg_two_obj", "vsr"],
-                              whatsup_dir="w", vsr_dir="v")
-    reproduce.stage_run(args, "baseline", 0)
-    at = commands[0].index("--eval_benchmarks")
-    assert commands[0][at:at + 7] == ["--eval_benchmarks", "vg_two_obj", "vsr", "--whatsup_dir", "w", "--vsr_dir", "v"]
+                              whatsup_dir="w", vsr_dir="v", launcher="serial", gpus_per_run=0)
+    command = reproduce.train_command(args, 0, tmp_path / "baseline_seed0")
+    at = command.index("--eval_benchmarks")
+    assert command[at:at + 7] == ["--eval_benchmarks", "vg_two_obj", "vsr", "--whatsup_dir", "w", "--vsr_dir", "v"]
     args.benchmarks = []
-    reproduce.stage_run(args, "baseline", 1)
-    assert "--eval_benchmarks" not in commands[1]
+    assert "--eval_benchmarks" not in reproduce.train_command(args, 1, tmp_path / "baseline_seed1")
 
-    def run_folder(name, accuracies):
+    def run_folder(name, arm, weight, seed, accuracies):
         folder = tmp_path / name
         folder.mkdir()
         events = [{"event": "eval", "step": s, "coco": {"accuracy": 0.5}, "vsr": {"accuracy": a}}
                   for s, a in zip((0, 10), accuracies)]
         (folder / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
-        return folder
+        return Run(name, arm, weight, seed, folder)
 
-    baselines = [run_folder("b0", (0.5, 0.6)), run_folder("b1", (0.5, 0.7))]
-    spatials = [run_folder("s0", (0.5, 0.8)), run_folder("s1", (0.5, 0.9))]
+    runs = [run_folder("b0", "baseline", None, 0, (0.5, 0.6)), run_folder("b1", "baseline", None, 1, (0.5, 0.7)),
+            run_folder("s0", "spatial", 1.0, 0, (0.5, 0.8)), run_folder("s1", "spatial", 1.0, 1, (0.5, 0.9)),
+            run_folder("c0", "spatial", 0.0, 0, (0.5, 0.1))]  # the weight-0 control: not the spatial column
+    evals = {r.folder: reproduce._evaluations(r.folder) for r in runs}
     args.benchmarks = ["vg_two_obj", "vsr"]  # vg_two_obj: present now, not evaluated by these runs
-    table = reproduce.benchmark_table(args, baselines, spatials)
+    table = reproduce.benchmark_table(args, runs, evals)
     assert table.splitlines()[2:] == ["| vsr | 0.500 ± 0.000 | 0.650 ± 0.071 | 0.850 ± 0.071 |"]
     args.benchmarks = ["vg_two_obj"]
-    assert reproduce.benchmark_table(args, baselines, spatials) is None
+    assert reproduce.benchmark_table(args, runs, evals) is None
 
 
 def test_generation_shares_images_only_where_the_family_can(loaded, monkeypatch):

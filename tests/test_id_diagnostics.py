@@ -209,7 +209,7 @@ def test_bad_inputs_are_one_line_before_any_model_load(tmp_path, monkeypatch, ex
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(diag, "load_model_and_processor", no_load)
+    monkeypatch.setattr(diag.checkpoints, "load_checkpoint_model", no_load)
     cases = [(["--out", str(blocker / "d")], "argument --out", 2),
              (["--model", "no-such-model", "--images", str(extraction)], "--model no-such-model", None),
              (["--model", "tiny", "--images", str(tmp_path / "nowhere")], "--images", None)]

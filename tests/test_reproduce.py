@@ -84,7 +84,7 @@ def test_killed_after_first_stage_resumes_and_skips_it(tmp_path, standin):
     summary = (tmp_path / "runs" / "summary.md").read_text()
     assert "| the paper's published figures (Kang et al., ICLR 2026; Qwen2-VL-2B-Instruct) | 0.77 | 0.85 | 0.91 |" in summary
     assert "| ours: tiny-warm, --protocol paper, seeds 0 |" in summary
-    for kind in ("baseline", "spatial"):
+    for kind in ("baseline", "spatial_w1"):
         card = (tmp_path / "runs" / f"{kind}_seed0" / "final" / "README.md").read_text()
         front = yaml.safe_load(card.split("---\n")[1])
         assert front["base_model"] == "tiny-warm" and "protocol-paper" in front["tags"]
@@ -95,7 +95,7 @@ def test_killed_after_first_stage_resumes_and_skips_it(tmp_path, standin):
     code, out, err = _run(cmd)
     assert code == 0, err[-3000:]
     assert [line.split(":")[0] for line in _stage_lines(out)] == [
-        "[reproduce] inputs", "[reproduce] ids", "[reproduce] run baseline seed 0", "[reproduce] run spatial seed 0",
+        "[reproduce] inputs", "[reproduce] ids", "[reproduce] run baseline_seed0", "[reproduce] run spatial_w1_seed0",
         "[reproduce] report"]
     assert all("skipped" in line for line in _stage_lines(out)[1:])
     assert (tmp_path / "runs" / "baseline_seed0" / "metrics.jsonl").stat().st_mtime_ns == metrics_time

@@ -1,0 +1,246 @@
+"""Where a sweep's runs execute, through submitit (no scheduler of our own):
+
+- serial: one after another in this process's terminal;
+- local: up to --max_parallel at once on this machine (submitit's LocalExecutor), one GPU each
+  through CUDA_VISIBLE_DEVICES, or processes on the CPU when there is no GPU;
+- slurm: one job array (submitit's SlurmExecutor); the ID stage is a job the array waits for and
+  the report a job that waits for the array, so the command returns once they are queued.
+
+Every run is a `TrainJob`: train.py's command, resumed from the run's latest checkpoint when it has
+one and skipped when it is complete, decided when the job starts (a requeued job resumes). On the
+scheduler's warning signal (submitit's USR2, --signal_delay_s before the end) the job sends SIGTERM
+to train.py, which finishes its step, saves and exits 75 (checkpoints.PREEMPTED_EXIT_CODE); submitit
+then requeues the job. train.py itself ignores USR2 (a cluster signals every process of a job), and
+handles the SIGTERM of a preemption on its own.
+"""
+import json
+import os
+import queue
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import submitit
+
+import checkpoints
+
+LAUNCHERS = ("serial", "local", "slurm")
+LAUNCHES = "launches.jsonl"  # one line per run started and ended: where, when, how it ended
+STOP_GRACE_S = 80  # train.py's time to finish a step and save after SIGTERM (submitit warns 90 s ahead)
+
+
+class RunFailed(RuntimeError):
+    """A run's command ended with `code` (75: preempted, resumable)."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+def run_state(folder):
+    """"complete" (an `end` event and final/README.md), "interrupted" (a checkpoint to resume from)
+    or "new"."""
+    folder = Path(folder)
+    metrics = folder / "metrics.jsonl"
+    if metrics.is_file() and (folder / "final" / "README.md").is_file():
+        events = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        if events and events[-1]["event"] == "end":
+            return "complete"
+    if checkpoints.list_checkpoints(folder):
+        return "interrupted"
+    return "new"
+
+
+def _ignore_warning_signal():
+    """preexec of train.py: the scheduler's USR2 is for the job (TrainJob.checkpoint), not for it."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+@dataclass
+class Run:
+    """One run of a sweep: its folder name says arm, weight and seed."""
+    name: str
+    arm: str
+    weight: float | None  # None: an LM-loss-only arm (the baseline)
+    seed: int
+    folder: Path
+    command: list = field(default_factory=list)  # train.py's command (through a run script), no resume flags
+
+
+class CommandJob:
+    """A command run in `cwd`; raises RunFailed with its exit status when it fails."""
+
+    def __init__(self, name, command, cwd):
+        self.name, self.command, self.cwd = name, list(command), str(cwd)
+
+    def __call__(self):
+        code = subprocess.call(self.command, cwd=self.cwd)
+        if code != 0:
+            raise RunFailed(f"{self.name}: `{' '.join(self.command)}` exited with {code}", code)
+        return "done"
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """One run as a job (see the module docstring); returns "skipped" or "done"."""
+
+    def __init__(self, run, cwd, log_dir):
+        self.run, self.cwd, self.log_dir = run, str(cwd), str(log_dir)
+        self._process = None
+
+    def __getstate__(self):  # what submitit pickles: never the live process
+        return {k: v for k, v in self.__dict__.items() if k != "_process"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _process=None)
+
+    def _record(self, **event):
+        Path(self.log_dir).mkdir(parents=True, exist_ok=True)
+        line = {"run": self.run.name, "time": time.time(), "pid": os.getpid(),
+                "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), **event}
+        with open(Path(self.log_dir) / LAUNCHES, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def __call__(self):
+        state = run_state(self.run.folder)
+        if state == "complete":
+            return "skipped"
+        # A folder with no checkpoint holds nothing to keep; one with a checkpoint continues.
+        resume = ["--resume_from_checkpoint", "latest"] if state == "interrupted" else ["--overwrite_output_dir"]
+        self._record(event="start", state=state)
+        print("[reproduce] $ " + shlex.join([*self.run.command, *resume]), flush=True)
+        self._process = subprocess.Popen([*self.run.command, *resume], cwd=self.cwd,
+                                         preexec_fn=_ignore_warning_signal)
+        code = self._process.wait()
+        self._record(event="end", exit_code=code)
+        if code == checkpoints.PREEMPTED_EXIT_CODE:
+            raise RunFailed(f"{self.run.name}: preempted after saving a checkpoint (exit {code}); it resumes when "
+                            "requeued or when the same command is run again", code)
+        if code != 0:
+            raise RunFailed(f"{self.run.name}: train.py exited with {code}", code)
+        return "done"
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit calls this on the warning signal: stop train.py at a saved step, then be requeued
+        as the same job (which resumes from that checkpoint)."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass  # the scheduler's kill follows; the previous checkpoint stays
+        return super().checkpoint(*args, **kwargs)
+
+
+def launch_serial(jobs, log):
+    """Run the jobs one after another here; the first failure ends the sweep with its status."""
+    for job in jobs:
+        resuming = run_state(job.run.folder) == "interrupted"
+        log(f"run {job.run.name}: " + (f"resuming {job.run.folder} from its latest checkpoint" if resuming
+                                       else f"training into {job.run.folder}"))
+        try:
+            job()
+        except RunFailed as err:
+            log(f"stopped: {err}; rerun the same command to continue")
+            sys.exit(err.code)
+        log(f"run {job.run.name}: done")
+
+
+def visible_gpus(device_count):
+    """The GPU indices a local job may be given: CUDA_VISIBLE_DEVICES's when it is set (a job's own
+    CUDA_VISIBLE_DEVICES replaces it, so it must name the same devices), else 0..device_count-1."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return list(range(device_count))
+    return [int(x) for x in listed.split(",") if x.strip().isdigit()][:device_count]
+
+
+def launch_local(jobs, log, log_dir, max_parallel, gpus, timeout_min):
+    """Up to `max_parallel` jobs at once through submitit's LocalExecutor, each given one of `gpus`
+    (CUDA device indices) or, with none, the CPU. Returns the failures [(run name, RunFailed or
+    other error)] after every job has ended."""
+    slots = queue.Queue()
+    for gpu in (list(gpus)[:max_parallel] if gpus else [None] * max_parallel):
+        slots.put(gpu)
+
+    def one(job):
+        gpu = slots.get()
+        try:
+            executor = submitit.LocalExecutor(folder=log_dir)
+            executor.update_parameters(timeout_min=timeout_min, gpus_per_node=0 if gpu is None else 1,
+                                       visible_gpus=() if gpu is None else (gpu,))
+            submitted = executor.submit(job)
+            where = "the CPU" if gpu is None else f"GPU {gpu}"
+            log(f"run {job.run.name}: started on {where} (local job {submitted.job_id}, log {submitted.paths.stdout})")
+            outcome = submitted.result()
+            log(f"run {job.run.name}: {outcome}")
+        finally:
+            slots.put(gpu)
+
+    failures = []
+    with ThreadPoolExecutor(max_workers=max_parallel) as pool:
+        futures = [(job, pool.submit(one, job)) for job in jobs]
+        for job, future in futures:
+            try:
+                future.result()
+            except Exception as err:  # noqa: BLE001 - a failed run is reported, the others go on
+                failures.append((job.run.name, err))
+                log(f"run {job.run.name}: FAILED ({str(err).strip().splitlines()[-1]})")
+    return failures
+
+
+def slurm_parameters(args, array_size=None):
+    """SlurmExecutor parameters from reproduce.py's --slurm_* flags: one task per job with
+    --gpus_per_run GPUs, --timeout_min, the warning signal --signal_delay_s before the end, requeue
+    allowed, and --slurm_extra KEY=VALUE (or KEY alone) as sbatch options."""
+    extra = {"requeue": True}
+    for item in args.slurm_extra or []:
+        key, sep, value = item.partition("=")
+        extra[key.lstrip("-")] = value if sep else True
+    params = {"time": args.timeout_min, "gpus_per_node": args.gpus_per_run, "ntasks_per_node": 1,
+              "signal_delay_s": args.signal_delay_s, "job_name": f"reproduce_{Path(args.runs_dir).name}",
+              "additional_parameters": extra, "stderr_to_stdout": True}
+    if args.cpus_per_run:
+        params["cpus_per_task"] = args.cpus_per_run
+    if args.slurm_partition:
+        params["partition"] = args.slurm_partition
+    if args.slurm_account:
+        params["account"] = args.slurm_account
+    if array_size and args.max_parallel:
+        params["array_parallelism"] = args.max_parallel
+    return params
+
+
+def launch_slurm(args, jobs, ids_job, report_job, log_dir, log):
+    """Queue [the ID job], the array of training jobs (after the ID job succeeds) and the report job
+    (after every run has ended, whichever way). Returns {"ids", "array", "report"}: job ids."""
+    queued = {}
+
+    def submit(params, dependency, functions):
+        if dependency:
+            params["additional_parameters"] = {**params["additional_parameters"], "dependency": dependency}
+        executor = submitit.SlurmExecutor(folder=log_dir)  # one per submission: parameters only accumulate
+        executor.update_parameters(**params)
+        return executor.submit_array(functions)
+
+    after = None
+    if ids_job is not None:
+        (job,) = submit(slurm_parameters(args), None, [ids_job])
+        queued["ids"], after = job.job_id, f"afterok:{job.job_id}"
+        log(f"ids: queued as SLURM job {job.job_id}")
+    if jobs:
+        array = submit(slurm_parameters(args, len(jobs)), after, jobs)
+        array_id = array[0].job_id.split("_")[0]
+        queued["array"], after = array_id, f"afterany:{array_id}"
+        log(f"runs: queued {len(jobs)} as SLURM job array {array_id} ({', '.join(j.run.name for j in jobs)})")
+    report_params = slurm_parameters(args)
+    if not args.diagnose_checkpoints:
+        del report_params["gpus_per_node"]  # the report reads run folders: no GPU (diagnostics load models)
+    (job,) = submit(report_params, after, [report_job])
+    queued["report"] = job.job_id
+    log(f"report: queued as SLURM job {job.job_id}, after the runs; logs in {log_dir}")
+    return queued

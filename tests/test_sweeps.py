@@ -1,0 +1,254 @@
+"""reproduce.py's sweeps (seeds x arms x spatial weights) and launchers (launchers.py, submitit), on
+tiny-warm and the demo's inputs drawn on the fly: the local launcher runs 4 runs 2 at a time and
+reports all 4; a killed sweep, rerun, skips what finished; the SLURM launcher hands a stand-in
+`sbatch` one job array with the partition, the warning signal and requeue, after the ID job and
+before the report job; a job warned by the scheduler stops train.py at a saved step and asks to be
+requeued."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import launchers
+import make_grid_data
+import reproduce
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHON=sys.executable, PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """The COCO-Spatial stand-in and one ID file for every sweep here (derived by the first)."""
+    root = tmp_path_factory.mktemp("sweeps")
+    standin = make_grid_data.make_coco_standin(root, make_grid_data.builtin_objects(64), n=8, image_size=48, seed=0)
+    return {"standin": standin, "ids": root / "ids" / "tiny-warm.pt"}
+
+
+def _command(shared, runs_dir, *sweep):
+    # The demo's objects and cell (demo.sh), 2 steps and few ID objects, so that each run takes seconds.
+    return ["bash", "reproduce.sh", "tiny-warm", "--train_objects", "builtin",
+            "--train_object_names", "red circle", "blue square", "green triangle",
+            "--id_objects", "builtin", "--id_object_names", "pink heart", "cyan hexagon", "yellow star",
+            "--cell", "28", "--sizes", "124", "--val_json", str(shared["standin"]),
+            "--coco_val_dir", str(shared["standin"].parent), "--ids", str(shared["ids"]), "--id_layers", "11",
+            "--id_max_groups", "12", "--runs_dir", str(runs_dir), *sweep,
+            "--max_steps", "2", "--batch_size", "8", "--eval_mode", "score", "--holdout_max_samples", "8"]
+
+
+def _run(cmd, env=ENV):
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return done.returncode, done.stdout, done.stderr
+
+
+def _launches(runs_dir):
+    path = runs_dir / "logs" / launchers.LAUNCHES
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _most_at_once(launches):
+    """The largest number of runs that were training at the same moment."""
+    edges = sorted((e["time"], 1 if e["event"] == "start" else -1) for e in launches)
+    running = most = 0
+    for _, change in edges:
+        running += change
+        most = max(most, running)
+    return most
+
+
+def test_local_launcher_runs_four_two_at_a_time_and_reports_all(shared, tmp_path):
+    runs_dir = tmp_path / "runs"
+    code, out, err = _run(_command(shared, runs_dir, "--seeds", "0 1", "--launcher", "local", "--max_parallel", "2"))
+    assert code == 0, out[-3000:] + err[-3000:]
+    names = ["baseline_seed0", "spatial_w1_seed0", "baseline_seed1", "spatial_w1_seed1"]
+    launches = _launches(runs_dir)
+    assert sorted(e["run"] for e in launches if e["event"] == "start") == sorted(names)
+    assert all(e["exit_code"] == 0 for e in launches if e["event"] == "end")
+    assert _most_at_once(launches) == 2  # two at a time: never more, and they did overlap
+    assert {e["CUDA_VISIBLE_DEVICES"] for e in launches} == {""}  # no GPU here: processes on the CPU
+    report = (runs_dir / "compare" / "report.md").read_text()
+    for name in names:
+        assert launchers.run_state(runs_dir / name) == "complete"
+        assert str(runs_dir / name) in report
+    assert "| ours: tiny-warm, --protocol paper, seeds 0 1 |" in (runs_dir / "summary.md").read_text()
+
+
+def test_a_killed_sweep_rerun_skips_what_finished(shared, tmp_path):
+    runs_dir = tmp_path / "runs"
+    # One seed: the baseline, the spatial arm at weight 0 (the control), an arm of its own on the LM's MLPs.
+    cmd = _command(shared, runs_dir, "--spatial_id_weights", "0",
+                   "--arm", "lm_slice=--selector lm_mlp_lastk --spatial_id_weights 1", "--diagnose_checkpoints")
+    first = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    seen = []
+    for line in first.stdout:
+        seen.append(line)
+        if line.startswith("[reproduce] run baseline_seed0: done"):
+            os.killpg(first.pid, signal.SIGKILL)  # the whole sweep, its next run included
+            break
+    first.wait(timeout=60)
+    assert first.returncode != 0, "".join(seen)
+    finished = runs_dir / "baseline_seed0" / "metrics.jsonl"
+    finished_time = finished.stat().st_mtime_ns
+    assert launchers.run_state(runs_dir / "lm_slice_w1_seed0") == "new"
+
+    code, out, err = _run(cmd)
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert "[reproduce] run baseline_seed0: skipped" in out
+    assert "[reproduce] run spatial_w0_seed0: training" in out and "[reproduce] run lm_slice_w1_seed0: training" in out
+    assert finished.stat().st_mtime_ns == finished_time  # not trained again
+    config = json.loads((runs_dir / "lm_slice_w1_seed0" / "config.json").read_text())["args"]
+    assert (config["selector"], config["spatial_id_weight"], config["seed"]) == ("lm_mlp_lastk", 1.0, 0)
+    control = json.loads((runs_dir / "spatial_w0_seed0" / "config.json").read_text())["args"]
+    assert (control["selector"], control["spatial_id_weight"]) == ("vision_mlp_lastk", 0.0)
+
+    # --diagnose_checkpoints: every checkpoint of the spatial runs (steps 0 and 2), the baseline's none.
+    strength = (runs_dir / "compare" / "id_strength.md").read_text()
+    rows = [line.split(" | ") for line in strength.splitlines() if line.startswith("| ") and "_seed0" in line]
+    assert [(r[0], r[1]) for r in rows] == [("| spatial_w0_seed0", "0"), ("| spatial_w0_seed0", "2"),
+                                            ("| lm_slice_w1_seed0", "0"), ("| lm_slice_w1_seed0", "2")]
+    # Step 0 is the same model in both runs: the same agreement and loss. The diagnostics read each
+    # checkpoint's own trained tensors: the LM slice's step 2 gives another loss than its step 0.
+    assert rows[0][2:4] == rows[2][2:4]
+
+    def diagnosed(step):
+        return json.loads((runs_dir / "lm_slice_w1_seed0" / "id_diagnostics" / f"checkpoint-{step}" /
+                           "diagnostics.json").read_text())
+
+    assert diagnosed(2)["info"]["model"] == str(runs_dir / "lm_slice_w1_seed0" / "checkpoint-2")
+    assert diagnosed(2)["layers"]["11"]["spatial_loss_step0"] != diagnosed(0)["layers"]["11"]["spatial_loss_step0"]
+    holdout = [e for e in map(json.loads, (runs_dir / "lm_slice_w1_seed0" / "metrics.jsonl").read_text().splitlines())
+               if e["event"] == "eval" and e["step"] == 2][0]["holdout"]["accuracy"]
+    assert rows[3][5].strip(" |") == f"{holdout:.3f}"  # beside that checkpoint's own accuracy
+
+
+FAKE_SBATCH = """#!/usr/bin/env python3
+import json, pathlib, sys
+root = pathlib.Path(__file__).resolve().parent
+calls = root / "sbatch_calls.jsonl"
+n = len(calls.read_text().splitlines()) + 1 if calls.exists() else 1
+with calls.open("a") as f:
+    f.write(json.dumps({"argv": sys.argv[1:], "script": pathlib.Path(sys.argv[-1]).read_text()}) + "\\n")
+print(f"Submitted batch job {100 + n}")
+"""
+
+
+def _sbatch_options(script):
+    return [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+def test_slurm_launcher_queues_ids_then_one_array_then_the_report(shared, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("srun", "#!/bin/sh\nexit 0\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = dict(ENV, PATH=f"{bin_dir}:{ENV['PATH']}")
+    runs_dir = tmp_path / "runs"
+    ids = tmp_path / "ids" / "tiny-warm.pt"  # none yet: the ID stage becomes the first job
+    cmd = _command(dict(shared, ids=ids), runs_dir, "--seeds", "0 1", "--spatial_id_weights", "0", "1",
+                   "--launcher", "slurm", "--slurm_partition", "gpu-test", "--slurm_account", "lab",
+                   "--timeout_min", "120", "--slurm_extra", "qos=high")
+    code, out, err = _run(cmd, env)
+    assert code == 0, out[-3000:] + err[-3000:]
+    calls = [json.loads(line) for line in (bin_dir / "sbatch_calls.jsonl").read_text().splitlines()]
+    assert len(calls) == 3  # ids, the array, the report
+    ids_job, array, report = (_sbatch_options(c["script"]) for c in calls)
+    for options in (ids_job, array, report):
+        assert {"--partition=gpu-test", "--account=lab", "--time=120", "--signal=USR2@90", "--requeue",
+                "--qos=high"} <= set(options), options
+    assert "--array=0-5%6" in array  # 2 seeds x (baseline, weight 0, weight 1)
+    assert "--gpus-per-node=1" in array and not any(o.startswith("--gpus-per-node") for o in report)
+    assert "--dependency=afterok:101" in array and "--dependency=afterany:102" in report
+    assert not any(o.startswith("--array") for o in ids_job)
+    # The array's jobs are the six runs, each a TrainJob named by arm, weight and seed.
+    pickles = sorted((runs_dir / "logs").glob("*_submitted.pkl"))
+    jobs = [pickle.loads(p.read_bytes()).function for p in pickles]
+    names = sorted(j.run.name for j in jobs if isinstance(j, launchers.TrainJob))
+    assert names == sorted(f"{arm}_seed{s}" for s in (0, 1) for arm in ("baseline", "spatial_w0", "spatial_w1"))
+    assert not ids.exists() and "[reproduce] ids: queued as SLURM job 101" in out
+
+    # A finished run is not queued again: the rerun's array has five jobs.
+    done = runs_dir / "spatial_w1_seed0"
+    (done / "final").mkdir(parents=True)
+    (done / "final" / "README.md").write_text("card")
+    (done / "metrics.jsonl").write_text(json.dumps({"event": "end", "step": 2}) + "\n")
+    code, out, err = _run(cmd, env)
+    assert code == 0, out[-3000:] + err[-3000:]
+    calls = [json.loads(line) for line in (bin_dir / "sbatch_calls.jsonl").read_text().splitlines()]
+    assert "--array=0-4%5" in _sbatch_options(calls[4]["script"])
+    assert "[reproduce] run spatial_w1_seed0: skipped" in out
+
+
+@pytest.mark.fast
+def test_a_warned_job_stops_train_py_at_a_saved_step_and_asks_to_be_requeued(tmp_path):
+    # A stand-in for train.py: exits 75 on SIGTERM, as train.py does after saving.
+    ready = tmp_path / "ready"
+    script = (f"import pathlib, signal, sys, time\n"
+              f"signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))\n"
+              f"pathlib.Path({str(ready)!r}).write_text('x')\n"
+              f"time.sleep(60)\n")
+    run = launchers.Run("spatial_w1_seed0", "spatial", 1.0, 0, tmp_path / "run", [sys.executable, "-c", script])
+    job = launchers.TrainJob(run, tmp_path, tmp_path / "logs")
+    outcome = {}
+
+    def call():
+        try:
+            job()
+        except launchers.RunFailed as err:
+            outcome["error"] = err
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    while not ready.exists():
+        time.sleep(0.01)
+    os.kill(job._process.pid, signal.SIGUSR2)  # the scheduler's warning reaches every process: ignored
+    time.sleep(0.2)
+    assert job._process.poll() is None
+    resubmission = job.checkpoint()  # what submitit calls on the warning
+    thread.join(timeout=10)
+    assert outcome["error"].code == 75 and "preempted" in str(outcome["error"])
+    requeued = pickle.loads(pickle.dumps(resubmission.function))  # submitit pickles it for the requeue
+    assert isinstance(requeued, launchers.TrainJob) and requeued.run == run and requeued._process is None
+    assert [e["event"] for e in _launches(tmp_path)] == ["start", "end"]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("flags, message", [
+    (["--arm", "lm_slice"], "argument --arm: NAME=\"FLAGS\""),
+    (["--arm", "spatial=--selector lm_mlp_lastk"], "other than baseline and spatial"),
+    (["--arm", "lm=--spatial_id_weights 0 10"], "argument --arm lm: gives no train.py flag"),
+    (["--arm", "lm=--selector lm_mlp_lastk --seed 3"], "argument --arm lm: --seed is set by the sweep"),
+    (["--spatial_id_weights", "1", "-2"], "argument --spatial_id_weights: weights must be finite and >= 0, not -2.0"),
+    (["--output_dir", "x"], "argument --output_dir: the sweep sets it per run"),
+    (["--launcher", "local", "--max_parallel", "0"], "argument --max_parallel: must be >= 1, not 0"),
+])
+def test_bad_sweep_flags_stop_with_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        reproduce.parse_args(["--model", "tiny-warm", *flags])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err and len(err) < 300, err
+    # The same flags made good parse.
+    args = reproduce.parse_args(["--model", "tiny-warm", "--spatial_id_weights", "0", "10", "10",
+                                 "--arm", "lm=--selector lm_mlp_lastk --spatial_id_weights 0"])
+    assert args.arms == [("spatial", [], [0.0, 10.0]), ("lm", ["--selector", "lm_mlp_lastk"], [0.0])]
+    assert [r.name for r in reproduce.plan_runs(args)] == ["baseline_seed0", "spatial_w0_seed0", "spatial_w10_seed0",
+                                                           "lm_w0_seed0"]
+
+
+@pytest.mark.fast
+def test_local_jobs_get_the_gpus_this_process_may_use(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert launchers.visible_gpus(2) == [0, 1]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")  # a job's own CUDA_VISIBLE_DEVICES replaces this
+    assert launchers.visible_gpus(2) == [2, 5]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert launchers.visible_gpus(0) == []
