@@ -155,11 +155,13 @@ def _snapshot(root):
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.fast
 def test_at_least_forty_cases_over_five_scripts():
     assert len(CASES) >= 40
     assert {module for _, module, *_ in CASES} == {train, eval_coco, derive_spatial_ids, make_grid_data, compare_runs}
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("name, module, argv, culprit, may_load", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clear_line(world, tiny_path, monkeypatch, capsys, name, module, argv, culprit, may_load):
     if not may_load:
@@ -328,6 +330,7 @@ def test_broken_images_some_of_them_are_skipped_counted_and_named(world, tmp_pat
     assert summary["unreadable_images"] == 0 and "unreadable" not in err
 
 
+@pytest.mark.fast
 def test_a_training_folder_with_too_many_broken_images_stops_before_the_model(world, tmp_path, tiny_path,
                                                                               monkeypatch, capsys):
     """Half the PNGs truncated (a broken download) stops training in one line giving the count,
@@ -344,6 +347,7 @@ def test_a_training_folder_with_too_many_broken_images_stops_before_the_model(wo
     assert summary["unreadable_images"] == 1 and "unreadable" in err
 
 
+@pytest.mark.fast
 def test_missing_coco_images_are_one_short_line(world, tmp_path, monkeypatch, capsys):
     """440 rows whose images are not there: one line under 300 characters naming the folder, the
     first missing file and how many are missing (it listed five full paths before)."""
@@ -464,6 +468,7 @@ def test_a_bad_id_file_is_found_before_the_model_loads(world, tmp_path, id_files
         assert summary["event"] == "end" and summary["step"] == 1
 
 
+@pytest.mark.fast
 def test_a_derivation_from_a_single_image_is_refused(world, tmp_path, tiny_path, monkeypatch, capsys):
     one = tmp_path / "one_image"
     one.mkdir()
@@ -480,6 +485,7 @@ def test_a_derivation_from_a_single_image_is_refused(world, tmp_path, tiny_path,
         assert stats["groups"] >= 2 and (tmp_path / f"{recipe}.pt").is_file()
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("name", ["assistant", "a"])
 def test_the_paper_recipe_reads_the_subject_after_the_image(world, tiny, monkeypatch, name):
     """A name that also occurs in the system prompt ("You are a helpful assistant.") is read in

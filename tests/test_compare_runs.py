@@ -75,6 +75,7 @@ def error_of(argv):
 
 # --- statistics against hand-computed values -----------------------------------------------
 
+@pytest.mark.fast
 @pytest.mark.parametrize("b, c, p", [
     (0, 5, 0.0625),            # 2 * (1/2)^5
     (5, 0, 0.0625),            # symmetric
@@ -88,16 +89,19 @@ def test_mcnemar_exact_matches_hand_computed_values(b, c, p):
     assert cr.mcnemar_exact(b, c) == pytest.approx(p, abs=1e-12)
 
 
+@pytest.mark.fast
 def test_mcnemar_exact_survives_many_discordant_pairs():
     p = cr.mcnemar_exact(400, 600)  # 2^1000 overflows a float; exact fractions do not
     assert 0 < p < 1e-9
 
 
+@pytest.mark.fast
 def test_bootstrap_of_identical_answers_is_exactly_zero():
     a = [True, False] * 100
     assert cr.bootstrap_interval(a, a) == (0.0, 0.0)
 
 
+@pytest.mark.fast
 def test_bootstrap_interval_matches_the_normal_approximation():
     # 400 questions: the other run fixes 60 the reference got wrong and breaks 20 it got right.
     ref = bools(200, 400)
@@ -115,6 +119,7 @@ def test_bootstrap_interval_matches_the_normal_approximation():
     assert cr.bootstrap_interval(ref, other) == (low, high)  # seeded: reproducible
 
 
+@pytest.mark.fast
 def test_identical_runs_give_p_1_and_a_zero_interval(tmp_path):
     correct = {0: bools(5, 10), 10: bools(7, 10)}
     runs = [cr.load_run(write_run(tmp_path / name, correct)) for name in ("a", "b")]
@@ -124,6 +129,7 @@ def test_identical_runs_give_p_1_and_a_zero_interval(tmp_path):
     assert result["low"] == result["high"] == result["diff"] == 0.0
 
 
+@pytest.mark.fast
 def test_paired_counts_and_p_value_on_run_folders(tmp_path):
     # Reference right on 0-4; other right on 0-9: five discordant questions, all one way.
     ref = write_run(tmp_path / "ref", {0: bools(5, 10), 10: bools(5, 10)})
@@ -155,6 +161,7 @@ def test_first_vs_final_step_of_one_run(tmp_path, capsys):
     assert "paired statistics" not in out and "accuracy per evaluation step" not in out
 
 
+@pytest.mark.fast
 def test_majority_vote_counts_a_tie_as_wrong(tmp_path):
     # Two seeds: question 0 right in both, 1 right in one (tie), 2 right in none.
     runs = [cr.load_run(write_run(tmp_path / f"s{seed}", {0: c}, seed=seed))
@@ -174,12 +181,14 @@ def seed_groups(tmp_path, complete=True):
     return base, spatial
 
 
+@pytest.mark.fast
 def test_runs_differing_only_in_seed_form_one_group(tmp_path):
     base, spatial = seed_groups(tmp_path)
     groups = cr.group_runs([cr.load_run(f) for f in base + [spatial]])
     assert [(g["name"], len(g["runs"])) for g in groups] == [("base", 3), ("spatial_seed0", 1)]
 
 
+@pytest.mark.fast
 def test_labels_override_the_grouping(tmp_path):
     base, spatial = seed_groups(tmp_path)
     runs = [cr.load_run(f) for f in base + [spatial]]
@@ -190,6 +199,7 @@ def test_labels_override_the_grouping(tmp_path):
         cr.group_runs(runs, labels=["x", "y"])
 
 
+@pytest.mark.fast
 def test_seed_group_table_gives_mean_and_sample_std(tmp_path):
     base, spatial = seed_groups(tmp_path)
     groups = cr.group_runs([cr.load_run(f) for f in base + [spatial]])
@@ -206,11 +216,13 @@ def test_seed_group_table_gives_mean_and_sample_std(tmp_path):
     assert rows[("0", "base")][1] == "0.500 ± 0.000 (n=10)"
 
 
+@pytest.mark.fast
 def test_mean_std_by_hand():
     assert cr.mean_std([0.5, 0.6, 0.7]) == pytest.approx((0.6, 0.1))
     assert cr.mean_std([0.8]) == (0.8, None)
 
 
+@pytest.mark.fast
 def test_incomplete_runs_are_marked_in_every_table(tmp_path):
     base, spatial = seed_groups(tmp_path, complete=False)
     out = tmp_path / "cmp"
@@ -227,6 +239,7 @@ def test_incomplete_runs_are_marked_in_every_table(tmp_path):
     assert cr.group_label(result["groups"][1]) == "spatial_seed0"
 
 
+@pytest.mark.fast
 def test_complete_runs_are_not_marked(tmp_path):
     base, spatial = seed_groups(tmp_path)
     out = tmp_path / "cmp"
@@ -236,6 +249,7 @@ def test_complete_runs_are_not_marked(tmp_path):
 
 # --- figure and report ---------------------------------------------------------------------
 
+@pytest.mark.fast
 def test_report_and_figure_next_to_the_first_run(tmp_path, capsys):
     base, spatial = seed_groups(tmp_path)
     result = cr.main([str(f) for f in base + [spatial]])
@@ -251,6 +265,7 @@ def test_report_and_figure_next_to_the_first_run(tmp_path, capsys):
     assert "- base_seed1: `train.py --seed 1`" in report and "abc123def456" in report and "| paper |" in report
 
 
+@pytest.mark.fast
 def test_paired_section_of_the_report(tmp_path):
     base, spatial = seed_groups(tmp_path)
     out = tmp_path / "cmp"
@@ -266,6 +281,7 @@ def test_paired_section_of_the_report(tmp_path):
     assert section.startswith("COCO-Spatial: paired statistics (majority)") and "majority vote" in section
 
 
+@pytest.mark.fast
 def test_per_seed_pairing_tests_runs_of_the_same_seed(tmp_path):
     base = [write_run(tmp_path / f"base_seed{s}", {0: bools(5, 10), 10: bools(5 + s, 10)}, seed=s) for s in range(3)]
     spatial = [write_run(tmp_path / f"spatial_seed{s}", {0: bools(5, 10), 10: bools(9, 10)}, seed=s,
@@ -283,6 +299,7 @@ def test_per_seed_pairing_tests_runs_of_the_same_seed(tmp_path):
 
 # --- bad input ------------------------------------------------------------------------------
 
+@pytest.mark.fast
 def test_not_a_run_folder(tmp_path):
     (tmp_path / "notes").mkdir()
     message = error_of([tmp_path / "notes"])
@@ -290,6 +307,7 @@ def test_not_a_run_folder(tmp_path):
     assert "no such folder" in error_of([tmp_path / "missing"])
 
 
+@pytest.mark.fast
 def test_empty_metrics(tmp_path):
     run = write_run(tmp_path / "run", {0: bools(1, 2)})
     (run / "metrics.jsonl").write_text("")
@@ -298,6 +316,7 @@ def test_empty_metrics(tmp_path):
     assert error_of([run]) == f"error: {run / 'metrics.jsonl'}: no evaluation recorded"
 
 
+@pytest.mark.fast
 def test_a_cut_short_last_line_is_skipped_with_a_warning(tmp_path, capsys):
     run = write_run(tmp_path / "run", {0: bools(1, 2)}, complete=False)
     with (run / "metrics.jsonl").open("a") as f:
@@ -307,6 +326,7 @@ def test_a_cut_short_last_line_is_skipped_with_a_warning(tmp_path, capsys):
     assert "line 2 is cut short" in capsys.readouterr().err
 
 
+@pytest.mark.fast
 def test_broken_metrics_and_config(tmp_path):
     run = write_run(tmp_path / "run", {0: bools(1, 2)})
     text = (run / "metrics.jsonl").read_text()
@@ -317,6 +337,7 @@ def test_broken_metrics_and_config(tmp_path):
     assert error_of([run]).startswith(f"error: {run / 'config.json'}: not a train.py config")
 
 
+@pytest.mark.fast
 def test_missing_predictions_for_the_paired_test(tmp_path):
     a = write_run(tmp_path / "a", {0: bools(1, 2)})
     b = write_run(tmp_path / "b", {0: bools(2, 2)}, args={"lr": 1.0})
@@ -325,6 +346,7 @@ def test_missing_predictions_for_the_paired_test(tmp_path):
     assert message.startswith(f"error: {b / 'predictions' / 'step-0.jsonl'}: missing")
 
 
+@pytest.mark.fast
 def test_different_questions_are_refused_naming_both_files(tmp_path):
     a = write_run(tmp_path / "a", {0: bools(1, 3)})
     b = write_run(tmp_path / "b", {0: bools(1, 3)}, args={"lr": 1.0}, questions={2: "Another question?"})
@@ -333,6 +355,7 @@ def test_different_questions_are_refused_naming_both_files(tmp_path):
     assert str(a / "predictions" / "step-0.jsonl") in message and str(b / "predictions" / "step-0.jsonl") in message
 
 
+@pytest.mark.fast
 def test_coco_questions_match_by_row_even_if_the_images_moved(tmp_path):
     a = write_run(tmp_path / "a", {0: bools(1, 3)}, holdout={0: bools(1, 3)})
     b = write_run(tmp_path / "b", {0: bools(2, 3)}, holdout={0: bools(2, 3)}, args={"lr": 1.0})
@@ -345,6 +368,7 @@ def test_coco_questions_match_by_row_even_if_the_images_moved(tmp_path):
         cr.paired_comparison(groups[0], groups[1], "holdout", 0, 0)
 
 
+@pytest.mark.fast
 def test_an_incomplete_seed_does_not_cut_the_group_curve_short(tmp_path):
     full = write_run(tmp_path / "x_seed0", {0: bools(2, 10), 10: bools(4, 10), 20: bools(6, 10)}, seed=0)
     cut = write_run(tmp_path / "x_seed1", {0: bools(4, 10), 10: bools(6, 10)}, seed=1, complete=False)
@@ -354,6 +378,7 @@ def test_an_incomplete_seed_does_not_cut_the_group_curve_short(tmp_path):
     assert mean == pytest.approx([0.3, 0.5, 0.6]) and std == pytest.approx([0.1414, 0.1414, 0.0], abs=1e-4)
 
 
+@pytest.mark.fast
 def test_unwritable_out_is_one_line(tmp_path):
     run = write_run(tmp_path / "run", {0: bools(1, 2)})
     (tmp_path / "file").write_text("")
@@ -383,6 +408,7 @@ def write_spatial_run(folder, losses, *, weight=1.0, seed=0, log_every=1):
     return folder
 
 
+@pytest.mark.fast
 def test_block_bootstrap_interval_by_hand():
     values = [0.1, -0.3, 0.2, 0.4, -0.1, 0.0, 0.3, -0.2]
     assert cr.block_bootstrap_interval([0.25] * 9) == pytest.approx((0.25, 0.25))
@@ -392,6 +418,7 @@ def test_block_bootstrap_interval_by_hand():
     assert low < sum(values) / len(values) < high
 
 
+@pytest.mark.fast
 def test_a_spatial_run_below_its_control_reads_as_optimised(tmp_path):
     control = [1.0 - 0.001 * s for s in range(20)]
     spatial = [control[0]] + [c - 0.1 for c in control[1:]]
@@ -403,6 +430,7 @@ def test_a_spatial_run_below_its_control_reads_as_optimised(tmp_path):
     assert row[7].startswith("below the control")
 
 
+@pytest.mark.fast
 def test_a_spatial_run_that_moves_like_its_control_reads_as_drift(tmp_path):
     noise = [0.0, 0.02, -0.03, 0.01, 0.03, -0.02, -0.01, 0.02, -0.02, 0.01, 0.0, -0.01]
     control = [1.0 - 0.01 * s for s in range(12)]
@@ -413,6 +441,7 @@ def test_a_spatial_run_that_moves_like_its_control_reads_as_drift(tmp_path):
     assert row[7].startswith("no difference from the control")
 
 
+@pytest.mark.fast
 def test_a_control_that_saw_other_batches_is_flagged_or_not_paired(tmp_path):
     control = [0.9] * 10
     runs = [cr.load_run(write_spatial_run(tmp_path / "spatial", [1.0] * 10)),
@@ -423,6 +452,7 @@ def test_a_control_that_saw_other_batches_is_flagged_or_not_paired(tmp_path):
     assert cr.spatial_control_rows([runs[0], other_seed]) == []  # another seed: not its control
 
 
+@pytest.mark.fast
 def test_brief_prints_the_spatial_loss_against_its_control(tmp_path, capsys):
     control = [1.0 - 0.001 * s for s in range(10)]
     spatial = [control[0]] + [c - 0.05 for c in control[1:]]

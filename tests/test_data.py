@@ -17,6 +17,7 @@ def _png(path, size=112):
 
 # --- file names ------------------------------------------------------------------------------
 
+@pytest.mark.fast
 def test_our_name_round_trips_multi_word_names():
     layout = GridLayout("teddy bear", (0, 3), "red circle", (2, 1), size=124, variant=2)
     name = data.format_grid_name(layout)
@@ -26,6 +27,7 @@ def test_our_name_round_trips_multi_word_names():
     assert data.parse_grid_name(data.format_grid_name(plain)) == plain
 
 
+@pytest.mark.fast
 def test_original_name_form_is_read_with_default_size():
     layout = data.parse_grid_name("frog_0-2_camel_3-1.png")
     assert layout == GridLayout("frog", (0, 2), "camel", (3, 1), size=224)
@@ -33,6 +35,7 @@ def test_original_name_form_is_read_with_default_size():
     assert (multi.obj1, multi.cell1, multi.obj2, multi.cell2) == ("teddy bear", (1, 0), "fire hydrant", (1, 3))
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("name", [
     "frog.png", "frog_0-2.png", "a__c0r0__b__c1r1.png", "a__c0r0__b__c1r1__sX.png",
     "a__c0r0__b__c1r1__s74.jpg", "readme.txt", "__c0r0__b__c1r1__s74.png",
@@ -41,6 +44,7 @@ def test_unparseable_names(name):
     assert data.parse_grid_name(name) is None
 
 
+@pytest.mark.fast
 def test_bad_object_names_are_refused():
     for bad in ["", " dog", "dog ", "hot  dog", "snake_case", "a/b"]:
         with pytest.raises(ValueError):
@@ -49,6 +53,7 @@ def test_bad_object_names_are_refused():
 
 # --- training set ----------------------------------------------------------------------------
 
+@pytest.mark.fast
 def test_questions_and_answers_follow_columns_and_rows():
     qs = dict(data.questions_for_layout(GridLayout("a", (0, 3), "b", (2, 1))))
     assert qs == {"lr": "left", "ab": "below"}  # smaller column = left; larger row = lower
@@ -59,6 +64,7 @@ def test_questions_and_answers_follow_columns_and_rows():
     assert q[start:end] == "the teddy bear"
 
 
+@pytest.mark.fast
 def test_grid_dataset_counts_and_reports_unparseable(tmp_path):
     _png(tmp_path / data.format_grid_name(GridLayout("red circle", (0, 0), "dog", (1, 1), size=74)))
     _png(tmp_path / "frog_0-0_camel_0-2.png")
@@ -72,6 +78,7 @@ def test_grid_dataset_counts_and_reports_unparseable(tmp_path):
     assert answers == [("frog", "ab", "above"), ("red circle", "ab", "above"), ("red circle", "lr", "left")]
 
 
+@pytest.mark.fast
 def test_grid_dataset_without_usable_images_names_the_folder(tmp_path):
     _png(tmp_path / "unrelated.png")
     with pytest.raises(ValueError, match=str(tmp_path)):
@@ -96,6 +103,7 @@ def _fake_samples(objects, cells, size=124):
     return samples
 
 
+@pytest.mark.fast
 def test_holdout_split_keeps_both_orders_of_a_pair_together():
     samples = _fake_samples(["a", "b", "c", "d", "e"], [(0, 0), (1, 1), (2, 0)])
     train, holdout = data.split_holdout(samples, 0.3, seed=1)
@@ -107,6 +115,7 @@ def test_holdout_split_keeps_both_orders_of_a_pair_together():
     assert data.split_holdout(samples, 0.0)[1] == []
 
 
+@pytest.mark.fast
 def test_grouped_sampler_batches_share_obj1_cell_size_and_question_type():
     samples = _fake_samples(["a", "b", "c"], [(c, r) for c in range(4) for r in range(4)])
     sampler = data.GroupedBatchSampler(samples, range(len(samples)), batch_size=5, seed=3)
@@ -135,6 +144,7 @@ def test_grouped_sampler_batches_share_obj1_cell_size_and_question_type():
 
 # --- collator --------------------------------------------------------------------------------
 
+@pytest.mark.fast
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_collator_supervises_exactly_answer_and_end_of_turn(tiny, tmp_path, side):
     model, processor, adapter = tiny
@@ -164,6 +174,7 @@ def test_collator_supervises_exactly_answer_and_end_of_turn(tiny, tmp_path, side
     assert torch.isfinite(loss)
 
 
+@pytest.mark.fast
 def test_collator_left_and_right_padding_give_the_same_loss(tiny, tmp_path):
     model, processor, adapter = tiny
     img = _png(tmp_path / "img.png")
@@ -200,6 +211,7 @@ def _coco(tmp_path, rows=COCO_ROWS, images=True, sub=""):
     return path, root
 
 
+@pytest.mark.fast
 def test_coco_rows_articles_multi_word_nouns_and_all_relations(tmp_path):
     path, root = _coco(tmp_path)
     samples = data.load_coco_spatial(path, root)
@@ -217,11 +229,13 @@ def test_coco_rows_articles_multi_word_nouns_and_all_relations(tmp_path):
     assert data.load_coco_spatial(path, root, max_samples=2)[-1]["answer"] == "right"
 
 
+@pytest.mark.fast
 def test_coco_images_in_val2017_subfolder(tmp_path):
     path, root = _coco(tmp_path, sub="val2017")
     assert "val2017" in data.load_coco_spatial(path, root)[0]["image_path"]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("bad, message", [
     (["only one field"], "row 1 is malformed"),
     ([7, "A photo of a dog near a cat", "x"], "row 1: caption not in the COCO-Spatial template"),
@@ -233,6 +247,7 @@ def test_malformed_coco_row_is_named(tmp_path, bad, message):
         data.load_coco_spatial(path, root)
 
 
+@pytest.mark.fast
 def test_missing_coco_images_are_counted_and_the_first_named(tmp_path):
     rows = COCO_ROWS + [[1000 + i, "A photo of a cat above a dog", "A photo of a cat below a dog"] for i in range(6)]
     path, root = _coco(tmp_path, rows=rows, images=False)
@@ -244,6 +259,7 @@ def test_missing_coco_images_are_counted_and_the_first_named(tmp_path):
     assert text.count("00000000") == 1 and "(first: 000000000285.jpg)" in text and "\n" not in text
 
 
+@pytest.mark.fast
 def test_an_image_asked_about_twice_in_a_batch_is_decoded_once(tiny, tmp_path, monkeypatch):
     _, processor, adapter = tiny
     Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "camel_0-0_frog_1-1.png")

@@ -147,6 +147,7 @@ def test_layer_zero_is_the_embeddings(derived):
         assert norm(0) < 1e-3 * norm(layer), f"layer 0 is not the embeddings (vs layer {layer})"
 
 
+@pytest.mark.fast
 def test_one_group_matches_hand_computation(tiny_ro, grid_samples):
     model, processor, adapter = tiny_ro
     groups = data.group_indices(grid_samples, range(len(grid_samples)))
@@ -179,6 +180,7 @@ def test_one_group_matches_hand_computation(tiny_ro, grid_samples):
         assert centred.norm() > 0
 
 
+@pytest.mark.fast
 def test_folder_without_usable_images_exits_naming_it(tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not load when there are no images")

@@ -90,6 +90,7 @@ def test_once_per_image_equals_the_plain_path(family, grid_samples):
     assert worst > 100 * TOLERANCE
 
 
+@pytest.mark.fast
 def test_first_rows_of_checks_the_numbering():
     assert models.first_rows_of(torch.tensor([0, 1, 0, 2, 1])) == [0, 1, 3]
     with pytest.raises(ValueError, match="order of first appearance"):

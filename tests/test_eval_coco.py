@@ -88,6 +88,7 @@ def read_jsonl(path):
 LR, AB = ("left", "right"), ("above", "below")
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("text, options, expected", [
     ("Left.", LR, "left"),
     ("right", LR, "right"),
@@ -107,6 +108,7 @@ def test_parse_answer(text, options, expected):
     assert eval_coco.parse_answer(text, options) == expected
 
 
+@pytest.mark.fast
 def test_accuracy_report_counts():
     answers = ["left", "left", "right", "above", "below", "below", "below"]
     predictions = ["left", "right", "right", "", "below", "above", "below"]
@@ -177,6 +179,7 @@ def test_batched_left_padding_equals_one_at_a_time_when_answers_vary(sensitive, 
     assert len(set(scores1)) >= 3  # not one option everywhere
 
 
+@pytest.mark.fast
 def test_known_answers_generate_mode(tiny, standin):
     samples = standin[2]
     model, processor, adapter = rig(*tiny, first="right", second="below")
@@ -191,6 +194,7 @@ def test_known_answers_generate_mode(tiny, standin):
         assert report["per_relation"][rel]["correct"] == 0
 
 
+@pytest.mark.fast
 def test_known_answers_score_mode(tiny, standin):
     samples = standin[2]
     model, processor, adapter = rig(*tiny, first="right", second="below")
@@ -212,6 +216,7 @@ def test_known_answers_score_mode(tiny, standin):
     assert "agreement 0.5000" in eval_coco.format_report(report)
 
 
+@pytest.mark.fast
 def test_score_mode_on_the_plain_model(tiny_ro, standin):
     model, processor, adapter = tiny_ro
     samples = standin[2][:6]
@@ -235,6 +240,7 @@ def cli_args(standin, ckpt, output=None, batch_size=4):
     return args + (["--output", str(output)] if output is not None else [])
 
 
+@pytest.mark.fast
 def test_cli_writes_predictions(standin, generated, tiny_path, tmp_path, capsys):
     samples = standin[2]
     out = tmp_path / "preds" / "tiny.jsonl"
@@ -252,6 +258,7 @@ def test_cli_writes_predictions(standin, generated, tiny_path, tmp_path, capsys)
     assert [r["generated"] for r in rows] == [r["generated"] for r in generated[1]]
 
 
+@pytest.mark.fast
 def test_cli_missing_image_fails_before_the_model_loads(standin, tmp_path, monkeypatch):
     json_path, folder, _ = standin
     broken = tmp_path / "coco"

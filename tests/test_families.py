@@ -85,6 +85,7 @@ def select_default(model, adapter, protocol):
                              last_k_of=protocols.default("last_k_of", protocol))
 
 
+@pytest.mark.fast
 def test_load_and_structure(family):
     alias, model, processor, adapter = family
     assert type(model).__name__ == FAMILIES[alias][0]
@@ -108,6 +109,7 @@ def test_load_and_structure(family):
     assert tied == (alias == "tiny-gemma3")  # InternVL -hf and the rest keep a separate head
 
 
+@pytest.mark.fast
 def test_extra_weights_are_layer_scale_and_gates(family):
     alias, model, _, adapter = family
     lists = adapter.vision_block_lists(model)
@@ -122,6 +124,7 @@ def test_extra_weights_are_layer_scale_and_gates(family):
         assert extra == set()
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("protocol", ["paper", "clean"])
 def test_default_selection_under_each_protocol(family, protocol):
     alias, model, _, adapter = family
@@ -194,6 +197,7 @@ def test_collator_targets_decode_to_the_end_of_obj2_for_every_grid_sample(family
     assert len(grid.samples) > 600
 
 
+@pytest.mark.fast
 def test_a_name_off_the_token_boundary_is_an_error_naming_the_sample(family, grid):
     _, _, processor, adapter = family
     sample = dict(grid.samples[0])
@@ -203,6 +207,7 @@ def test_a_name_off_the_token_boundary_is_an_error_naming_the_sample(family, gri
         data.VLMCollator(processor, adapter)([sample])
 
 
+@pytest.mark.fast
 def test_a_caller_holding_only_the_processor_finds_its_adapter(family, grid):
     _, _, processor, adapter = family
     found = models.adapter_for_processor(processor)
@@ -215,6 +220,7 @@ def test_a_caller_holding_only_the_processor_finds_its_adapter(family, grid):
         data.VLMCollator(processor, adapter.end_of_turn)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("mode", ["generate", "score"])
 def test_eval_runs_in_both_modes(family, grid, mode):
     _, model, processor, adapter = family
@@ -228,6 +234,7 @@ def test_eval_runs_in_both_modes(family, grid, mode):
         assert [processor.tokenizer.decode([i]).strip() for i in ids] == ["left", "right"]
 
 
+@pytest.mark.fast
 def test_legacy_tail_length_would_misplace_llava_targets(grid):
     """The trap the matching avoids: a Llama-2 tokenizer prepends "▁" to a fragment tokenized
     alone, so counting the tokens of the text after obj2 on its own lands off the name."""
@@ -241,6 +248,7 @@ def test_legacy_tail_length_would_misplace_llava_targets(grid):
     assert legacy != int(batch["target_positions"][0])
 
 
+@pytest.mark.fast
 def test_mllama_hidden_states_count_cross_attention_layers_only_with_an_image(grid):
     """With an image every LM layer runs and hidden_states[L] is the output of lm_layers[L-1]
     (what derivation and the spatial loss both use: capture_layer hooks lm_layers). Without one the
@@ -260,6 +268,7 @@ def test_mllama_hidden_states_count_cross_attention_layers_only_with_an_image(gr
     assert len(out.hidden_states) == n_self + 1
 
 
+@pytest.mark.fast
 def test_id_derivation_counts_layers_as_the_spatial_loss_does(family, grid):
     """derive_spatial_ids reads hidden_states[L] with the image in, so it has one state per LM
     layer plus the embeddings, the same L that capture_layer hooks (lm_layers[L-1])."""
@@ -280,6 +289,7 @@ def test_id_derivation_counts_layers_as_the_spatial_loss_does(family, grid):
     assert torch.allclose(sl.gather_target_states(hidden[2], positions), sl.gather_target_states(cap.states, positions))
 
 
+@pytest.mark.fast
 def test_internvl_unset_tying_means_a_separate_head():
     """InternVL3 -hf stores lm_head apart from the embeddings, but a 5.x InternVLConfig that leaves
     tying unset ties them (from_pretrained only refuses when both stored tensors differ; a model
@@ -306,6 +316,7 @@ def test_internvl_unset_tying_means_a_separate_head():
     assert full.lm_head.weight is not full.get_input_embeddings().weight
 
 
+@pytest.mark.fast
 def test_a_span_starting_inside_a_token_is_an_error(family, grid):
     _, _, processor, adapter = family
     s = grid.samples[0]
@@ -320,6 +331,7 @@ def test_a_span_starting_inside_a_token_is_an_error(family, grid):
         adapter.token_span_from(tok, text, inside, row, len(row) - 1, "sample-x")
 
 
+@pytest.mark.fast
 def test_the_config_alone_gives_the_hidden_size_and_layer_count(family):
     """train.py checks an ID file against these before loading the weights."""
     alias, model, _, adapter = family
@@ -330,6 +342,7 @@ def test_the_config_alone_gives_the_hidden_size_and_layer_count(family):
     assert config.get_text_config().num_hidden_layers == len(adapter.lm_layers(model))
 
 
+@pytest.mark.fast
 def test_the_lm_sees_the_image(family, grid):
     """Two images of one question give different states at obj2's token in the last LM layer,
     beyond float rounding: the image reaches the LM. It failed on the tiny Gemma-3 while its

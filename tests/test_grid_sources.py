@@ -128,6 +128,7 @@ def test_derivation_from_objects_equals_derivation_from_folder(tmp_path, tiny_pa
     assert provenance["images"].startswith("rendered on the fly: objects=builtin (pink heart, cyan hexagon)")
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("argv, expected", [
     (["--cell", "28"], "argument --cell: a layout flag for images drawn on the fly; it needs --train_objects"),
     (["--train_objects", "builtin", "--train_dir", "x"], "give it or --train_dir, not both"),
@@ -138,6 +139,7 @@ def test_flag_errors_at_parse_time(argv, expected, capsys):
     assert expected in capsys.readouterr().err
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("argv, expected", [
     (["--train_objects", "nowhere"], "argument --train_objects: objects folder not found: nowhere"),
     (["--train_objects", "builtin", "--objects", "red circle", "plaid zebra"], "argument --objects: unknown object(s) ['plaid zebra']"),

@@ -32,6 +32,7 @@ def shuffled(ids, seed):
 
 # --- Figure 5 ----------------------------------------------------------------------------------
 
+@pytest.mark.fast
 @pytest.mark.parametrize("seed", range(5))
 def test_a_planted_grid_code_projects_monotone_and_the_same_ids_shuffled_do_not(seed):
     ids = planted_ids(seed)
@@ -44,6 +45,7 @@ def test_a_planted_grid_code_projects_monotone_and_the_same_ids_shuffled_do_not(
     assert broken["rho_col"] < 0.5 and broken["rho_row"] < 0.5, broken
 
 
+@pytest.mark.fast
 def test_spearman_by_hand():
     assert diag.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert diag.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -52,6 +54,7 @@ def test_spearman_by_hand():
     assert diag.spearman([1, 1, 1], [1, 2, 3]) is None
 
 
+@pytest.mark.fast
 def test_figure5_draws_one_panel_per_layer(tmp_path):
     projections = {layer: diag.plane_projection(planted_ids(layer, sizes=(74, 124)),
                                                 *derive_spatial_ids.axis_directions(planted_ids(layer, sizes=(74, 124))))
@@ -96,6 +99,7 @@ def constructed_states(shared, offset=0.0, seed=0):
     return torch.stack(rows)[:, None, :], samples
 
 
+@pytest.mark.fast
 def test_a_shared_code_agrees_across_pairs_and_per_pair_codes_do_not():
     shared = diag.diagnose_states(*constructed_states(shared=True), layers=[5])[5]
     own = diag.diagnose_states(*constructed_states(shared=False), layers=[5])[5]
@@ -106,6 +110,7 @@ def test_a_shared_code_agrees_across_pairs_and_per_pair_codes_do_not():
     assert own["r2_within_pair"] > 0.8 and own["r2_pooled"] < 0.4
 
 
+@pytest.mark.fast
 def test_a_code_tiny_beside_the_state_reads_as_leakage():
     """The same shared code under a group offset 10,000 times its size: every statistic of the
     centred state is unchanged, only the cell part / state ratio tells it is a rounding-size leak."""
@@ -116,6 +121,7 @@ def test_a_code_tiny_beside_the_state_reads_as_leakage():
     assert diag.most_universal_layer({5: plain}) == 5 and diag.most_universal_layer({5: buried}) is None
 
 
+@pytest.mark.fast
 def test_spatial_loss_over_batches_by_hand():
     raw = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 5.0], [0.0, 1.0]])
     keys = [(0, 0, 124), (1, 0, 124), (0, 0, 124), (1, 0, 124)]
@@ -178,6 +184,7 @@ def test_the_report_names_the_run_scripts_layer_and_draws_figure5(diagnosed):
     assert diagnosed["tiny"]["json"]["layers"]["11"]["rho_col"] < 0.5
 
 
+@pytest.mark.fast
 def test_without_provenance_it_draws_figure5_only_and_says_so(tmp_path, capsys):
     from spatial_loss import save_universal_ids
 
@@ -190,6 +197,7 @@ def test_without_provenance_it_draws_figure5_only_and_says_so(tmp_path, capsys):
     assert (tmp_path / "d" / "figure5.png").is_file()
 
 
+@pytest.mark.fast
 def test_a_missing_ids_file_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as exc:
         diag.main(["--ids", str(tmp_path / "none.pt")])

@@ -120,6 +120,7 @@ def copy_of_modules(tmp_path):
     return tmp_path
 
 
+@pytest.mark.fast
 def test_a_reverse_import_at_the_top_is_found(copy_of_modules):
     data_py = copy_of_modules / "data.py"
     data_py.write_text("import train\n" + data_py.read_text())

@@ -66,6 +66,7 @@ def swap_training_answers(monkeypatch):
     monkeypatch.setattr(data.VLMCollator, "__call__", swapped)
 
 
+@pytest.mark.fast
 def test_tiny_warm_objects_and_its_build_record(warm):
     assert not set(tiny_warm.PRETRAIN_OBJECTS) & set(data.BUILTIN_OBJECT_NAMES)  # the demo never trains on them
     assert set(tiny_warm.NEW_OBJECTS) <= set(data.BUILTIN_OBJECT_NAMES)
@@ -76,6 +77,7 @@ def test_tiny_warm_objects_and_its_build_record(warm):
     assert record["accuracy_pretraining_objects_new_layouts"] >= 0.95
 
 
+@pytest.mark.fast
 def test_tiny_warm_loads_the_shipped_weights_and_refuses_a_damaged_copy(tmp_path, monkeypatch):
     """tiny-warm is never rebuilt on the fly (another CPU would train another model): loading
     checks the shipped files against SHA256SUMS, and a changed byte stops it with the file named."""

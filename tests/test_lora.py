@@ -71,6 +71,7 @@ def test_lora_trains_only_adapters_and_round_trips(tiny, batch, tmp_path):
         assert torch.allclose(merged(**inputs).logits, trained, atol=1e-4)
 
 
+@pytest.mark.fast
 def test_lora_budget_counts_adapter_parameters(tiny):
     model, _, adapter = tiny
     fc1 = adapter.vision_blocks(model)[-1].mlp.fc1
@@ -81,6 +82,7 @@ def test_lora_budget_counts_adapter_parameters(tiny):
     assert any("did not fit the budget" in n for n in sel.notes)
 
 
+@pytest.mark.fast
 def test_lora_cli_and_errors(tiny):
     model, _, adapter = tiny
     parser = add_selector_args(argparse.ArgumentParser())

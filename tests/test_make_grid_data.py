@@ -52,6 +52,7 @@ def plain_grid(objects, tmp_path_factory):
 # Objects
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.fast
 def test_builtin_objects_match_names_and_are_deterministic(objects):
     assert list(objects) == list(data.BUILTIN_OBJECT_NAMES)
     again = mg.builtin_objects(render_size=48)
@@ -70,6 +71,7 @@ def test_builtin_objects_match_names_and_are_deterministic(objects):
     assert len(shapes) == len(objects)
 
 
+@pytest.mark.fast
 def test_load_objects_dir(tmp_path):
     folder = tmp_path / "renders"
     folder.mkdir()
@@ -98,6 +100,7 @@ def test_load_objects_dir(tmp_path):
 # Grid images
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.fast
 def test_same_seed_gives_identical_bytes(objects, tmp_path):
     objs = pick(objects, *PAIR)
     kw = dict(cell=CELL, sizes=(124,), local_variation=True, max_images=60, progress=False)
@@ -143,11 +146,13 @@ def assert_in_cells(path, tol=45):
         assert abs(x - (col + 0.5) * CELL) < 3 and abs(y - (row + 0.5) * CELL) < 3, (path.name, name, x, y)
 
 
+@pytest.mark.fast
 def test_objects_are_in_the_named_cells(plain_grid):
     for path in plain_grid[::23]:
         assert_in_cells(path)
 
 
+@pytest.mark.fast
 def test_local_variation_and_backgrounds(objects, tmp_path):
     bgs = tmp_path / "bgs"
     bgs.mkdir()
@@ -173,6 +178,7 @@ def test_local_variation_and_backgrounds(objects, tmp_path):
                             bg_dir=tmp_path / "empty", progress=False)
 
 
+@pytest.mark.fast
 def test_local_variation_jitters_and_rotates_within_limits(objects):
     """A square's bounding box grows by (cos t + sin t)^2 = 1 + sin 2t when rotated by t: so up to
     1.5x at 15 degrees. Jitter changes its area, about +-10% in side."""
@@ -193,6 +199,7 @@ def test_local_variation_jitters_and_rotates_within_limits(objects):
     assert max(sides) - min(sides) > 0.06 * base, sides  # the size really varies
 
 
+@pytest.mark.fast
 def test_max_images_keeps_groups_in_order(objects, tmp_path):
     objs = pick(objects, *PAIR)
     full = mg.grid_layouts(objs, sizes=(124, 224), seed=5)
@@ -212,6 +219,7 @@ def test_max_images_keeps_groups_in_order(objects, tmp_path):
     assert [l.size for l in full[:480]] == [124] * 240 + [224] * 240
 
 
+@pytest.mark.fast
 def test_max_pairs(objects, tmp_path):
     objs = pick(objects, "red circle", "blue square", "green triangle")
     paths = mg.make_grid_images(tmp_path, objs, cell=CELL, sizes=(124,), no_same_row_or_col=True,
@@ -229,6 +237,7 @@ def test_max_pairs(objects, tmp_path):
 # COCO-Spatial stand-in
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.fast
 def test_coco_standin(objects, tmp_path, capsys):
     objs = pick(objects, "red circle", "blue square", "orange cross")
     json_path = mg.make_coco_standin(tmp_path / "a", objs, n=12, image_size=128, seed=1)
@@ -268,6 +277,7 @@ def test_coco_standin(objects, tmp_path, capsys):
 # CLI
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.fast
 @pytest.mark.parametrize("argv, flag", [
     (["--sizes", "124", "0"], "--sizes"),
     (["--sizes", "-5"], "--sizes"),
@@ -285,6 +295,7 @@ def test_cli_bad_args(tmp_path, capsys, argv, flag):
     assert not out.exists(), "nothing may be drawn before the arguments are checked"
 
 
+@pytest.mark.fast
 def test_cli_objects_dir_error_names_folder(tmp_path, capsys):
     folder = tmp_path / "only_one"
     folder.mkdir()

@@ -5,6 +5,7 @@ import data
 import models
 
 
+@pytest.mark.fast
 def test_tiny_model_is_a_real_qwen2vl_with_the_run_scripts_depths(tiny):
     model, processor, adapter = tiny
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
@@ -15,6 +16,7 @@ def test_tiny_model_is_a_real_qwen2vl_with_the_run_scripts_depths(tiny):
     assert model.lm_head.weight is not model.get_input_embeddings().weight
 
 
+@pytest.mark.fast
 def test_tiny_build_is_deterministic(tmp_path):
     a = models.build_tiny_model(tmp_path / "a")
     b = models.build_tiny_model(tmp_path / "b")
@@ -22,6 +24,7 @@ def test_tiny_build_is_deterministic(tmp_path):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+@pytest.mark.fast
 def test_tiny_tokenizer_covers_templates_and_names(tiny):
     _, processor, _ = tiny
     tok = processor.tokenizer
@@ -36,6 +39,7 @@ def test_tiny_tokenizer_covers_templates_and_names(tiny):
         assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1
 
 
+@pytest.mark.fast
 def test_unknown_model_offline_suggests_tiny_and_the_alias_list(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(models.ModelUnavailableError) as info:
@@ -48,11 +52,13 @@ def test_unknown_model_offline_suggests_tiny_and_the_alias_list(monkeypatch, tmp
     assert "qwen2-2b" in models.list_models() and "tiny-warm" in models.list_models()
 
 
+@pytest.mark.fast
 def test_aliases_resolve():
     assert models.resolve_model_name("qwen2-2b") == "Qwen/Qwen2-VL-2B-Instruct"
     assert models.resolve_model_name("some/other") == "some/other"
 
 
+@pytest.mark.fast
 def test_tiny_generates_through_the_kv_cache(tiny, tmp_path):
     from PIL import Image
 
@@ -66,6 +72,7 @@ def test_tiny_generates_through_the_kv_cache(tiny, tmp_path):
     assert out.shape[1] == batch["input_ids"].shape[1] + 3 or out[0, -1] == processor.tokenizer.eos_token_id
 
 
+@pytest.mark.fast
 def test_full_size_architecture_matches_qwen2vl_2b():
     model = models.full_size_model("qwen2-2b")
     adapter = models.adapter_for(model)
@@ -77,6 +84,7 @@ def test_full_size_architecture_matches_qwen2vl_2b():
     assert 2.2e9 < models.count_parameters(model) < 2.22e9
 
 
+@pytest.mark.fast
 def test_the_originals_aliases_exactly():
     original = {
         "llava-7b": "llava-hf/llava-1.5-7b-hf", "llava-13b": "llava-hf/llava-1.5-13b-hf",
@@ -91,6 +99,7 @@ def test_the_originals_aliases_exactly():
     assert set(original) <= set(models.FULL_SIZE_CONFIGS)  # each has a meta-device architecture
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("alias,family,n_vision,n_lm,billions", [
     ("qwen-3b", "qwen2_5_vl", 32, 36, (3.7, 3.8)),
     ("llava-7b", "llava", 24, 32, (7.0, 7.1)),
@@ -108,6 +117,7 @@ def test_full_size_architectures_on_the_meta_device(alias, family, n_vision, n_l
     assert billions[0] < models.count_parameters(model) / 1e9 < billions[1]
 
 
+@pytest.mark.fast
 def test_unknown_model_type_and_processor_are_one_line_errors():
     from transformers import BertConfig
 

@@ -37,6 +37,7 @@ def check_exact(model, sel, expected):
 
 # ------------------------------------------------------------------ Qwen2-VL-2B, meta device
 
+@pytest.mark.fast
 def test_default_vision_mlp_selects_last6_fc_weights(big):
     model, adapter = big
     sel = select_parameters(model, adapter)
@@ -47,6 +48,7 @@ def test_default_vision_mlp_selects_last6_fc_weights(big):
     assert sel.notes == []
 
 
+@pytest.mark.fast
 def test_train_biases_adds_the_mlp_biases(big):
     model, adapter = big
     sel = select_parameters(model, adapter, train_biases=True)
@@ -54,6 +56,7 @@ def test_train_biases_adds_the_mlp_biases(big):
                                                         "mlp.fc1.bias", "mlp.fc2.bias"]))
 
 
+@pytest.mark.fast
 def test_train_projector_adds_the_merger(big):
     model, adapter = big
     fc = expect(VIS, range(26, 32), ["mlp.fc1.weight", "mlp.fc2.weight"])
@@ -67,6 +70,7 @@ def test_train_projector_adds_the_merger(big):
     check_exact(model, sel, fc | bias | merger_w | merger_b)
 
 
+@pytest.mark.fast
 def test_vision_attn_and_norms_and_bitfit(big):
     model, adapter = big
     sel = select_parameters(model, adapter, selector="vision_attn_lastk", last_k_blocks=2)
@@ -78,6 +82,7 @@ def test_vision_attn_and_norms_and_bitfit(big):
     check_exact(model, sel, expect(VIS, [31], ["norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias"]))
 
 
+@pytest.mark.fast
 def test_lm_mlp_notes_tied_lm_head_and_selects_last6_mlps(big):
     model, adapter = big
     sel = select_parameters(model, adapter, selector="lm_mlp_lastk")
@@ -92,12 +97,14 @@ def test_lm_mlp_notes_tied_lm_head_and_selects_last6_mlps(big):
     assert not any("tied" in n for n in sel.notes)
 
 
+@pytest.mark.fast
 def test_lm_head_only_raises_on_tied_model(big):
     model, adapter = big
     with pytest.raises(ValueError, match="tied"):
         select_parameters(model, adapter, selector="lm_head_only")
 
 
+@pytest.mark.fast
 def test_lm_attn_is_qkvo_and_lm_norms_are_both_layernorms(big):
     model, adapter = big
     sel = select_parameters(model, adapter, selector="lm_attn_lastk")
@@ -110,6 +117,7 @@ def test_lm_attn_is_qkvo_and_lm_norms_are_both_layernorms(big):
         select_parameters(model, adapter, selector="lm_norms_lastk", bitfit_bias_only=True)
 
 
+@pytest.mark.fast
 def test_tiny_budget_is_a_zero_selection_error(big):
     model, adapter = big
     with pytest.raises(ValueError) as err:
@@ -118,6 +126,7 @@ def test_tiny_budget_is_a_zero_selection_error(big):
     assert "vision_mlp_lastk" in msg and "budget 2 params" in msg and "last_k_blocks=3" in msg
 
 
+@pytest.mark.fast
 def test_invalid_arguments(big):
     model, adapter = big
     with pytest.raises(ValueError) as err:
@@ -136,6 +145,7 @@ def test_invalid_arguments(big):
 
 # ------------------------------------------------------------------ tiny model (untied lm_head)
 
+@pytest.mark.fast
 def test_tiny_greedy_takes_largest_first_under_budget(tiny):
     model, _, adapter = tiny
     blocks = adapter.vision_blocks(model)
@@ -159,6 +169,7 @@ def test_tiny_greedy_takes_largest_first_under_budget(tiny):
     assert any("did not fit the budget" in n for n in sel.notes)
 
 
+@pytest.mark.fast
 def test_tiny_lm_head_only_and_summary(tiny):
     model, _, adapter = tiny
     assert model.lm_head.weight is not model.get_input_embeddings().weight
@@ -204,6 +215,7 @@ def test_cli_flags(tiny):
 
 # ------------------------------------------------------------------ protocols: projector and last_k_of
 
+@pytest.mark.fast
 def test_cli_projector_and_last_k_of_flags():
     import protocols
 
@@ -226,6 +238,7 @@ def test_cli_projector_and_last_k_of_flags():
     assert (args.projector, args.last_k_of) == ("on", "used")
 
 
+@pytest.mark.fast
 def test_name_match_never_matches_qwen_merger_and_on_takes_it(big):
     model, adapter = big
     fc = expect(VIS, range(26, 32), ["mlp.fc1.weight", "mlp.fc2.weight"])
@@ -250,6 +263,7 @@ def llava7b():
     return model, models.adapter_for(model)
 
 
+@pytest.mark.fast
 def test_llava_listed_picks_the_unused_last_block_and_warns(llava7b):
     model, adapter = llava7b
     tower = "model.vision_tower.encoder.layers.{}."
@@ -269,6 +283,7 @@ def test_llava_listed_picks_the_unused_last_block_and_warns(llava7b):
     select_parameters(model, adapter, selector="vision_norms_lastk", last_k_blocks=24, last_k_of="listed")
 
 
+@pytest.mark.fast
 def test_mllama_listed_is_local_26_31_and_used_is_global_2_7():
     model = models.full_size_model("llama-11b")
     adapter = models.adapter_for(model)
@@ -306,6 +321,7 @@ def test_families_table_matches_the_full_size_selection():
     assert rows == selection_table(list(models.FULL_SIZE_CONFIGS))
 
 
+@pytest.mark.fast
 def test_a_namespace_with_the_former_boolean_flags_still_selects_the_projector(big):
     model, adapter = big
     ns = argparse.Namespace(selector="vision_mlp_lastk", last_k_blocks=6, param_budget_frac=0.3,

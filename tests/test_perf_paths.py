@@ -65,6 +65,7 @@ def test_loss_equals_hf_labels_loss(tiny, grid_samples, side, path):
         assert ours.last_hidden_state.shape[:2] == batch["input_ids"].shape
 
 
+@pytest.mark.fast
 def test_loss_without_the_shift_differs(tiny, grid_samples, monkeypatch):
     """The equality above can fail: supervising each position with its own token (no shift) is
     another loss."""
@@ -77,6 +78,7 @@ def test_loss_without_the_shift_differs(tiny, grid_samples, monkeypatch):
     assert abs(unshifted.item() - reference.item()) > 1e-2
 
 
+@pytest.mark.fast
 def test_labels_argument_and_no_labels(tiny, grid_samples):
     model, processor, adapter = tiny
     batch, _, _ = _mixed_batch(grid_samples, processor, adapter)
@@ -116,6 +118,7 @@ def test_gradients_equal_hf_on_the_trainable_tensors(tiny, grid_samples, path):
         torch.testing.assert_close(ours[name], reference[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+@pytest.mark.fast
 def test_spatial_hook_sees_the_same_layer(tiny, grid_samples):
     model, processor, adapter = tiny
     batch, positions, _ = _mixed_batch(grid_samples, processor, adapter)
@@ -129,6 +132,7 @@ def test_spatial_hook_sees_the_same_layer(tiny, grid_samples):
         torch.testing.assert_close(out.last_hidden_state, hidden[N_LAYERS], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.fast
 def test_last_position_logits_equal_the_full_logits(tiny_ro_module, grid_samples):
     model, processor, adapter = tiny_ro_module
     batch, _, _ = _mixed_batch(grid_samples, processor, adapter, side="left")
@@ -141,6 +145,7 @@ def test_last_position_logits_equal_the_full_logits(tiny_ro_module, grid_samples
             torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.fast
 def test_adapter_method_is_used_when_present(tiny_ro_module, grid_samples):
     model, processor, adapter = tiny_ro_module
     batch, _, _ = _mixed_batch(grid_samples, processor, adapter)
@@ -170,6 +175,7 @@ def tiny_ro_module(tiny_path):
 # Evaluation
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.fast
 def test_score_mode_runs_no_generate_unless_asked(tiny_ro_module, grid_samples, monkeypatch):
     model, processor, adapter = tiny_ro_module
     samples = grid_samples[:5]
@@ -198,6 +204,7 @@ def test_score_mode_runs_no_generate_unless_asked(tiny_ro_module, grid_samples, 
     assert calls == [1] and report["n"] == 5
 
 
+@pytest.mark.fast
 def test_score_is_one_forward_per_batch_with_the_head_at_one_position(tiny_ro_module, grid_samples):
     model, processor, adapter = tiny_ro_module
     seen = []
@@ -305,6 +312,7 @@ def test_only_the_requested_layers_are_kept(tiny_ro_module, grid_samples, refere
             torch.testing.assert_close(per_layer[layer][key], full[layer][key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.fast
 def test_resolve_layers():
     assert dsi.resolve_layers(None, 12) == list(range(13)) == dsi.resolve_layers("all", 12)
     assert dsi.resolve_layers("11", 12) == [11]
@@ -324,6 +332,7 @@ def test_fewer_groups_give_noisier_ids(tiny_ro_module, grid_samples):
     assert few["relative_stderr"][11] > 1.3 * full["relative_stderr"][11]
 
 
+@pytest.mark.fast
 def test_cli_layers_flag(tiny_path, tmp_path, grid_samples):
     images = grid_samples[0]["image_path"].rsplit("/", 1)[0]
     out = tmp_path / "ids.pt"
@@ -337,6 +346,7 @@ def test_cli_layers_flag(tiny_path, tmp_path, grid_samples):
         dsi.main(["--model", "tiny", "--images", images, "--out", str(tmp_path / "b.pt"), "--layers", "13"])
 
 
+@pytest.mark.fast
 def test_forward_path_goes_through_a_wrapper(tiny_ro_module, grid_samples):
     """Under DistributedDataParallel / accelerate the model is a wrapper whose own forward must run
     (it syncs gradients); the default path calls the model it is given, never `.model` behind it."""
@@ -362,6 +372,7 @@ def test_forward_path_goes_through_a_wrapper(tiny_ro_module, grid_samples):
     assert logits.shape == (batch["input_ids"].shape[0], adapter.lm_head(model).out_features)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("family", ["tiny-qwen2.5", "tiny-llava", "tiny-mllama", "tiny-internvl", "tiny-gemma3"])
 def test_supervised_loss_equals_hf_loss_for_every_family(family, tmp_path):
     """The loss path train.py uses (the head at supervised positions through the model's own

@@ -147,6 +147,7 @@ def test_existing_out_is_refused_without_overwrite(paper_ids, extraction_dir, ca
 # Questions
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.fast
 def test_paper_training_question_uses_bare_names(tmp_path):
     Image.new("RGB", (16, 16)).save(tmp_path / "camel_1-2_frog_3-0.png")
     paper = data.GridDataset(tmp_path, "paper").samples
@@ -181,6 +182,7 @@ def _original_coco_question(caption):
     raise ValueError(caption)
 
 
+@pytest.mark.fast
 def test_paper_coco_questions_equal_the_originals(tmp_path):
     captions = ["A photo of a dog to the left of a chair", "A photo of an elephant above a potted plant",
                 "A photo of a cat below the dining table", "A photo of a bus to the right of an apple"]
@@ -226,6 +228,7 @@ def test_paper_baseline_batches_are_a_plain_shuffle_of_15(original_named):
     assert len(mixing) > len(batches) // 2
 
 
+@pytest.mark.fast
 def test_paper_spatial_batches_share_obj1_cell_obj2_and_mix_question_types(original_named):
     args, samples, sampler = _sampler_for(original_named, "--universal_id_path", "ids.pt")
     assert args.sampler == "obj1_groups"
@@ -242,12 +245,14 @@ def test_paper_spatial_batches_share_obj1_cell_obj2_and_mix_question_types(origi
     assert all(keys[i] == keys[i + 1] for i in range(0, len(keys), 2))
 
 
+@pytest.mark.fast
 def test_clean_batches_are_todays_grouped_batches(original_named):
     args, samples, sampler = _sampler_for(original_named, "--protocol", "clean", "--universal_id_path", "ids.pt")
     assert args.sampler == "grouped" and isinstance(sampler, data.GroupedBatchSampler)
     assert all(len({data.group_key(samples[i]) for i in b}) == 1 for b in sampler)
 
 
+@pytest.mark.fast
 def test_a_flag_overrides_the_protocol():
     args = train.parse_args(["--sampler", "grouped", "--question_style", "clean"])
     assert (args.protocol, args.sampler, args.question_style) == ("paper", "grouped", "clean")
@@ -255,6 +260,7 @@ def test_a_flag_overrides_the_protocol():
     assert args.protocol_choices["train_question_style"] == "paper"
 
 
+@pytest.mark.fast
 def test_shuffled_batches_cannot_carry_the_spatial_loss(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--universal_id_path", "ids.pt", "--sampler", "shuffle"])
@@ -301,6 +307,7 @@ def _ids_with_provenance(path, model, pairs=()):
     return path
 
 
+@pytest.mark.fast
 def test_ids_of_another_model_stop_the_run_before_the_model_loads(small_run_data, tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not load")
@@ -339,6 +346,7 @@ def test_ids_of_this_model_pass_and_holdout_overlap_is_named(small_run_data, tmp
     assert "holdout pairs" not in capsys.readouterr().out
 
 
+@pytest.mark.fast
 def test_ids_without_provenance_warn(small_run_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "load_model_and_processor", _model_reached)
     ids = _ids_with_provenance(tmp_path / "old.pt", "tiny")

@@ -225,6 +225,7 @@ def test_another_runs_checkpoint_needs_fork_and_an_empty_folder(dataset, tmp_pat
     assert [e["step"] for e in _events(fork, "eval")] == [0, 2, 4]
 
 
+@pytest.mark.fast
 def test_a_run_that_failed_before_its_first_step_does_not_block_a_rerun(dataset, tmp_path, tiny_path, monkeypatch):
     import train
 

@@ -88,6 +88,7 @@ def test_report_to_mirrors_the_metrics(dataset, tmp_path, tiny_path, monkeypatch
     assert [(step, v["train/lm_loss"]) for step, v in train_logs] == [(e["step"], e["lm_loss"]) for e in trains]
 
 
+@pytest.mark.fast
 def test_report_to_an_uninstalled_package_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit):

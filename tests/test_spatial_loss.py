@@ -77,6 +77,7 @@ def ids_file(tmp_path, layers=(LAYER,), hidden=4, cells=((0, 0, SIZE), (1, 0, SI
 # The loss
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.fast
 def test_loss_matches_hand_computation():
     cells = [(0, 0, SIZE), (1, 0, SIZE), (2, 3, SIZE)]
     ids = {cells[0]: torch.tensor([1.0, 0.0]), cells[1]: torch.tensor([0.0, 2.0]),
@@ -100,6 +101,7 @@ def test_loss_matches_hand_computation():
     assert loss.item() == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.fast
 def test_loss_zero_when_aligned_two_when_opposite_any_offset():
     torch.manual_seed(1)
     a, b = torch.randn(8), torch.randn(8)
@@ -115,6 +117,7 @@ def test_loss_zero_when_aligned_two_when_opposite_any_offset():
     assert 1 - raw_cos.item() > 0.05
 
 
+@pytest.mark.fast
 def test_loss_is_float32_for_bfloat16_input():
     torch.manual_seed(2)
     cells = [(0, 0, SIZE), (1, 1, SIZE), (2, 2, SIZE), (3, 3, SIZE)]
@@ -130,6 +133,7 @@ def test_loss_is_float32_for_bfloat16_input():
     assert loss_fn.to(torch.bfloat16)(states.detach(), cells).dtype == torch.float32
 
 
+@pytest.mark.fast
 def test_linear_head_starts_as_identity_and_trains():
     torch.manual_seed(3)
     cells = [(0, 0, SIZE), (1, 0, SIZE), (2, 0, SIZE)]
@@ -150,6 +154,7 @@ def test_linear_head_starts_as_identity_and_trains():
         sl.SpatialIDLoss(ids, head="mlp")
 
 
+@pytest.mark.fast
 def test_loss_errors_unknown_cell_and_batch_of_one():
     ids = {(0, 0, SIZE): torch.ones(4), (1, 0, SIZE): -torch.ones(4)}
     loss_fn = sl.SpatialIDLoss(ids)
@@ -161,6 +166,7 @@ def test_loss_errors_unknown_cell_and_batch_of_one():
         loss_fn(torch.randn(2, 4), [(0, 0, SIZE)] * 3)
 
 
+@pytest.mark.fast
 def test_gather_target_states():
     hidden = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
     out = sl.gather_target_states(hidden, torch.tensor([4, 1]))
@@ -173,6 +179,7 @@ def test_gather_target_states():
 # File I/O
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.fast
 def test_load_validates_cells_hidden_size_and_layer(tmp_path):
     path, obj = ids_file(tmp_path)
     ids = sl.load_universal_ids(path, LAYER, 4, needed_keys=[(0, 0, SIZE), [1, 0, SIZE]])
@@ -196,6 +203,7 @@ def test_load_validates_cells_hidden_size_and_layer(tmp_path):
     assert "layer 7" in msg and f"[{LAYER}]" in msg and str(path) in msg
 
 
+@pytest.mark.fast
 def test_pickled_custom_class_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({LAYER: {"universal": {(0, 0, SIZE): NotATensor()}}}, path)
@@ -206,6 +214,7 @@ def test_pickled_custom_class_is_refused(tmp_path):
     assert "NotATensor" in msg
 
 
+@pytest.mark.fast
 def test_garbage_and_missing_file(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a torch file")
@@ -218,6 +227,7 @@ def test_garbage_and_missing_file(tmp_path):
     assert "python derive_spatial_ids.py --model" in str(err.value) and "--out" in str(err.value)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("key", [int, str])
 def test_save_load_round_trip(tmp_path, key):
     torch.manual_seed(4)
@@ -242,6 +252,7 @@ def test_save_load_round_trip(tmp_path, key):
     assert torch.equal(sl.load_universal_ids(path, LAYER, 4)[(0, 0, SIZE)], obj[str(LAYER)]["universal"][(0, 0, SIZE)])
 
 
+@pytest.mark.fast
 def test_save_without_axes_writes_one_file(tmp_path):
     out = tmp_path / "ids.pt"
     assert sl.save_universal_ids(out, {LAYER: {(0, 0, SIZE): torch.ones(3)}}) == [out]
@@ -252,6 +263,7 @@ def test_save_without_axes_writes_one_file(tmp_path):
 # Layer capture on the tiny model
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.fast
 def test_capture_layer_matches_hf_hidden_states(tiny_ro, ro_batch):
     model, _, adapter = tiny_ro
     batch = {k: v for k, v in ro_batch.items() if k != "target_positions"}
@@ -288,6 +300,7 @@ def test_capture_layer_matches_hf_hidden_states(tiny_ro, ro_batch):
     assert cap.states is None
 
 
+@pytest.mark.fast
 def test_capture_layer_removes_hook_on_error_and_rejects_bad_layers(tiny_ro):
     model, _, adapter = tiny_ro
     before = hook_counts(model)
@@ -305,6 +318,7 @@ def test_capture_layer_removes_hook_on_error_and_rejects_bad_layers(tiny_ro):
     assert adapter.lm_final_norm(model) is model.model.language_model.norm
 
 
+@pytest.mark.fast
 def test_gradients_reach_vision_mlp_through_the_loss(tiny, tmp_path):
     model, processor, adapter = tiny
     name = "model.visual.blocks.7.mlp.fc1.weight"

@@ -100,6 +100,7 @@ def test_a_block_that_fails_to_compile_runs_eagerly_with_one_warning(batch, caps
     assert len(warnings) == 1 and "torch.compile" in warnings[0] and "eagerly" in warnings[0]
 
 
+@pytest.mark.fast
 def test_compile_none_leaves_the_model_alone():
     model, _, adapter = models.load_model_and_processor("tiny")
     forwards = [b.forward for b in adapter.lm_layers(model)]
@@ -110,6 +111,7 @@ def test_compile_none_leaves_the_model_alone():
         speedups.compile_blocks(model, adapter, "everything")
 
 
+@pytest.mark.fast
 def test_liger_falls_back_cleanly_without_it_or_a_gpu(capsys, monkeypatch):
     model, _, _ = models.load_model_and_processor("tiny")
     before = {n: p.clone() for n, p in model.state_dict().items()}
@@ -130,6 +132,7 @@ def test_liger_falls_back_cleanly_without_it_or_a_gpu(capsys, monkeypatch):
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
 
 
+@pytest.mark.fast
 def test_loader_settings():
     assert speedups.loader_settings("cpu") == {"num_workers": 0, "pin_memory": False}
     cuda = speedups.loader_settings("cuda", num_workers=4)

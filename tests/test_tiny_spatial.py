@@ -62,6 +62,7 @@ def test_the_recipe_runs_and_starts_where_the_shipped_build_started():
     assert relation == pytest.approx(1.003, abs=5e-3) and code == pytest.approx(1.015, abs=5e-3)
 
 
+@pytest.mark.fast
 def test_a_recipe_writes_its_folder_whole_or_not_at_all(tmp_path):
     """rebuild_shipped (both recipes' command line): an existing --out is refused without
     --overwrite, a build that fails leaves it as it was, one that succeeds replaces it."""

@@ -122,6 +122,7 @@ def test_baseline_script_run_folder_and_eval_reproduces_it(dataset, tmp_path):
     assert again == recorded
 
 
+@pytest.mark.fast
 def test_existing_run_is_not_overwritten(dataset, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -144,6 +145,7 @@ def test_spatial_run_logs_both_losses(dataset, tmp_path):
         assert e["loss"] == pytest.approx(e["lm_loss"] + 0.5 * e["spatial_loss"], rel=1e-5)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("case, message", [
     ("missing_cell", "(3, 3, 124)"),
     ("hidden_size", "64"),
@@ -170,6 +172,7 @@ def test_bad_spatial_ids_stop_before_training(dataset, tmp_path, case, message):
     assert not (out / "metrics.jsonl").exists()
 
 
+@pytest.mark.fast
 def test_bad_arguments_and_data_are_reported_before_the_model_loads(dataset, tmp_path, monkeypatch):
     def no_model(*a, **k):
         raise AssertionError("model loaded before the data was checked")
@@ -212,6 +215,7 @@ def test_resume_from_checkpoint_continues_exactly(dataset, tmp_path):
     assert _comparable(fork) == _comparable(straight)
 
 
+@pytest.mark.fast
 def test_resume_needs_a_checkpoint(dataset, tmp_path):
     with pytest.raises(SystemExit, match="no complete checkpoint-N"):
         train.main(_args(dataset, tmp_path / "empty", "--resume_from_checkpoint", "latest"))
