@@ -16,6 +16,15 @@ def tiny_path():
     return models.ensure_tiny_model()
 
 
+@pytest.fixture(scope="session")
+def tiny_ro(tiny_path):
+    """One unmodified (model, processor, adapter) of the tiny model, shared by every test that only
+    reads it (a test that changes weights, hooks or requires_grad takes `tiny`)."""
+    import models
+
+    return models.load_model_and_processor("tiny")
+
+
 @pytest.fixture
 def tiny(tiny_path):
     """A fresh (model, processor, adapter) of the built-in tiny model; tests may modify it."""

@@ -39,11 +39,6 @@ def derived(grid_dir, tiny_path, tmp_path_factory):
     return per_layer, stats, out
 
 
-@pytest.fixture(scope="module")
-def tiny_ro(tiny_path):
-    return models.load_model_and_processor("tiny")
-
-
 def test_grid_data_shape(grid_samples):
     # 2 ordered pairs x 16 obj1 cells x 15 obj2 cells; a question per differing axis
     assert len({s["image_path"] for s in grid_samples}) == 2 * 240

@@ -29,12 +29,6 @@ def standin(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_ro(tiny_path):
-    """One unmodified tiny model for the tests that only read it."""
-    return models.load_model_and_processor("tiny")
-
-
-@pytest.fixture(scope="module")
 def generated(tiny_ro, standin):
     """evaluate() of the unmodified tiny model, batch size 5 (batches of 5, 5, 2)."""
     model, processor, adapter = tiny_ro

@@ -133,8 +133,8 @@ def test_spatial_hook_sees_the_same_layer(tiny, grid_samples):
 
 
 @pytest.mark.fast
-def test_last_position_logits_equal_the_full_logits(tiny_ro_module, grid_samples):
-    model, processor, adapter = tiny_ro_module
+def test_last_position_logits_equal_the_full_logits(tiny_ro, grid_samples):
+    model, processor, adapter = tiny_ro
     batch, _, _ = _mixed_batch(grid_samples, processor, adapter, side="left")
     batch.pop("labels")
     with torch.no_grad():
@@ -146,8 +146,8 @@ def test_last_position_logits_equal_the_full_logits(tiny_ro_module, grid_samples
 
 
 @pytest.mark.fast
-def test_adapter_method_is_used_when_present(tiny_ro_module, grid_samples):
-    model, processor, adapter = tiny_ro_module
+def test_adapter_method_is_used_when_present(tiny_ro, grid_samples):
+    model, processor, adapter = tiny_ro
     batch, _, _ = _mixed_batch(grid_samples, processor, adapter)
     calls = []
 
@@ -164,20 +164,13 @@ def test_adapter_method_is_used_when_present(tiny_ro_module, grid_samples):
     assert calls and "labels" not in calls[0]
 
 
-@pytest.fixture(scope="module")
-def tiny_ro_module(tiny_path):
-    import models
-
-    return models.load_model_and_processor("tiny")
-
-
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.fast
-def test_score_mode_runs_no_generate_unless_asked(tiny_ro_module, grid_samples, monkeypatch):
-    model, processor, adapter = tiny_ro_module
+def test_score_mode_runs_no_generate_unless_asked(tiny_ro, grid_samples, monkeypatch):
+    model, processor, adapter = tiny_ro
     samples = grid_samples[:5]
     expected = eval_coco.score_answers(model, processor, adapter, samples, batch_size=1, progress=False)
     real_generate = eval_coco.generate_answers
@@ -205,8 +198,8 @@ def test_score_mode_runs_no_generate_unless_asked(tiny_ro_module, grid_samples, 
 
 
 @pytest.mark.fast
-def test_score_is_one_forward_per_batch_with_the_head_at_one_position(tiny_ro_module, grid_samples):
-    model, processor, adapter = tiny_ro_module
+def test_score_is_one_forward_per_batch_with_the_head_at_one_position(tiny_ro, grid_samples):
+    model, processor, adapter = tiny_ro
     seen = []
     handles = [model.model.register_forward_hook(lambda m, a, o: seen.append("backbone")),
                adapter.lm_head(model).register_forward_hook(lambda m, a, o: seen.append(tuple(o.shape)))]
@@ -242,8 +235,8 @@ def _one_group_per_forward(model, processor, adapter, samples):
 
 
 @pytest.fixture(scope="module")
-def reference_ids(tiny_ro_module, grid_samples):
-    return _one_group_per_forward(*tiny_ro_module, grid_samples)
+def reference_ids(tiny_ro, grid_samples):
+    return _one_group_per_forward(*tiny_ro, grid_samples)
 
 
 def _assert_same_ids(got, expected, layers):
@@ -255,8 +248,8 @@ def _assert_same_ids(got, expected, layers):
                                        msg=f"layer {layer}, cell {key}")
 
 
-def test_batched_derivation_equals_one_group_per_forward(tiny_ro_module, grid_samples, reference_ids):
-    model, processor, adapter = tiny_ro_module
+def test_batched_derivation_equals_one_group_per_forward(tiny_ro, grid_samples, reference_ids):
+    model, processor, adapter = tiny_ro
     expected, counts = reference_ids
     # 7 questions per pass: batches straddle groups of 12 and of fewer
     per_layer, stats = dsi.derive(model, processor, adapter, grid_samples, batch_size=7, progress=False)
@@ -272,11 +265,11 @@ def test_batched_derivation_equals_one_group_per_forward(tiny_ro_module, grid_sa
         assert all(torch.equal(same[layer][key], expected[layer][key]) for key in expected[layer])
 
 
-def test_centring_over_other_sets_than_the_groups_is_caught(tiny_ro_module, grid_samples, reference_ids,
+def test_centring_over_other_sets_than_the_groups_is_caught(tiny_ro, grid_samples, reference_ids,
                                                              monkeypatch):
     """The equality above can fail: centring each half-group on its own (as a batch boundary
     would, if batches were centred) gives other IDs."""
-    model, processor, adapter = tiny_ro_module
+    model, processor, adapter = tiny_ro
     expected, _ = reference_ids
     real = data.group_indices
 
@@ -292,8 +285,8 @@ def test_centring_over_other_sets_than_the_groups_is_caught(tiny_ro_module, grid
         _assert_same_ids(wrong, expected, [11])
 
 
-def test_only_the_requested_layers_are_kept(tiny_ro_module, grid_samples, reference_ids):
-    model, processor, adapter = tiny_ro_module
+def test_only_the_requested_layers_are_kept(tiny_ro, grid_samples, reference_ids):
+    model, processor, adapter = tiny_ro
     expected, _ = reference_ids
     stopped_after = []
     handles = [layer.register_forward_hook(lambda m, a, o, i=i: stopped_after.append(i))
@@ -323,8 +316,8 @@ def test_resolve_layers():
             dsi.resolve_layers(bad, 12)
 
 
-def test_fewer_groups_give_noisier_ids(tiny_ro_module, grid_samples):
-    model, processor, adapter = tiny_ro_module
+def test_fewer_groups_give_noisier_ids(tiny_ro, grid_samples):
+    model, processor, adapter = tiny_ro
     _, full = dsi.derive(model, processor, adapter, grid_samples, batch_size=24, progress=False, layers=[11])
     _, few = dsi.derive(model, processor, adapter, grid_samples, batch_size=24, progress=False, layers=[11],
                         max_groups=8)
@@ -347,10 +340,10 @@ def test_cli_layers_flag(tiny_path, tmp_path, grid_samples):
 
 
 @pytest.mark.fast
-def test_forward_path_goes_through_a_wrapper(tiny_ro_module, grid_samples):
+def test_forward_path_goes_through_a_wrapper(tiny_ro, grid_samples):
     """Under DistributedDataParallel / accelerate the model is a wrapper whose own forward must run
     (it syncs gradients); the default path calls the model it is given, never `.model` behind it."""
-    model, processor, adapter = tiny_ro_module
+    model, processor, adapter = tiny_ro
     batch, _, _ = _mixed_batch(grid_samples, processor, adapter)
     calls = []
 

@@ -53,12 +53,6 @@ def hook_counts(model):
 
 
 @pytest.fixture(scope="module")
-def tiny_ro(tiny_path):
-    """One tiny model shared by the tests that only read it."""
-    return models.load_model_and_processor("tiny")
-
-
-@pytest.fixture(scope="module")
 def ro_batch(tiny_ro, tmp_path_factory):
     _, processor, adapter = tiny_ro
     _, batch = grid_batch(processor, adapter, tmp_path_factory.mktemp("imgs"), [(1, 0), (2, 1), (3, 3)])
