@@ -5,6 +5,7 @@ IDs: obj1_groups batches, the spatial-ID loss) on the bench model saved to a fol
     python bench/train_throughput.py                        # CPU: the tiny bench model, 112 px images
     python bench/train_throughput.py --full_size --bf16 --cell 224 \\
         --step_log runs/gpu_check/full_size_step.txt        # a GPU: Qwen2-VL-2B, the paper's images
+    python bench/train_throughput.py --on_the_fly           # images drawn in the loader's workers
 
 It writes (under --out) the model with random weights and its processor, a grid folder (one object
 pair, one size, every cell pair: 240 images), a COCO stand-in and random spatial IDs, runs
@@ -29,6 +30,9 @@ import make_grid_data  # noqa: E402
 import spatial_loss  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# The layout of common.grid_folder's images (two built-in objects, one size, every cell pair), as
+# train.py's flags for drawing them on the fly (--on_the_fly).
+GRID_LAYOUT_FLAGS = ["--objects", *list(make_grid_data.builtin_objects())[:2], "--sizes", "124", "--max_pairs", "1"]
 
 
 def bench_step_seconds(step_log):
@@ -59,6 +63,9 @@ def main(argv=None):
     p.add_argument("--layer", type=int, default=11)
     p.add_argument("--out", default="runs/train_throughput")
     p.add_argument("--step_log", default=None, help="full_size_step.py's output, for the ratio")
+    p.add_argument("--on_the_fly", action="store_true",
+                   help="the loader's workers draw the same grid images on the fly (train.py --train_objects "
+                        "builtin) instead of reading the folder's files")
     args, train_args = p.parse_known_args(argv)
     out = Path(args.out)
     device, dtype = common.device_and_dtype(args.bf16)
@@ -82,7 +89,8 @@ def main(argv=None):
                                                        for c in range(4) for r in range(4)}})
     run = out / "run"
     command = [sys.executable, str(REPO / "train.py"), "--model_name", str(model_dir), "--protocol", "paper",
-               "--train_dir", str(grid), "--val_json", str(standin / "coco_qa_two_obj_standin.json"),
+               *(["--train_objects", "builtin", *GRID_LAYOUT_FLAGS, "--cell", str(args.cell)] if args.on_the_fly
+                 else ["--train_dir", str(grid)]), "--val_json", str(standin / "coco_qa_two_obj_standin.json"),
                "--coco_val_dir", str(standin), "--output_dir", str(run), "--overwrite_output_dir",
                "--spatial_holdout_frac", "0", "--universal_id_path", str(ids), "--spatial_id_layer", str(args.layer),
                "--batch_size", str(args.batch_size), "--max_steps", str(args.max_steps),
