@@ -24,7 +24,7 @@
 # bf16 weights where the step uses --bf16 (GPU_REHEARSAL=1, speedups.weights_dtype), pinned memory
 # asked of the loader (torch leaves the batches unpinned without an accelerator, with a warning),
 # 2 loader workers drawing images on the fly, every bench above, compile and Liger (which falls
-# back on a CPU), the demo with 4 steps per run. Outputs in runs/gpu_check_dry_run/. About 6
+# back on a CPU), the demo with 2 steps per run. Outputs in runs/gpu_check_dry_run/. About 6
 # minutes on a 2-core CPU (docs/performance.md); it finds the script's own bugs before a GPU is lent.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,12 +40,12 @@ if [ $DRY_RUN = 1 ]; then
   STEP_TIMEOUT="${STEP_TIMEOUT:-300}"
   export GPU_REHEARSAL=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   # The bench model (no --full_size), tiny images, one timed round, a few train.py steps.
-  FULL_STEP=(--tiny --cell 28 --batch_size 8 --bf16 --repeats 1)
+  FULL_STEP=(--tiny --cell 28 --batch_size 15 --bf16 --repeats 1)
   BENCH_448=(--bf16 --cell 28 --batch_size 8 --repeats 1)
   BENCH_896=(--bf16 --cell 56 --batch_size 8 --repeats 1)
-  E2E=(--bf16 --cell 28 --batch_size 8 --max_steps 6 --log_every 2 --num_workers 2)
+  E2E=(--bf16 --cell 28 --batch_size 8 --max_steps 4 --log_every 1 --num_workers 2)
   EVAL=(--bf16 --batch_size 2 --n 4 --image_size 112 --repeats 1)
-  DEMO_STEPS_RUN="${DEMO_STEPS:-4}"
+  DEMO_STEPS_RUN="${DEMO_STEPS:-2}"
 else
   OUT="${OUT:-runs/gpu_check}"
   STEP_TIMEOUT="${STEP_TIMEOUT:-300}"

@@ -199,9 +199,9 @@ def test_workers_draw_the_pixels_the_main_process_draws(drawn, tiny_processor):
         loader = torch.utils.data.DataLoader(drawn, batch_sampler=_sampler(drawn), collate_fn=collate,
                                              num_workers=workers)
         by_workers[workers] = list(loader)
-    for main, worker in zip(*by_workers.values(), strict=True):
-        assert torch.equal(main["pixel_values"], worker["pixel_values"])
-        assert torch.equal(main["input_ids"], worker["input_ids"])
+    for b, (main, worker) in enumerate(zip(*by_workers.values(), strict=True)):
+        assert torch.equal(main["pixel_values"], worker["pixel_values"]), f"batch {b}: 2 workers drew other pixels"
+        assert torch.equal(main["input_ids"], worker["input_ids"]), f"batch {b}: other tokens"
     # The pixels tell images apart: another seed draws others (so equal pixels are not trivial).
     other = grid_sources.RenderedGridDataset(grid_sources.GridRenderer(
         builtin_objects(28), cell=28, sizes=(124,), max_pairs=1, local_variation=True, seed=4), "paper")
