@@ -20,6 +20,12 @@ import sys
 import torch
 
 COMPILE_CHOICES = ("none", "vision", "lm", "all")
+# Graphs dynamo may keep per code object (its default: 8). Every block of both stacks runs the same
+# code (transformers' checkpointing-layer call), so one cache holds a graph per variant: vision and
+# LM blocks, a frozen block's input without grad and a trained block's with it, training and
+# evaluation (prefill and decode), new sequence lengths. Past the limit dynamo runs the rest
+# eagerly with only a log line: bench/gpu_check.sh --dry-run hit 8 within two tiny steps.
+COMPILE_RECOMPILE_LIMIT = 64
 
 # Set to 1 by `bench/gpu_check.sh --dry-run`: a CPU run takes the GPU's settings (bf16 weights
 # where --bf16 asks for them, pinned loader memory), so it walks the GPU run's code paths at tiny
@@ -83,6 +89,9 @@ def compile_blocks(model, adapter, which="all", backend="inductor"):
         warn(f"--compile_blocks: torch.compile ({backend_name}) cannot run here ({failure}); plain path")
         report.update(fallback=True, reason=failure)
         return report
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
+    report["recompile_limit"] = torch._dynamo.config.recompile_limit
+
     def guarded(block):
         eager = block.forward
         compiled = torch.compile(eager, backend=backend)
