@@ -43,7 +43,7 @@ if [ $DRY_RUN = 1 ]; then
   FULL_STEP=(--tiny --cell 28 --batch_size 15 --bf16 --repeats 1)
   BENCH_448=(--bf16 --cell 28 --batch_size 8 --repeats 1)
   BENCH_896=(--bf16 --cell 56 --batch_size 8 --repeats 1)
-  E2E=(--bf16 --cell 28 --batch_size 8 --max_steps 4 --log_every 1 --num_workers 2)
+  E2E=(--bf16 --cell 28 --batch_size 15 --max_steps 4 --log_every 1 --num_workers 2)  # 15: full_size_step's
   EVAL=(--bf16 --batch_size 2 --n 4 --image_size 112 --repeats 1)
   DEMO_STEPS_RUN="${DEMO_STEPS:-2}"
 else
