@@ -23,9 +23,9 @@
 # with the real vocabulary; 112-224 px images; a few steps and questions), through the same code:
 # bf16 weights where the step uses --bf16 (GPU_REHEARSAL=1, speedups.weights_dtype), pinned memory
 # asked of the loader (torch leaves the batches unpinned without an accelerator, with a warning),
-# 2 loader workers drawing images on the fly, every bench above, compile and Liger (which falls
-# back on a CPU), the demo with 2 steps per run. Outputs in runs/gpu_check_dry_run/. About 6
-# minutes on a 2-core CPU (docs/performance.md); it finds the script's own bugs before a GPU is lent.
+# 2 loader workers (drawing the images on the fly in three steps), every bench above, compile and Liger (which falls
+# back on a CPU), the demo with 2 steps per run. Outputs in runs/gpu_check_dry_run/. 5-9
+# minutes on a shared 2-core CPU (docs/performance.md); it finds the script's own bugs before a GPU is lent.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY_RUN=0
