@@ -322,3 +322,22 @@ def test_compiled_blocks_stay_compiled_through_training_and_evaluation(drawn, st
     assert not hits, f"dynamo ran blocks eagerly: {hits[0][:300]}"
     assert len(graphs) > 8, f"{len(graphs)} graphs: the run should need more than torch's default 8"
     assert report["recompile_limit"] == speedups.COMPILE_RECOMPILE_LIMIT and "fallback" not in report
+
+
+@pytest.mark.fast
+def test_train_throughput_compares_per_question_with_the_bench_own_batch(tmp_path):
+    """train.py's time per question against the logged bench step's: divided by the bench's own
+    batch (the dry run once divided full_size_step's 15-question step by train.py's 8)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import train_throughput
+
+    step = tmp_path / "full_size_step.txt"
+    step.write_text("batch 15 (the paper's spatial arm), 12 distinct images\n"
+                    "median of 1, once: forward 0.1 s, backward 0.1 s, step 0.300 s\n")
+    bench = tmp_path / "bench_train.txt"
+    bench.write_text("config: tiny Qwen2-VL, vocab 151,936, random weights, cpu torch.float32, batch 8, 112 px\n"
+                     "| ours_once: ours, each distinct image encoded once | 1.0 | 0.200 | 0.1 |\n")
+    assert train_throughput.bench_step_seconds(step) == 0.3 and train_throughput.bench_step_questions(step, 4) == 15
+    assert train_throughput.bench_step_seconds(bench) == 0.2 and train_throughput.bench_step_questions(bench, 4) == 8
+    step.write_text("median of 1, once: forward 0.1 s, backward 0.1 s, step 0.300 s\n")
+    assert train_throughput.bench_step_questions(step, 4) == 4  # no batch logged: train.py's
