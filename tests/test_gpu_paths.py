@@ -294,7 +294,7 @@ def test_gpu_check_names_an_unknown_step_before_running_any(tmp_path):
 # --compile_blocks through training and evaluation
 # ---------------------------------------------------------------------------------------------
 
-def test_compiled_blocks_stay_compiled_through_training_and_evaluation(drawn, standin, monkeypatch, caplog):
+def test_compiled_blocks_stay_compiled_through_training_and_evaluation(drawn, standin, caplog):
     """All blocks share one code object, so dynamo's per-code cache holds a graph for each variant
     (vision / LM block, frozen / trained input, training / evaluation, new lengths); at torch's
     default limit of 8 the rest ran eagerly with one log line, which the dry run's compile step
@@ -302,22 +302,26 @@ def test_compiled_blocks_stay_compiled_through_training_and_evaluation(drawn, st
     the vision blocks compiled (a capturing backend: dynamo's graphs run as captured) hit no limit;
     at the default limit they do (shown by breaking compile_blocks)."""
     caplog.set_level(logging.WARNING)  # dynamo's warning when it stops compiling, not its debug trace
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default, restored after
-    torch._dynamo.reset()  # graphs of other tests' models would fill the same cache
-    model, processor, adapter = models.load_model_and_processor("tiny")
-    param_selectors.select_parameters(model, adapter)  # the early vision blocks stay frozen
-    graphs = []
-    report = speedups.compile_blocks(model, adapter, "vision",
-                                     backend=lambda graph, inputs: graphs.append(graph) or graph.forward)
-    collate = data.VLMCollator(processor, adapter, encode_images_once=True)
-    left_right = [s for s in drawn.samples if s["qtype"] == "lr"][:3]
-    above_below = [s for s in drawn.samples if s["qtype"] == "ab"][:3]
-    for chunk in (left_right, left_right + above_below):  # a step, an evaluation, a step of another size
-        model.train()
-        inputs, _, _ = data.split_batch(collate(chunk), "cpu")
-        lm_loss.supervised_lm_loss(model, adapter, inputs).loss.backward()
-        eval_coco.evaluate(model, processor, adapter, standin[1][:2], 2, "score", progress=False)
-    torch._dynamo.reset()
+    # torch's default, restored after by dynamo's own patch (monkeypatch's undo would delete the
+    # setting from dynamo's config module); earlier tests' graphs would fill the same cache.
+    before = torch._dynamo.config.recompile_limit
+    with torch._dynamo.config.patch(recompile_limit=8):
+        torch._dynamo.reset()
+        model, processor, adapter = models.load_model_and_processor("tiny")
+        param_selectors.select_parameters(model, adapter)  # the early vision blocks stay frozen
+        graphs = []
+        report = speedups.compile_blocks(model, adapter, "vision",
+                                         backend=lambda graph, inputs: graphs.append(graph) or graph.forward)
+        collate = data.VLMCollator(processor, adapter, encode_images_once=True)
+        left_right = [s for s in drawn.samples if s["qtype"] == "lr"][:3]
+        above_below = [s for s in drawn.samples if s["qtype"] == "ab"][:3]
+        for chunk in (left_right, left_right + above_below):  # a step, an evaluation, a step of another size
+            model.train()
+            inputs, _, _ = data.split_batch(collate(chunk), "cpu")
+            lm_loss.supervised_lm_loss(model, adapter, inputs).loss.backward()
+            eval_coco.evaluate(model, processor, adapter, standin[1][:2], 2, "score", progress=False)
+        torch._dynamo.reset()
+    assert torch._dynamo.config.recompile_limit == before  # other tests see what they saw
     hits = [r.getMessage() for r in caplog.records if "recompile_limit" in r.getMessage()]
     assert not hits, f"dynamo ran blocks eagerly: {hits[0][:300]}"
     assert len(graphs) > 8, f"{len(graphs)} graphs: the run should need more than torch's default 8"
