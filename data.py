@@ -580,12 +580,14 @@ class VLMCollator:
 
 def split_batch(batch, device):
     """(model inputs, target_positions, target_cells) of a collated batch, moved to `device`.
-    target_cells is a list of (col, row, size) tuples, or None for samples without grid cells."""
+    target_cells is a list of (col, row, size) tuples, or None for samples without grid cells.
+    Every tensor moves with non_blocking=True: from the DataLoader's pinned memory (on CUDA) the
+    copies overlap with the host's work, and the kernels that read them wait on the same stream."""
     batch = dict(batch)
-    positions = batch.pop("target_positions").to(device)
+    positions = batch.pop("target_positions").to(device, non_blocking=True)
     cells = batch.pop("target_cells", None)
     cells = [tuple(c) for c in cells.tolist()] if cells is not None else None
-    return {k: v.to(device) for k, v in batch.items()}, positions, cells
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}, positions, cells
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 import benchmarks
 import data
 import protocols
+import speedups
 from checkpoints import CheckpointError, check_checkpoint_source, load_checkpoint_model
 from lm_loss import last_position_logits
 from models import ListModelsAction, ModelUnavailableError
@@ -423,8 +424,8 @@ def load_model(args):
     except (ModelUnavailableError, CheckpointError) as err:
         sys.exit(f"error: --ckpt {err}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if args.bf16 and device == "cuda" else torch.float32
-    if args.bf16 and device != "cuda":
+    dtype = speedups.weights_dtype(args.bf16, device)
+    if args.bf16 and dtype != torch.bfloat16:
         print("--bf16 ignored: no CUDA device, evaluating in float32", file=sys.stderr)
     try:
         return load_checkpoint_model(args.ckpt, dtype=dtype, device=device, source=source)

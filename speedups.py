@@ -4,6 +4,7 @@ clean fallback: when it cannot run here, one warning line and the plain path.
     compile_blocks(model, adapter, "vision" | "lm" | "all", backend)  # --compile_blocks
     apply_liger(model, device)                                        # --liger_kernel
     loader_settings(device_type, num_workers, processes)              # DataLoader defaults
+    weights_dtype(bf16, device)                                       # --bf16: CUDA, or a GPU rehearsal
 
 `torch.compile` is applied per transformer block (the vision tower's blocks, the LM's decoder
 layers), not to the whole model: a block is the unit that repeats, so one compiled graph serves
@@ -19,6 +20,29 @@ import sys
 import torch
 
 COMPILE_CHOICES = ("none", "vision", "lm", "all")
+# Graphs dynamo may keep per code object (its default: 8). Every block of both stacks runs the same
+# code (transformers' checkpointing-layer call), so one cache holds a graph per variant: vision and
+# LM blocks, a frozen block's input without grad and a trained block's with it, training and
+# evaluation (prefill and decode), new sequence lengths. Past the limit dynamo runs the rest
+# eagerly with only a log line: bench/gpu_check.sh --dry-run hit 8 within two tiny steps.
+COMPILE_RECOMPILE_LIMIT = 64
+
+# Set to 1 by `bench/gpu_check.sh --dry-run`: a CPU run takes the GPU's settings (bf16 weights
+# where --bf16 asks for them, pinned loader memory), so it walks the GPU run's code paths at tiny
+# size. Without it a CPU keeps float32 (bf16 matrix products are slow on most CPUs) and no pinning.
+GPU_REHEARSAL_ENV = "GPU_REHEARSAL"
+
+
+def gpu_rehearsal():
+    """True while bench/gpu_check.sh --dry-run rehearses the GPU run on a CPU."""
+    return os.environ.get(GPU_REHEARSAL_ENV) == "1"
+
+
+def weights_dtype(bf16, device):
+    """The weights' dtype for a --bf16 flag on `device`: bfloat16 on CUDA (or in a GPU rehearsal),
+    else float32."""
+    cuda = torch.device(device).type == "cuda"
+    return torch.bfloat16 if bf16 and (cuda or gpu_rehearsal()) else torch.float32
 
 
 def warn(message):
@@ -65,6 +89,9 @@ def compile_blocks(model, adapter, which="all", backend="inductor"):
         warn(f"--compile_blocks: torch.compile ({backend_name}) cannot run here ({failure}); plain path")
         report.update(fallback=True, reason=failure)
         return report
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
+    report["recompile_limit"] = torch._dynamo.config.recompile_limit
+
     def guarded(block):
         eager = block.forward
         compiled = torch.compile(eager, backend=backend)
@@ -127,13 +154,15 @@ def loader_settings(device_type, num_workers=None, processes=1):
     - num_workers: as asked; by default 0 on a CPU (the step itself needs the cores) and on CUDA
       up to 8 per process from the cores there are (decoding and processing 15 images per batch
       in the main process would stall the GPU);
-    - pin_memory on CUDA (page-locked batches copy to the GPU faster);
+    - pin_memory on CUDA (page-locked batches copy to the GPU faster, and without blocking:
+      data.split_batch moves them with non_blocking=True), and in a GPU rehearsal on a CPU (where
+      torch's DataLoader warns that no accelerator is found and leaves the batches as they are);
     - with workers: 4 batches prefetched per worker and persistent workers (no re-spawn, and no
       re-import of the processor, at every epoch)."""
     if num_workers is None:
         cores = os.cpu_count() or 1
         num_workers = min(8, max(cores // max(processes, 1) - 1, 0)) if device_type == "cuda" else 0
-    settings = {"num_workers": num_workers, "pin_memory": device_type == "cuda"}
+    settings = {"num_workers": num_workers, "pin_memory": device_type == "cuda" or gpu_rehearsal()}
     if num_workers > 0:
         settings.update(prefetch_factor=4, persistent_workers=True)
     return settings

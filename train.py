@@ -367,10 +367,9 @@ def _setup_model(args, accelerator, resume_dir, source):
     """(model, processor, adapter, selection): the base model (`source`, checked by
     _check_model_and_ids) with the trainable slice chosen and, when resuming, the checkpoint's
     trained tensors applied."""
-    cuda = accelerator.device.type == "cuda"
-    dtype = torch.bfloat16 if args.bf16 and cuda else torch.float32
+    dtype = speedups.weights_dtype(args.bf16, accelerator.device)
     accelerator.print(f"model: {args.model_name} in {str(dtype).removeprefix('torch.')} on {accelerator.device}"
-                      + (" (--bf16 applies on CUDA only)" if args.bf16 and not cuda else ""))
+                      + (" (--bf16 applies on CUDA only)" if args.bf16 and dtype != torch.bfloat16 else ""))
     model, processor, adapter = load_model_and_processor(args.model_name, dtype=dtype, device=accelerator.device,
                                                          source=source)
     selection = param_selectors.select_from_args(model, adapter, args)
@@ -487,6 +486,17 @@ def _loss_step(forward_model, model, adapter, batch, spatial_loss, args, device)
     return args.lm_loss_weight * lm + args.spatial_id_weight * aux, lm, aux
 
 
+def make_loader(grid, batch_sampler, processor, adapter, args, device_type, processes=1):
+    """(the training DataLoader, its settings for config.json): workers collate (and draw images on
+    the fly) with speedups.loader_settings' defaults, pinned memory on CUDA; they ignore the stop
+    signals, which are the main process's (checkpoints.StopRequest)."""
+    settings = speedups.loader_settings(device_type, args.num_workers, processes)
+    collate = data.VLMCollator(processor, adapter, skip_unreadable=True, encode_images_once=args.encode_images_once)
+    loader = torch.utils.data.DataLoader(grid, batch_sampler=batch_sampler, collate_fn=collate, **settings,
+                                         worker_init_fn=checkpoints.ignore_stop_signals)
+    return loader, settings
+
+
 def _weights_in_sync(params, accelerator):
     """True when every process holds the same trained tensors (a cheap checksum per tensor)."""
     sums = [float(p.detach().double().sum()) for p in params]
@@ -564,12 +574,8 @@ def main(argv=None):
     if args.liger_kernel:
         speed.update(speedups.apply_liger(model, accelerator.device))
     forward_model = accelerator.prepare(model) if processes > 1 else model
-    loader_settings = speedups.loader_settings(accelerator.device.type, args.num_workers, processes)
-    loader = torch.utils.data.DataLoader(
-        grid, batch_sampler=batch_sampler, **loader_settings, worker_init_fn=checkpoints.ignore_stop_signals,
-        collate_fn=data.VLMCollator(processor, adapter, skip_unreadable=True,
-                                    encode_images_once=args.encode_images_once),
-    )
+    loader, loader_settings = make_loader(grid, batch_sampler, processor, adapter, args, accelerator.device.type,
+                                          processes)
 
     # 6. run folder files (main process only)
     config = {"args": vars(args), "protocol": args.protocol, "protocol_choices": args.protocol_choices,

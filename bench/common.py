@@ -27,6 +27,7 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import make_grid_data  # noqa: E402
 import models  # noqa: E402
+import speedups  # noqa: E402
 import tiny_models  # noqa: E402
 
 REAL_VOCAB = 151936  # Qwen2-VL's vocabulary: the bench model's head has this many rows
@@ -110,9 +111,10 @@ def bench_model(full_size=False, device="cpu", dtype=torch.float32):
 
 
 def device_and_dtype(bf16=False):
+    """(device, weights dtype): --bf16 applies on CUDA, or on a CPU in a GPU rehearsal
+    (bench/gpu_check.sh --dry-run, speedups.weights_dtype)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if bf16 and device == "cuda" else torch.float32
-    return device, dtype
+    return device, speedups.weights_dtype(bf16, device)
 
 
 def sync(device):
@@ -241,7 +243,7 @@ def add_bench_args(parser):
 
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions after one warm-up")
     parser.add_argument("--full_size", action="store_true", help="the real Qwen2-VL-2B architecture (for a GPU)")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 weights (CUDA only)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 weights (CUDA, or a GPU rehearsal on a CPU)")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     return parser
 

@@ -9,6 +9,7 @@ selected tensors got gradients.
 
     python bench/full_size_step.py                       # CPU: small images, float32 (~2-3 min)
     python bench/full_size_step.py --cell 224 --batch_size 15 --bf16   # a GPU, the paper's images
+    GPU_REHEARSAL=1 python bench/full_size_step.py --tiny --cell 28 --bf16 --repeats 1  # the GPU step at tiny size
 
 The tokenizer is the tiny model's (the real one needs the hub); its special-token ids are written
 into the full-size config, so the prompt layout and the vision path are exactly the real ones.
@@ -35,33 +36,24 @@ def main():
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--layer", type=int, default=11)
     p.add_argument("--repeats", type=int, default=3, help="timed rounds of both paths after one warm-up")
+    p.add_argument("--tiny", action="store_true",
+                   help="the bench model (tiny Qwen2-VL, real vocabulary) instead of Qwen2-VL-2B: the same "
+                        "step at tiny size (bench/gpu_check.sh --dry-run)")
     args = p.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if args.bf16 and device == "cuda" else torch.float32
+    device, dtype = common.device_and_dtype(args.bf16)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
-
-    tiny = models.ensure_tiny_model()
-    tok_processor = models.QwenVLAdapter().build_processor(tiny)
-    tokenizer = tok_processor.tokenizer
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in models.SPECIAL_TOKENS}
-    config = Qwen2VLConfig(**models.FULL_SIZE_CONFIGS["qwen2-2b"], image_token_id=ids["<|image_pad|>"],
-                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                           vision_end_token_id=ids["<|vision_end|>"])
     t0 = time.perf_counter()
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen2VLForConditionalGeneration(config).to(dtype)
-    print(f"built Qwen2-VL-2B architecture on {device} ({dtype}) in {time.perf_counter() - t0:.1f} s, "
-          f"{models.count_parameters(model) / 1e9:.3f}B params")
-    adapter = models.adapter_for(model)
+    # The tokenizer is the tiny model's with the special-token ids written into the config; the
+    # processor has Qwen2-VL's real pixel limits: a 4x4 grid of `cell` px gives (4*cell/28)^2
+    # visual tokens.
+    model, processor, adapter = common.bench_model(not args.tiny, device, dtype)
+    ids = {t: processor.tokenizer.convert_tokens_to_ids(t) for t in models.SPECIAL_TOKENS}
+    print(f"built {'the bench model' if args.tiny else 'Qwen2-VL-2B architecture'} on {device} ({dtype}) in "
+          f"{time.perf_counter() - t0:.1f} s, {models.count_parameters(model) / 1e9:.3f}B params")
     selection = param_selectors.select_parameters(model, adapter)
     print(selection.summary())
 
-    # Real Qwen2-VL pixel limits: a 4x4 grid of `cell` px gives (4*cell/28)^2 visual tokens.
-    processor = models._image_only_qwen_processor_class()(
-        Qwen2VLImageProcessorPil(), tokenizer, chat_template=models.QWEN2VL_CHAT_TEMPLATE)
     group = common.arm_batches(common.grid_folder(args.cell), args.batch_size)["spatial"]
     batches = {name: data.split_batch(data.VLMCollator(processor, adapter, encode_images_once=once)(group), device)
                for name, once in (("per row", False), ("once", True))}
