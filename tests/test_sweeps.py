@@ -4,6 +4,7 @@ reports all 4; a killed sweep, rerun, skips what finished; the SLURM launcher ha
 `sbatch` one job array with the partition, the warning signal and requeue, after the ID job and
 before the report job; a job warned by the scheduler stops train.py at a saved step and asks to be
 requeued."""
+import fcntl
 import json
 import os
 import pickle
@@ -26,10 +27,27 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHON=sys.execu
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    """The COCO-Spatial stand-in and one ID file for every sweep here (derived by the first)."""
-    root = tmp_path_factory.mktemp("sweeps")
-    standin = make_grid_data.make_coco_standin(root, make_grid_data.builtin_objects(64), n=8, image_size=48, seed=0)
-    return {"standin": standin, "ids": root / "ids" / "tiny-warm.pt"}
+    """The COCO-Spatial stand-in and one ID file for every sweep here, derived here once with the
+    sweeps' own ID command: these tests need IDs but test none of their derivation (test_reproduce.py
+    does). Under pytest-xdist the workers share them: the first to take the lock makes them, the
+    others wait for it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "sweeps_shared"  # this session's, every worker's
+    else:
+        root = tmp_path_factory.mktemp("sweeps")
+    root.mkdir(exist_ok=True)
+    ids = root / "ids" / "tiny-warm.pt"
+    with (root / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (root / "done").is_file():
+            standin = make_grid_data.make_coco_standin(root, make_grid_data.builtin_objects(64), n=8, image_size=48,
+                                                       seed=0)
+            args = reproduce.parse_args(["--model", *_command({"standin": standin, "ids": ids}, root / "runs")[2:]])
+            done = subprocess.run(reproduce.ids_command(args), cwd=REPO, env=ENV, capture_output=True, text=True,
+                                  timeout=600)
+            assert done.returncode == 0 and ids.is_file(), done.stdout[-3000:] + done.stderr[-3000:]
+            (root / "done").write_text("")
+    return {"standin": root / make_grid_data.STANDIN_JSON, "ids": ids}
 
 
 def _command(shared, runs_dir, *sweep):
