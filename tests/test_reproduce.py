@@ -33,19 +33,14 @@ def _command(standin, root, *override):
             *override, "--max_steps", "2", "--batch_size", "8", "--eval_mode", "score", "--holdout_max_samples", "8"]
 
 
-def _run(cmd):
-    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    return done.returncode, done.stdout, done.stderr
-
-
 def _stage_lines(text):
     return [line for line in text.splitlines() if line.startswith("[reproduce]") and not line.startswith("[reproduce] $")]
 
 
-def test_missing_inputs_stop_before_any_model_with_one_line_each(tmp_path, standin):
+def test_missing_inputs_stop_before_any_model_with_one_line_each(tmp_path, standin, reproduce_here):
     cmd = _command(standin, tmp_path, "--train_objects", str(tmp_path / "renders"),
                    "--val_json", str(tmp_path / "coco_qa_two_obj.json"))
-    code, out, err = _run(cmd)
+    code, out, err = reproduce_here(*cmd[2:])
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 2, err
@@ -56,7 +51,7 @@ def test_missing_inputs_stop_before_any_model_with_one_line_each(tmp_path, stand
     assert not (tmp_path / "runs").exists() and not (tmp_path / "ids").exists()
 
 
-def test_killed_after_first_stage_resumes_and_skips_it(tmp_path, standin):
+def test_killed_after_first_stage_resumes_and_skips_it(tmp_path, standin, reproduce_here):
     cmd = _command(standin, tmp_path)
     ids = tmp_path / "ids" / "tiny-warm.pt"
     # First try: killed (the whole process group, SIGKILL) as soon as its first stage has finished.
@@ -74,8 +69,9 @@ def test_killed_after_first_stage_resumes_and_skips_it(tmp_path, standin):
     ids_time = ids.stat().st_mtime_ns
     assert not (tmp_path / "runs" / "summary.md").exists()
 
-    # The same command again: the IDs are reused (not rewritten), the runs and the report follow.
-    code, out, err = _run(cmd)
+    # The same command again (in this process: the killed one was reproduce.sh): the IDs are reused
+    # (not rewritten), the runs and the report follow.
+    code, out, err = reproduce_here(*cmd[2:])
     assert code == 0, err[-3000:]
     stages = _stage_lines(out)
     assert any(line.startswith("[reproduce] ids: skipped") for line in stages), stages
@@ -92,7 +88,7 @@ def test_killed_after_first_stage_resumes_and_skips_it(tmp_path, standin):
 
     # And once more: every stage is complete, nothing runs again.
     metrics_time = (tmp_path / "runs" / "baseline_seed0" / "metrics.jsonl").stat().st_mtime_ns
-    code, out, err = _run(cmd)
+    code, out, err = reproduce_here(*cmd[2:])
     assert code == 0, err[-3000:]
     assert [line.split(":")[0] for line in _stage_lines(out)] == [
         "[reproduce] inputs", "[reproduce] ids", "[reproduce] run baseline_seed0", "[reproduce] run spatial_w1_seed0",

@@ -4,6 +4,7 @@ reports all 4; a killed sweep, rerun, skips what finished; the SLURM launcher ha
 `sbatch` one job array with the partition, the warning signal and requeue, after the ID job and
 before the report job; a job warned by the scheduler stops train.py at a saved step and asks to be
 requeued."""
+import fcntl
 import json
 import os
 import pickle
@@ -26,10 +27,27 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHON=sys.execu
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    """The COCO-Spatial stand-in and one ID file for every sweep here (derived by the first)."""
-    root = tmp_path_factory.mktemp("sweeps")
-    standin = make_grid_data.make_coco_standin(root, make_grid_data.builtin_objects(64), n=8, image_size=48, seed=0)
-    return {"standin": standin, "ids": root / "ids" / "tiny-warm.pt"}
+    """The COCO-Spatial stand-in and one ID file for every sweep here, derived here once with the
+    sweeps' own ID command: these tests need IDs but test none of their derivation (test_reproduce.py
+    does). Under pytest-xdist the workers share them: the first to take the lock makes them, the
+    others wait for it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "sweeps_shared"  # this session's, every worker's
+    else:
+        root = tmp_path_factory.mktemp("sweeps")
+    root.mkdir(exist_ok=True)
+    ids = root / "ids" / "tiny-warm.pt"
+    with (root / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (root / "done").is_file():
+            standin = make_grid_data.make_coco_standin(root, make_grid_data.builtin_objects(64), n=8, image_size=48,
+                                                       seed=0)
+            args = reproduce.parse_args(["--model", *_command({"standin": standin, "ids": ids}, root / "runs")[2:]])
+            done = subprocess.run(reproduce.ids_command(args), cwd=REPO, env=ENV, capture_output=True, text=True,
+                                  timeout=600)
+            assert done.returncode == 0 and ids.is_file(), done.stdout[-3000:] + done.stderr[-3000:]
+            (root / "done").write_text("")
+    return {"standin": root / make_grid_data.STANDIN_JSON, "ids": ids}
 
 
 def _command(shared, runs_dir, *sweep):
@@ -41,11 +59,6 @@ def _command(shared, runs_dir, *sweep):
             "--coco_val_dir", str(shared["standin"].parent), "--ids", str(shared["ids"]), "--id_layers", "11",
             "--id_max_groups", "12", "--runs_dir", str(runs_dir), *sweep,
             "--max_steps", "2", "--batch_size", "8", "--eval_mode", "score", "--holdout_max_samples", "8"]
-
-
-def _run(cmd, env=ENV):
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    return done.returncode, done.stdout, done.stderr
 
 
 def _launches(runs_dir):
@@ -63,9 +76,10 @@ def _most_at_once(launches):
     return most
 
 
-def test_local_launcher_runs_four_two_at_a_time_and_reports_all(shared, tmp_path):
+def test_local_launcher_runs_four_two_at_a_time_and_reports_all(shared, tmp_path, reproduce_here):
     runs_dir = tmp_path / "runs"
-    code, out, err = _run(_command(shared, runs_dir, "--seeds", "0 1", "--launcher", "local", "--max_parallel", "2"))
+    cmd = _command(shared, runs_dir, "--seeds", "0 1", "--launcher", "local", "--max_parallel", "2")
+    code, out, err = reproduce_here(*cmd[2:])
     assert code == 0, out[-3000:] + err[-3000:]
     names = ["baseline_seed0", "spatial_w1_seed0", "baseline_seed1", "spatial_w1_seed1"]
     launches = _launches(runs_dir)
@@ -80,7 +94,7 @@ def test_local_launcher_runs_four_two_at_a_time_and_reports_all(shared, tmp_path
     assert "| ours: tiny-warm, --protocol paper, seeds 0 1 |" in (runs_dir / "summary.md").read_text()
 
 
-def test_a_killed_sweep_rerun_skips_what_finished(shared, tmp_path):
+def test_a_killed_sweep_rerun_skips_what_finished(shared, tmp_path, reproduce_here):
     runs_dir = tmp_path / "runs"
     # One seed: the baseline, the spatial arm at weight 0 (the control), an arm of its own on the LM's MLPs.
     cmd = _command(shared, runs_dir, "--spatial_id_weights", "0",
@@ -99,7 +113,7 @@ def test_a_killed_sweep_rerun_skips_what_finished(shared, tmp_path):
     finished_time = finished.stat().st_mtime_ns
     assert launchers.run_state(runs_dir / "lm_slice_w1_seed0") == "new"
 
-    code, out, err = _run(cmd)
+    code, out, err = reproduce_here(*cmd[2:])  # the same command (in this process: the killed one was reproduce.sh)
     assert code == 0, out[-3000:] + err[-3000:]
     assert "[reproduce] run baseline_seed0: skipped" in out
     assert "[reproduce] run spatial_w0_seed0: training" in out and "[reproduce] run lm_slice_w1_seed0: training" in out
@@ -144,19 +158,19 @@ def _sbatch_options(script):
     return [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH ")]
 
 
-def test_slurm_launcher_queues_ids_then_one_array_then_the_report(shared, tmp_path):
+def test_slurm_launcher_queues_ids_then_one_array_then_the_report(shared, tmp_path, reproduce_here):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("sbatch", FAKE_SBATCH), ("srun", "#!/bin/sh\nexit 0\n")):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    env = dict(ENV, PATH=f"{bin_dir}:{ENV['PATH']}")
+    env = {"PATH": f"{bin_dir}:{ENV['PATH']}"}
     runs_dir = tmp_path / "runs"
     ids = tmp_path / "ids" / "tiny-warm.pt"  # none yet: the ID stage becomes the first job
     cmd = _command(dict(shared, ids=ids), runs_dir, "--seeds", "0 1", "--spatial_id_weights", "0", "1",
                    "--launcher", "slurm", "--slurm_partition", "gpu-test", "--slurm_account", "lab",
                    "--timeout_min", "120", "--slurm_extra", "qos=high")
-    code, out, err = _run(cmd, env)
+    code, out, err = reproduce_here(*cmd[2:], env=env)
     assert code == 0, out[-3000:] + err[-3000:]
     calls = [json.loads(line) for line in (bin_dir / "sbatch_calls.jsonl").read_text().splitlines()]
     assert len(calls) == 3  # ids, the array, the report
@@ -180,7 +194,7 @@ def test_slurm_launcher_queues_ids_then_one_array_then_the_report(shared, tmp_pa
     (done / "final").mkdir(parents=True)
     (done / "final" / "README.md").write_text("card")
     (done / "metrics.jsonl").write_text(json.dumps({"event": "end", "step": 2}) + "\n")
-    code, out, err = _run(cmd, env)
+    code, out, err = reproduce_here(*cmd[2:], env=env)
     assert code == 0, out[-3000:] + err[-3000:]
     calls = [json.loads(line) for line in (bin_dir / "sbatch_calls.jsonl").read_text().splitlines()]
     assert "--array=0-4%5" in _sbatch_options(calls[4]["script"])
