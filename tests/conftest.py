@@ -75,3 +75,41 @@ def reproduce_here(capfd, monkeypatch):
         return code, out, err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def three_object_grid(tmp_path_factory):
+    """A small training set shared by the run tests: 90 grid images of three built-in objects (3
+    pairs) in `grid/`, a 6-question COCO-Spatial stand-in in `standin/`. Read only."""
+    import make_grid_data
+
+    root = tmp_path_factory.mktemp("three_object_grid")
+    objects = make_grid_data.builtin_objects(64)
+    names = ("red circle", "blue square", "green triangle")
+    make_grid_data.make_grid_images(root / "grid", {n: objects[n] for n in names}, cell=28, sizes=(124,),
+                                    max_pairs=3, max_images=90, seed=0, progress=False)
+    make_grid_data.make_coco_standin(root / "standin", objects, n=6, seed=0)
+    return root
+
+
+@pytest.fixture
+def kill_at_line():
+    """kill_at_line(cmd, prefix, cwd, env): start `cmd` in a process group of its own, SIGKILL the
+    whole group (its children too) as soon as it prints a line starting with `prefix`; returns
+    (its exit status, the lines it printed)."""
+    import signal
+    import subprocess
+
+    def run(cmd, prefix, cwd, env):
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith(prefix):
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        proc.wait(timeout=60)
+        return proc.returncode, seen
+
+    return run

@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoints
-import make_grid_data
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -25,14 +24,8 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("preemption_data")
-    objects = make_grid_data.builtin_objects(64)
-    names = ("red circle", "blue square", "green triangle")
-    make_grid_data.make_grid_images(root / "grid", {n: objects[n] for n in names}, cell=28, sizes=(124,),
-                                    max_pairs=3, max_images=90, seed=0, progress=False)
-    make_grid_data.make_coco_standin(root / "standin", objects, n=6, seed=0)
-    return root
+def dataset(three_object_grid):
+    return three_object_grid
 
 
 def _cmd(root, out, *extra, launcher=(sys.executable,)):

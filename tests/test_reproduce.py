@@ -3,8 +3,6 @@ COCO-Spatial stand-in): killed after its first finished stage and rerun, it skip
 missing input stops it with one line per input before any model loads; every run's final/ holds a
 model card."""
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -51,20 +49,12 @@ def test_missing_inputs_stop_before_any_model_with_one_line_each(tmp_path, stand
     assert not (tmp_path / "runs").exists() and not (tmp_path / "ids").exists()
 
 
-def test_killed_after_first_stage_resumes_and_skips_it(tmp_path, standin, reproduce_here):
+def test_killed_after_first_stage_resumes_and_skips_it(tmp_path, standin, reproduce_here, kill_at_line):
     cmd = _command(standin, tmp_path)
     ids = tmp_path / "ids" / "tiny-warm.pt"
     # First try: killed (the whole process group, SIGKILL) as soon as its first stage has finished.
-    first = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
-    seen = []
-    for line in first.stdout:
-        seen.append(line)
-        if line.startswith("[reproduce] ids: done"):
-            os.killpg(first.pid, signal.SIGKILL)
-            break
-    first.wait(timeout=60)
-    assert first.returncode != 0 and any("ids: deriving" in line for line in seen), "".join(seen)
+    code, seen = kill_at_line(cmd, "[reproduce] ids: done", REPO, ENV)
+    assert code != 0 and any("ids: deriving" in line for line in seen), "".join(seen)
     assert ids.is_file() and ids.with_suffix(".json").is_file()
     ids_time = ids.stat().st_mtime_ns
     assert not (tmp_path / "runs" / "summary.md").exists()

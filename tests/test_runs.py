@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 import checkpoints
 import data
 import eval_coco
-import make_grid_data
 import spatial_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,15 +25,10 @@ CELLS = [(c, r, 124) for c in range(4) for r in range(4)]
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run_data")
-    objects = make_grid_data.builtin_objects(64)
-    names = ("red circle", "blue square", "green triangle")
-    make_grid_data.make_grid_images(root / "grid", {n: objects[n] for n in names}, cell=28, sizes=(124,),
-                                    max_pairs=3, max_images=90, seed=0, progress=False)
-    make_grid_data.make_coco_standin(root / "standin", objects, n=6, seed=0)
+def dataset(three_object_grid, tmp_path_factory):
+    root = three_object_grid
     gen = torch.Generator().manual_seed(0)
-    ids = root / "ids.pt"
+    ids = tmp_path_factory.mktemp("run_ids") / "ids.pt"
     spatial_loss.save_universal_ids(ids, {11: {c: torch.randn(64, generator=gen) for c in CELLS}})
     return {"grid": root / "grid", "json": root / "standin" / "coco_qa_two_obj_standin.json",
             "coco": root / "standin", "ids": ids}

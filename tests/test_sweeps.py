@@ -94,21 +94,14 @@ def test_local_launcher_runs_four_two_at_a_time_and_reports_all(shared, tmp_path
     assert "| ours: tiny-warm, --protocol paper, seeds 0 1 |" in (runs_dir / "summary.md").read_text()
 
 
-def test_a_killed_sweep_rerun_skips_what_finished(shared, tmp_path, reproduce_here):
+def test_a_killed_sweep_rerun_skips_what_finished(shared, tmp_path, reproduce_here, kill_at_line):
     runs_dir = tmp_path / "runs"
     # One seed: the baseline, the spatial arm at weight 0 (the control), an arm of its own on the LM's MLPs.
     cmd = _command(shared, runs_dir, "--spatial_id_weights", "0",
                    "--arm", "lm_slice=--selector lm_mlp_lastk --spatial_id_weights 1", "--diagnose_checkpoints")
-    first = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
-    seen = []
-    for line in first.stdout:
-        seen.append(line)
-        if line.startswith("[reproduce] run baseline_seed0: done"):
-            os.killpg(first.pid, signal.SIGKILL)  # the whole sweep, its next run included
-            break
-    first.wait(timeout=60)
-    assert first.returncode != 0, "".join(seen)
+    # the whole sweep is killed, its next run included
+    code, seen = kill_at_line(cmd, "[reproduce] run baseline_seed0: done", REPO, ENV)
+    assert code != 0, "".join(seen)
     finished = runs_dir / "baseline_seed0" / "metrics.jsonl"
     finished_time = finished.stat().st_mtime_ns
     assert launchers.run_state(runs_dir / "lm_slice_w1_seed0") == "new"
