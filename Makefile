@@ -17,7 +17,7 @@ export OMP_NUM_THREADS
 # Test workers: one per core (`make test TEST_WORKERS=1` runs them in one process, in order).
 TEST_WORKERS ?= auto
 
-.PHONY: install test test-fast demo study clean
+.PHONY: install test test-fast demo study gpu-dry-run clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest tests -q -n $(TEST_WORKERS) -m fast
+
+# every step of bench/gpu_check.sh on this CPU at tiny size (docs/performance.md)
+gpu-dry-run: install
+	PYTHON=$(PY) bash bench/gpu_check.sh --dry-run
 
 demo: install
 	PYTHON=$(PY) bash demo.sh

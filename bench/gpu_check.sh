@@ -16,7 +16,7 @@
 # up to 8 workers x 4 prefetched x ~0.25 GB at 896 px, through shared memory.)
 # Each step's output goes to $OUT/<step>.txt (default runs/gpu_check/); a failing step is
 # reported and the next one still runs; the script exits 1 when a step failed.
-# Usage: bash bench/gpu_check.sh [--dry-run] [step ...]
+# Usage: bash bench/gpu_check.sh [--dry-run] [step ...]   (`make gpu-dry-run` from a fresh clone)
 # Issue 18's table alone: `bash bench/gpu_check.sh issue18` (full_size_step: step time once / per
 # row, FLOPs and MFU; bench_train_896: images encoded per batch and time saved per arm;
 # train_e2e, train_e2e_per_row: train.py's own step time against the bench step).
@@ -35,7 +35,11 @@ if [ "${1:-}" = "--dry-run" ]; then
   DRY_RUN=1
   shift
 fi
-PY="${PYTHON:-python3}"
+# The Python that has the requirements: $PYTHON, else the repo's .venv (make install), else python3.
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 if [ $DRY_RUN = 1 ]; then
   OUT="${OUT:-runs/gpu_check_dry_run}"
@@ -71,6 +75,10 @@ for step in "${STEPS[@]}"; do  # an unknown name stops the script before any ste
     *) echo "unknown step $step (known: ${ALL_STEPS[*]}, or issue18 alone)"; exit 2 ;;
   esac
 done
+if ! "$PY" -c "import torch, transformers" 2> /dev/null; then
+  echo "error: $PY cannot import torch and transformers: run \`make install\` first (then .venv/bin/python is used) or set PYTHON"
+  exit 2
+fi
 
 FAILED=()
 run_step() {

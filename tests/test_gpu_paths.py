@@ -269,6 +269,22 @@ def _gpu_check(tmp_path, *steps):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.fast
+def test_gpu_check_names_a_python_without_the_requirements_before_running_any(tmp_path):
+    """A fresh clone's python3 has no torch: one line saying what to do, exit 2, no step run (the
+    same script with a Python that has them runs: the dry-run test below)."""
+    bare = tmp_path / "python"
+    bare.write_text("#!/bin/sh\nexit 1\n")  # a Python in which `import torch` fails
+    bare.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(bare), OUT=str(tmp_path / "out"))
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run", "env"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"error: {bare} cannot import torch") and "make install" in last and len(last) < 300
+    assert not (tmp_path / "out" / "env.txt").exists()
+
+
 def test_gpu_check_dry_run_of_the_step_bench(tmp_path):
     """The full-size step's bench at tiny size, bf16 on the CPU, each image once and per row."""
     proc = _gpu_check(tmp_path, "full_size_step")
