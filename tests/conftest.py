@@ -113,3 +113,23 @@ def kill_at_line():
         return proc.returncode, seen
 
     return run
+
+
+@pytest.fixture
+def train_here():
+    """train_here(argv): train.py's main in the test's own process, with one torch thread as the runs
+    started in a process of their own get (OMP_NUM_THREADS=1): the same arithmetic to the last bit,
+    without the 3 or so CPU seconds of a new process's imports. Returns what main returns."""
+    import torch
+
+    import train
+
+    def run(argv):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return train.main(list(argv))
+        finally:
+            torch.set_num_threads(threads)
+
+    return run

@@ -67,22 +67,9 @@ def _final_trainable(run):
     return load_file(str(Path(run) / f"checkpoint-{STEPS}" / checkpoints.TRAINABLE))
 
 
-def _train_here(cmd):
-    """train.py's main on `cmd`'s flags in this process (no process's imports to pay), with one
-    thread as ENV gives the runs in their own process: the same arithmetic, to the last bit."""
-    import train
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train.main(cmd[2:])
-    finally:
-        torch.set_num_threads(threads)
-
-
-def test_sigterm_mid_run_saves_then_the_resume_equals_an_uninterrupted_run(dataset, tmp_path):
+def test_sigterm_mid_run_saves_then_the_resume_equals_an_uninterrupted_run(dataset, tmp_path, train_here):
     straight, cut = tmp_path / "straight", tmp_path / "cut"
-    assert _train_here(_cmd(dataset, straight))["step"] == STEPS
+    assert train_here(_cmd(dataset, straight)[2:])["step"] == STEPS
 
     code, output = _signal_after_step(_cmd(dataset, cut), cut, signal.SIGTERM, 2)
     assert code == checkpoints.PREEMPTED_EXIT_CODE == 75, output[-3000:]
@@ -94,7 +81,7 @@ def test_sigterm_mid_run_saves_then_the_resume_equals_an_uninterrupted_run(datas
     assert [s for s, _ in checkpoints.list_checkpoints(cut)] == [0, stopped_at]
     assert f"preempted (SIGTERM): stopped after step {stopped_at}" in output
 
-    assert _train_here(_cmd(dataset, cut, "--resume_from_checkpoint", "latest"))["step"] == STEPS
+    assert train_here(_cmd(dataset, cut, "--resume_from_checkpoint", "latest")[2:])["step"] == STEPS
     assert json.loads((cut / "config.json").read_text())["resumed"][0]["step"] == stopped_at
     a, b = _final_trainable(straight), _final_trainable(cut)
     assert a.keys() == b.keys() and len(a) == 12

@@ -63,12 +63,12 @@ def _events(run, kind):
 
 
 @pytest.mark.parametrize("arm", ["baseline", "spatial"])
-def test_two_processes_train_like_one_with_twice_the_accumulation(dataset, tmp_path, tiny_path, arm):
+def test_two_processes_train_like_one_with_twice_the_accumulation(dataset, tmp_path, tiny_path, arm, train_here):
     extra = ["--max_steps", "3"] + (["--universal_id_path", str(dataset["ids"])] if arm == "spatial" else [])
     multi, single = tmp_path / "multi", tmp_path / "single"
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
           str(REPO / "train.py"), *_args(dataset, multi, *extra)], tmp_path)
-    _run([sys.executable, str(REPO / "train.py"), *_args(dataset, single, *extra, "--grad_accum", "2")], tmp_path)
+    train_here(_args(dataset, single, *extra, "--grad_accum", "2"))  # one process: this one
 
     # one run folder, written once
     assert json.loads((multi / "config.json").read_text())["num_processes"] == 2
@@ -112,11 +112,11 @@ def _kill_when(cmd, cwd, ready, timeout=600):
         proc.wait()
 
 
-def test_kill_during_and_after_a_save_then_resume_latest(dataset, tmp_path, tiny_path):
+def test_kill_during_and_after_a_save_then_resume_latest(dataset, tmp_path, tiny_path, train_here):
     # Full checkpoints take long enough to write that the kill lands inside the save.
     common = ["--max_steps", "6", "--eval_save_steps", "2", "--save_full_checkpoints"]
     straight = tmp_path / "straight"
-    _run([sys.executable, str(REPO / "train.py"), *_args(dataset, straight, *common)], tmp_path)
+    train_here(_args(dataset, straight, *common))  # the runs that are not killed train in this process
 
     # Killed while checkpoint-4 is being written (its temporary folder exists): latest is checkpoint-2.
     for attempt in range(3):  # the kill races the save; a lost race (checkpoint-4 already there) retries
@@ -130,7 +130,7 @@ def test_kill_during_and_after_a_save_then_resume_latest(dataset, tmp_path, tiny
     # Killed again, right after checkpoint-4 landed.
     _kill_when(cmd + ["--resume_from_checkpoint", "latest"], tmp_path, lambda: (run / "checkpoint-4").exists())
     assert 4 in [s for s, _ in checkpoints.list_checkpoints(run)]
-    _run(cmd + ["--resume_from_checkpoint", "latest"], tmp_path)
+    train_here(cmd[2:] + ["--resume_from_checkpoint", "latest"])
 
     a, b = _trainable(straight, 6), _trainable(run, 6)
     assert a.keys() == b.keys()
