@@ -42,6 +42,24 @@ def tiny_ro(tiny_path):
     return models.load_model_and_processor("tiny")
 
 
+@pytest.fixture(scope="session")
+def sensitive(tiny_path):
+    """The tiny model with every LM matrix scaled by 10: at its random init the tiny model says
+    much the same whatever it is asked, so a padding mistake could go unseen; scaled, its answers
+    differ from question to question (and top-1 logits stay ~200x further apart than batching
+    moves them). Read only."""
+    import torch
+
+    import models
+
+    model, processor, adapter = models.load_model_and_processor("tiny")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "visual" not in name:
+                param.mul_(10.0)
+    return model, processor, adapter
+
+
 @pytest.fixture
 def tiny(tiny_path):
     """A fresh (model, processor, adapter) of the built-in tiny model; tests may modify it."""

@@ -16,7 +16,6 @@ import benchmarks
 import eval_coco
 import make_grid_data as mg
 import models
-from test_eval_coco import sensitive  # noqa: F401 (fixture: the tiny model whose answers vary by question)
 
 N = 12  # rows per stand-in
 

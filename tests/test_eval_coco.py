@@ -35,20 +35,6 @@ def generated(tiny_ro, standin):
     return eval_coco.evaluate(model, processor, adapter, standin[2], batch_size=5, progress=False)
 
 
-@pytest.fixture(scope="module")
-def sensitive(tiny_path):
-    """The tiny model with every LM matrix scaled by 10: at its random init the tiny model says
-    much the same whatever it is asked, so a padding mistake could go unseen; scaled, its answers
-    differ from question to question (and top-1 logits stay ~200x further apart than batching
-    moves them)."""
-    model, processor, adapter = models.load_model_and_processor("tiny")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 2 and "visual" not in name:
-                param.mul_(10.0)
-    return model, processor, adapter
-
-
 def token_id(processor, word):
     return processor.tokenizer(word, add_special_tokens=False)["input_ids"][0]
 
