@@ -378,25 +378,45 @@ class StepFlops:
         return {"total": self.total, "vision": self.vision, "lm": self.lm, "rest": self.rest, "images": self.images}
 
 
-def peak_tflops(device, dtype):
-    """(dense peak TFLOP/s, where it comes from): on a known card its data-sheet bf16 peak; else
-    (unknown card, float32, or a CPU) a large matrix product measured here in `dtype`."""
-    if device == "cuda" and dtype == torch.bfloat16:
-        name = torch.cuda.get_device_name()
-        for key, peak in DENSE_BF16_PEAK_TFLOPS:
-            if key in name:
-                return peak, f"{name}: dense bf16 data-sheet peak"
-    n = 8192 if device == "cuda" else 2048
+# The measured peak's product grows from PEAK_MIN_N until one product takes PEAK_PRODUCT_S or the
+# size reaches the device's cap. A fixed 2048 x 2048 bf16 product takes 50-100 s on a CPU without
+# bf16 instructions (AVX2 only: AMD Zen 2/3, older Intel), and the bench measured it six times: the
+# dry run's full_size_step went from ~20 s to past its 300 s timeout on such a CPU (issue 28).
+PEAK_MIN_N = 256
+PEAK_PRODUCT_S = 0.1
+
+
+def _product_seconds(n, device, dtype, repeats):
+    """The fastest of `repeats` n x n products in `dtype` (after one warm-up): the closest to
+    what the hardware can do under a changing load."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    best = math.inf  # the fastest of a few: the closest to what the hardware can do under a changing load
-    for _ in range(5):
+    best = math.inf
+    for _ in range(repeats):
         sync(device)
         start = time.perf_counter()
         a @ b
         sync(device)
         best = min(best, time.perf_counter() - start)
+    return best
+
+
+def peak_tflops(device, dtype, max_n=None):
+    """(dense peak TFLOP/s, where it comes from): on a known card its data-sheet bf16 peak; else
+    (unknown card, float32, or a CPU) the fastest of 5 n x n products measured here in `dtype`,
+    n doubling from PEAK_MIN_N while one product takes under PEAK_PRODUCT_S, up to `max_n`
+    (8192 on CUDA, 2048 on a CPU): bounded in time on hardware without fast `dtype` kernels."""
+    if device == "cuda" and dtype == torch.bfloat16:
+        name = torch.cuda.get_device_name()
+        for key, peak in DENSE_BF16_PEAK_TFLOPS:
+            if key in name:
+                return peak, f"{name}: dense bf16 data-sheet peak"
+    max_n = max_n or (8192 if device == "cuda" else 2048)
+    n = min(PEAK_MIN_N, max_n)
+    while n < max_n and _product_seconds(n, device, dtype, repeats=1) < PEAK_PRODUCT_S:
+        n *= 2
+    best = _product_seconds(n, device, dtype, repeats=5)
     return 2 * n**3 / best / 1e12, f"measured: the fastest of 5 {n}x{n} {str(dtype).removeprefix('torch.')} matmuls"
 
 

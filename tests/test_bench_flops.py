@@ -2,6 +2,8 @@
 step add up to FlopCounterMode's total, the vision part equals the vision tower counted on its own
 (forward + backward), and encoding each distinct image once removes vision FLOPs in proportion to
 the images saved while the LM's stay the same."""
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +16,8 @@ import make_grid_data as mg
 import models
 import param_selectors
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
 import common  # noqa: E402
 
 
@@ -61,3 +64,23 @@ def test_peak_tflops_from_the_table_or_measured():
     # the first matching name wins: an H100 PCIe is not taken for the SXM part
     name = "NVIDIA H100 PCIe"
     assert next(p for k, p in common.DENSE_BF16_PEAK_TFLOPS if k in name) == 756.0
+
+
+# A CPU without bf16 instructions, emulated on one that has them (docs/testing.md): oneDNN and
+# ATen's kernels limited to AVX2 make a 1024 x 1024 bf16 product take seconds instead of a
+# millisecond, as on AMD Zen 2/3 or older Intel.
+NO_BF16_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def test_measured_peak_stays_quick_where_bf16_products_are_slow():
+    """The measured peak grows its product only while one takes under 0.1 s: bf16 on a CPU
+    without bf16 instructions measures a small product in seconds (a fixed 2048 x 2048 product,
+    timed six times, took minutes there and put the dry run's step bench past its timeout)."""
+    code = ("import sys, time, torch; sys.path.insert(0, 'bench'); import common; t = time.perf_counter(); "
+            "peak, source = common.peak_tflops('cpu', torch.bfloat16); "
+            "print(f'{time.perf_counter() - t:.1f} s: {source}')")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **NO_BF16_CPU)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seconds = float(proc.stdout.split(" s:")[0])
+    assert seconds < 20, proc.stdout
