@@ -31,6 +31,11 @@ import speedups  # noqa: E402
 import tiny_models  # noqa: E402
 
 REAL_VOCAB = 151936  # Qwen2-VL's vocabulary: the bench model's head has this many rows
+# BENCH_VOCAB=tiny keeps the tiny tokenizer's vocabulary (603 rows) in the bench model instead:
+# gpu_check.sh --dry-run sets it. The code paths are the same at any vocabulary size, and on a CPU
+# without bf16 instructions the 151,936-row head took most of the dry run's bf16 time (the plain
+# `labels=` step in bf16: minutes a step, past the step timeout).
+BENCH_VOCAB_ENV = "BENCH_VOCAB"
 
 
 def obj1_cell_samples(folder, batch_size):
@@ -82,7 +87,8 @@ def grid_folder(cell, max_pairs=1, max_images=None, folder=None):
 def bench_model(full_size=False, device="cpu", dtype=torch.float32):
     """(model, processor, adapter) with random weights:
     - default: the tiny Qwen2-VL architecture with the real vocabulary (151,936 rows in the
-      embedding and the head; the tiny tokenizer's ids, all < 1,024, index the same rows);
+      embedding and the head; the tiny tokenizer's ids, all < 1,024, index the same rows), or
+      the tiny tokenizer's own under BENCH_VOCAB=tiny (the dry run);
     - full_size: the real Qwen2-VL-2B architecture (models.FULL_SIZE_CONFIGS["qwen2-2b"]).
     The processor has Qwen2-VL's real pixel limits (a 448 px image = 256 visual tokens), unlike
     the tiny model's own (at most 112 x 112 px)."""
@@ -97,7 +103,8 @@ def bench_model(full_size=False, device="cpu", dtype=torch.float32):
                                vision_end_token_id=ids["<|vision_end|>"])
     else:
         config = tiny_models.tiny_qwen2vl_config(tokenizer)
-        config.text_config.vocab_size = REAL_VOCAB
+        if os.environ.get(BENCH_VOCAB_ENV, "real") != "tiny":
+            config.text_config.vocab_size = REAL_VOCAB
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2VLForConditionalGeneration(config).to(dtype).eval()

@@ -50,7 +50,8 @@ def main():
     model, processor, adapter = common.bench_model(not args.tiny, device, dtype)
     ids = {t: processor.tokenizer.convert_tokens_to_ids(t) for t in models.SPECIAL_TOKENS}
     print(f"built {'the bench model' if args.tiny else 'Qwen2-VL-2B architecture'} on {device} ({dtype}) in "
-          f"{time.perf_counter() - t0:.1f} s, {models.count_parameters(model) / 1e9:.3f}B params")
+          f"{time.perf_counter() - t0:.1f} s, {models.count_parameters(model) / 1e9:.3f}B params, "
+          f"vocabulary {adapter.lm_head(model).out_features:,}")
     selection = param_selectors.select_parameters(model, adapter)
     print(selection.summary())
 

@@ -15,6 +15,7 @@ is left out. Extra arguments go to train.py (e.g. --no-encode_images_once, --num
 """
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -79,7 +80,8 @@ def main(argv=None):
     out = Path(args.out)
     device, dtype = common.device_and_dtype(args.bf16)
 
-    model_dir = out / ("qwen2-2b-random" if args.full_size else "bench-model")
+    vocab = "" if os.environ.get(common.BENCH_VOCAB_ENV, "real") == "real" else "-tiny-vocab"
+    model_dir = out / ("qwen2-2b-random" if args.full_size else f"bench-model{vocab}")
     if not (model_dir / "config.json").is_file():
         model, processor, adapter = common.bench_model(args.full_size, device, dtype)
         model.save_pretrained(model_dir)

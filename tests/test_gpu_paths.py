@@ -15,6 +15,7 @@ docs/performance.md, "GPU rehearsal on a CPU")."""
 import argparse
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -291,6 +292,8 @@ def test_gpu_check_dry_run_of_the_step_bench(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     text = (tmp_path / "out" / "full_size_step.txt").read_text()
     assert "on cpu (torch.bfloat16)" in text
+    # the tiny tokenizer's head, not the real 151,936 rows (minutes a bf16 step without bf16 instructions)
+    assert "vocabulary 151,936" not in text and re.search(r"vocabulary \d{3}\n", text), text[:300]
     assert "gradients reached exactly the 12 selected tensors, on both paths" in text
     assert "median of 1, once:" in text and "| once |" in text
     assert "== 1 steps in" in proc.stdout and "FAILED" not in proc.stdout
