@@ -14,6 +14,7 @@ spatial loss centres within it with no communication), N batches per step; gradi
 averaged, so N processes train exactly like one process with N times the gradient accumulation.
 """
 import contextlib
+import functools
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 import benchmarks
@@ -35,6 +36,7 @@ import checkpoints
 import data
 import grid_sources
 import param_selectors
+import run_folder
 import spatial_loss as sl
 import speedups
 import train_args
@@ -46,21 +48,11 @@ from provenance import run_metadata
 
 
 def parse_args(argv=None):
-    """train.py's arguments (train_args.py: the parser and its checks)."""
+    """train.py's arguments (train_args.py: the parser, its checks, the run's identity)."""
     return train_args.parse_args(argv, description=__doc__)
 
 
 UNREADABLE_NAMED = 20  # unreadable training images named one per line; the rest are counted
-
-# Arguments that may change when a run is resumed without changing what it trains.
-RESUME_FREE_ARGS = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "fork", "num_workers",
-                    "max_unreadable_frac",
-                    "eval_batch_size", "eval_max_samples", "holdout_max_samples", "log_every", "save_total_limit",
-                    "keep_best", "save_full_checkpoints", "save_steps",
-                    "encode_images_once", "compile_blocks", "liger_kernel",
-                    "eval_benchmarks", "whatsup_dir", "vg_image_dir", "controlled_dir", "vsr_dir", "consistency",
-                    "option_orders"}
-
 
 # ---------------------------------------------------------------------------------------------
 # Training progress: one dataclass, saved and restored with each checkpoint
@@ -110,14 +102,62 @@ def _holds_run(out):
     return metrics.is_file() and any('"event": "train"' in line for line in metrics.read_text().splitlines())
 
 
+_held_run_locks = []  # the run folder's lock while main runs (taken by _setup_run_folder, released by main's end)
+
+
+def _releases_run_lock(main):
+    """main, releasing the run folder's lock however it ends (an in-process caller may run again)."""
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            return main(argv)
+        finally:
+            while _held_run_locks:
+                _held_run_locks.pop().release()
+    return run
+
+
+def _lock_run_folder(out, accelerator):
+    """The main process takes the folder's lock for the run's life, before anything in it is read
+    or deleted; every process stops in one line when another job holds it."""
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            _held_run_locks.append(run_folder.RunLock(out).acquire([sys.executable, *sys.argv]))
+        except run_folder.RunFolderLocked as err:
+            problem = f"--output_dir {err}; wait for it to end, or choose another --output_dir"
+    if accelerator.num_processes > 1:
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise ValueError(problem)
+
+
+def _check_identity(args, resume_dir, state, accelerator):
+    """A resumed run must be given the arguments that define it (train_args.IDENTITY_ARGS): else one
+    line naming the flags that differ. --fork may change them: it starts a run of its own."""
+    now = train_args.run_identity(args)
+    then = run_folder.read_identity(resume_dir.parent, now) or {k: state["args"].get(k) for k in now}
+    changes = run_folder.identity_changes(then, now)
+    if changes and args.fork:
+        accelerator.print(f"forking {resume_dir} with other arguments (then → now): "
+                          f"{run_folder.describe_changes(changes)}")
+    elif changes:
+        raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {resume_dir.parent} was trained "
+                         f"with other arguments (then → now): {run_folder.describe_changes(changes)}; give it its "
+                         "own, --fork it into a new --output_dir, or start over with --overwrite_output_dir in place "
+                         "of --resume_from_checkpoint")
+
+
 def _setup_run_folder(args, accelerator):
-    """(checkpoint to resume from or None, its training state or None). Refuses to mix runs."""
+    """(checkpoint to resume from or None, its training state or None). Holds the folder's lock
+    from here to main's end; refuses to mix runs."""
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output_dir {out}: exists and is not a folder")
     probe_parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
     if not probe_parent.is_dir() or not os.access(probe_parent, os.W_OK | os.X_OK):
         raise ValueError(f"--output_dir {out}: {probe_parent} is not writable")
+    _lock_run_folder(out, accelerator)
     if not args.resume_from_checkpoint:
         if _holds_run(out) and not args.overwrite_output_dir:
             raise ValueError(f"{out} already holds a run; choose another --output_dir, pass "
@@ -130,13 +170,10 @@ def _setup_run_folder(args, accelerator):
     if foreign and not args.fork:
         raise ValueError(f"--resume_from_checkpoint {resume_dir} belongs to another run than --output_dir {out}; "
                          "pass --fork to continue it in a new, empty --output_dir")
-    if args.fork and out.exists() and any(out.iterdir()):
+    if args.fork and out.exists() and any(p.name != run_folder.LOCK_FILE for p in out.iterdir()):
         raise ValueError(f"--fork: --output_dir {out} is not empty")
     state = checkpoints.load_training_state(resume_dir)
-    changed = {k: (state["args"].get(k), v) for k, v in vars(args).items()
-               if k not in RESUME_FREE_ARGS and state["args"].get(k) != v}
-    if changed:
-        accelerator.print(f"warning: resuming {resume_dir} with different arguments (then, now): {changed}")
+    _check_identity(args, resume_dir, state, accelerator)
     return resume_dir, state
 
 
@@ -283,6 +320,7 @@ def _start_metrics(args, out, config, progress, resume_dir):
             shutil.rmtree(stale, ignore_errors=True)  # --overwrite_output_dir: nothing of the old run stays
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        run_folder.write_identity(out, train_args.run_identity(args))
         return (out / "metrics.jsonl").open("w")
     source = resume_dir.parent
     history = [line for line in (source / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -293,6 +331,7 @@ def _start_metrics(args, out, config, progress, resume_dir):
     config.setdefault("resumed", []).append(resumed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    run_folder.write_identity(out, train_args.run_identity(args))  # checked equal, or a --fork's own
     metrics = (out / "metrics.jsonl").open("w")
     metrics.write("".join(line + "\n" for line in kept))
     return metrics
@@ -392,6 +431,7 @@ def _evaluate_split(model, processor, adapter, samples, args, accelerator, desc)
 # The run
 # ---------------------------------------------------------------------------------------------
 
+@_releases_run_lock
 def main(argv=None):
     args = parse_args(argv)
 

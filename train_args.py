@@ -1,10 +1,14 @@
-"""train.py's command line: its parser, every flag range-checked when parsed.
+"""train.py's command line: its parser (every flag range-checked when parsed), and the one list
+of arguments that define a run (its identity), beside the list of those that do not, with why.
 
-A room of its own so that reproduce.py can parse a run's train.py command exactly as train.py
-does, without importing an entry script.
+A room of its own so that reproduce.py computes a run's identity exactly as train.py does, from the
+train.py command a run script would start, without importing an entry script. A flag added to
+the parser goes into IDENTITY_ARGS or NOT_IDENTITY (tests/test_run_identity.py checks that every
+flag is in one of them): docs/training.md explains the split.
 """
 import argparse
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -39,6 +43,8 @@ def _range_checks(p, args):
     need(args.spatial_id_layer >= 0, "spatial_id_layer", "must be >= 0 (0 = the input embeddings)")
     need(args.spatial_id_weight >= 0 and math.isfinite(args.spatial_id_weight), "spatial_id_weight", "must be >= 0")
     need(args.lm_loss_weight >= 0 and math.isfinite(args.lm_loss_weight), "lm_loss_weight", "must be >= 0")
+    for flag in ("seed", "data_seed"):  # the range numpy's and Python's seeding take (accelerate's set_seed)
+        need(0 <= getattr(args, flag) < 2 ** 32, flag, "must be >= 0 and < 2**32")
 
 
 
@@ -162,3 +168,65 @@ def parse_args(argv=None, description=None):
     return args
 
 
+
+# The arguments that define a run: what it trains (model, data, selection, loss, optimiser,
+# schedule, length, seeds, numerics) and what each number it records measures (the COCO-Spatial
+# and holdout questions and how answers are read). A run folder keeps them (run_identity.json);
+# a rerun that resumes it must give the same values (train.py), and a sweep skips a finished run
+# only when its values are this sweep's (reproduce.py).
+IDENTITY_ARGS = (
+    # model and method choices (the protocol's, resolved)
+    "model_name", "protocol", "train_question_style", "question_style", "sampler", "projector", "last_k_of",
+    # training data and the holdout split
+    "train_dir", "train_objects", "objects", "cell", "sizes", "no_same_row_or_col", "local_variation", "bg_dir",
+    "max_pairs", "max_images", "grid_seed", "spatial_holdout_frac", "data_seed",
+    # what trains
+    "selector", "last_k_blocks", "param_budget_frac", "bitfit_bias_only", "train_biases", "no_lm_head",
+    "lora_rank", "lora_alpha", "lora_dropout",
+    # the losses
+    "universal_id_path", "spatial_id_layer", "spatial_id_weight", "lm_loss_weight", "spatial_head",
+    # optimiser, schedule, length, randomness, numerics
+    "seed", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_frac", "max_grad_norm", "epochs",
+    "max_steps", "bf16",
+    # what the recorded accuracies measure
+    "val_json", "coco_val_dir", "eval_max_samples", "holdout_max_samples", "eval_mode",
+)
+
+# Every other argument, with why it may differ between the runs of one identity.
+NOT_IDENTITY = {
+    "output_dir": "where the run is, not what it is",
+    "overwrite_output_dir": "how this invocation treats the folder",
+    "resume_from_checkpoint": "how this invocation starts",
+    "fork": "how this invocation starts",
+    "report_to": "logging",
+    "log_every": "logging",
+    "max_unreadable_frac": "a threshold to stop at: unreadable images are left out whatever it is",
+    "allow_holdout_in_ids": "silences a warning",
+    "eval_save_steps": "how often it evaluates and saves (evaluation draws no random numbers)",
+    "save_steps": "how often it saves",
+    "save_total_limit": "which checkpoints are kept",
+    "keep_best": "which checkpoints are kept",
+    "save_full_checkpoints": "what a checkpoint holds besides the trained tensors",
+    "merge_lora": "how final/ stores the same weights",
+    "eval_batch_size": "evaluation speed and memory",
+    "num_workers": "loading speed",
+    "grad_checkpointing": "memory: recomputes the same activations",
+    "encode_images_once": "a speed-up, tested equal to the plain path",
+    "compile_blocks": "a speed-up, tested equal to the plain path",
+    "liger_kernel": "a speed-up, tested equal to the plain path",
+    "eval_benchmarks": "extra measurements under their own names; the run's training and its COCO-Spatial and "
+                       "holdout numbers stay the same",
+    "whatsup_dir": "where --eval_benchmarks' files are",
+    "vg_image_dir": "where --eval_benchmarks' files are",
+    "controlled_dir": "where --eval_benchmarks' files are",
+    "vsr_dir": "where --eval_benchmarks' files are",
+    "consistency": "extra measurements of --eval_benchmarks",
+    "option_orders": "extra measurements of --eval_benchmarks",
+    "protocol_choices": "derived: the resolved choices are flags of the identity",
+}
+
+
+def run_identity(args):
+    """{flag: value} of the arguments in IDENTITY_ARGS, as JSON stores them."""
+    values = vars(args)
+    return json.loads(json.dumps({flag: values[flag] for flag in IDENTITY_ARGS}))
