@@ -1,6 +1,7 @@
-"""A run's identity and its folder's lock (issue 28, items 5, 6, 9a): the arguments that define a
-run are stored in its folder and checked on every rerun (train.py's resume, a sweep's job); a lock
-keeps a second process off a run folder; seeds are whole numbers >= 0."""
+"""A run's identity and its folder's lock (issue 28, items 5, 6, 9a-b): the arguments that define a
+run are stored in its folder and checked on every rerun (train.py's resume, reproduce.py's sweep);
+a lock keeps a second process off a run folder; seeds are whole numbers >= 0, each run once; run
+names carry the exact spatial weight."""
 import json
 import shutil
 import signal
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import launchers
+import reproduce
 import run_folder
 import train
 import train_args
@@ -117,6 +119,21 @@ def test_a_changed_run_is_refused_by_its_job_or_started_over_when_asked(tmp_path
 
 
 @pytest.mark.fast
+def test_seeds_are_whole_numbers_from_zero_each_run_once(capsys):
+    for bad in ("-1", "0 -3", "1.5", "x"):
+        with pytest.raises(SystemExit) as stop:
+            reproduce.parse_args(["--model", "tiny-warm", "--seeds", bad])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "argument --seeds" in err and ">= 0" in err, err
+    args = reproduce.parse_args(["--model", "tiny-warm", "--seeds", "0 0 1 01"])
+    assert args.seeds == ["0", "1"]
+    assert "--seeds: 0 0 1 01 gives 2 distinct seeds: 0 1 (each runs once)" in capsys.readouterr().out
+    names = [r.name for r in reproduce.plan_runs(args)]
+    assert names == ["baseline_seed0", "spatial_w1_seed0", "baseline_seed1", "spatial_w1_seed1"]
+
+
+@pytest.mark.fast
 def test_train_py_seeds_are_whole_numbers_from_zero(capsys):
     for flag in ("--seed", "--data_seed"):
         for bad in ("-1", str(2 ** 32)):
@@ -124,6 +141,18 @@ def test_train_py_seeds_are_whole_numbers_from_zero(capsys):
                 train.parse_args(["--model_name", "tiny", flag, bad])
             assert f"argument {flag}: must be >= 0 and < 2**32, not {bad}" in capsys.readouterr().err
         assert getattr(train.parse_args(["--model_name", "tiny", flag, str(2 ** 32 - 1)]), flag.lstrip("-")) == 2 ** 32 - 1
+
+
+@pytest.mark.fast
+def test_run_names_carry_the_exact_weight():
+    args = reproduce.parse_args(["--model", "tiny-warm", "--spatial_id_weights", "1", "1.0000001", "1.0", "0.5",
+                                 "10", "0"])
+    runs = [r for r in reproduce.plan_runs(args) if r.weight is not None]
+    assert [r.name for r in runs] == ["spatial_w1_seed0", "spatial_w1.0000001_seed0", "spatial_w0.5_seed0",
+                                      "spatial_w10_seed0", "spatial_w0_seed0"]
+    for r in runs:  # the run script is given the weight itself, not a rounded one
+        given = r.command[r.command.index("--spatial_id_weight") + 1]
+        assert float(given) == r.weight and r.identity["spatial_id_weight"] == r.weight
 
 
 @pytest.mark.fast
