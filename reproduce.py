@@ -339,7 +339,7 @@ def train_command(args, seed, folder, weight=None, arm_flags=()):
 ARGV_PRINTER = "#!/bin/sh\nprintf '%s\\000' \"$@\"\n"
 
 
-def run_identity(run, printer):
+def identity_from_script(run, printer):
     """The arguments that define `run` (train_args.run_identity), from the train.py command its run
     script would start: the script runs with `printer` in place of Python (a shell start, not
     Python's imports), and train.py's own parser reads what it prints. A command train.py would
@@ -377,7 +377,7 @@ def plan_runs(args):
         printer.write_text(ARGV_PRINTER)
         printer.chmod(0o755)
         for r in runs:
-            r.identity = run_identity(r, printer)
+            r.identity = identity_from_script(r, printer)
             r.restart_changed = args.restart_changed_runs
     return runs
 

@@ -3,6 +3,7 @@ run are stored in its folder and checked on every rerun (train.py's resume, repr
 a lock keeps a second process off a run folder; seeds are whole numbers >= 0, each run once; run
 names carry the exact spatial weight."""
 import json
+import os
 import shutil
 import signal
 import socket
@@ -146,10 +147,10 @@ def test_train_py_seeds_are_whole_numbers_from_zero(capsys):
 @pytest.mark.fast
 def test_run_names_carry_the_exact_weight():
     args = reproduce.parse_args(["--model", "tiny-warm", "--spatial_id_weights", "1", "1.0000001", "1.0", "0.5",
-                                 "10", "0"])
+                                 "10"])
     runs = [r for r in reproduce.plan_runs(args) if r.weight is not None]
     assert [r.name for r in runs] == ["spatial_w1_seed0", "spatial_w1.0000001_seed0", "spatial_w0.5_seed0",
-                                      "spatial_w10_seed0", "spatial_w0_seed0"]
+                                      "spatial_w10_seed0"]
     for r in runs:  # the run script is given the weight itself, not a rounded one
         given = r.command[r.command.index("--spatial_id_weight") + 1]
         assert float(given) == r.weight and r.identity["spatial_id_weight"] == r.weight
@@ -173,3 +174,23 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
         holder.wait()
     assert run_folder.holder(folder) is None and launchers.run_state(folder) == "new"
     run_folder.RunLock(folder).acquire(["third"]).release()
+
+
+@pytest.mark.fast
+def test_a_sweep_rerun_leaves_a_run_that_another_job_trains_to_it(tmp_path, monkeypatch, capsys):
+    # The sweep rerun while its SLURM array still runs: the run a job trains now is not queued again.
+    args = reproduce.parse_args(["--model", "tiny-warm", "--runs_dir", str(tmp_path), "--launcher", "slurm"])
+    runs = reproduce.plan_runs(args)
+    queued = {}
+    monkeypatch.setattr(reproduce, "ids_provenance_problem", lambda *a: None)
+    monkeypatch.setattr(launchers, "launch_slurm", lambda a, jobs, *rest: queued.update(runs=[j.run.name for j in jobs]))
+    holder = run_folder.RunLock(runs[0].folder).acquire(["train.py", "--output_dir", str(runs[0].folder)])
+    try:
+        assert reproduce.stage_runs(args, runs, None) is False
+        out = capsys.readouterr().out
+        assert f"run baseline_seed0: skipped, {runs[0].folder} is being trained by pid {os.getpid()}" in out, out
+        assert queued["runs"] == ["spatial_w1_seed0"]
+        job = launchers.TrainJob(runs[0], tmp_path, tmp_path / "logs")
+        assert job() == "skipped"  # and so is a job of the first array that starts only now
+    finally:
+        holder.release()
