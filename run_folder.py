@@ -9,6 +9,7 @@ byte-range locks that the server sees, so processes on two hosts exclude each ot
 filesystem mounted with `-o nolock`, or Lustre without `-o flock`, does not: there the lock only
 keeps processes of one host apart).
 """
+import contextlib
 import fcntl
 import json
 import os
@@ -121,7 +122,8 @@ class RunLock:
     def release(self):
         if self._fd is None:
             return
-        os.unlink(self.path)  # while held: whoever opened it meanwhile finds it gone and retries
+        with contextlib.suppress(FileNotFoundError):  # the folder removed under us: nothing left to tidy
+            os.unlink(self.path)  # while held: whoever opened it meanwhile finds it gone and retries
         fcntl.flock(self._fd, fcntl.LOCK_UN)  # also for DataLoader workers forked with the descriptor
         os.close(self._fd)
         self._fd = None
