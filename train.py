@@ -132,12 +132,21 @@ def _lock_run_folder(out, accelerator):
         raise ValueError(problem)
 
 
-def _check_identity(args, resume_dir, state, accelerator):
-    """A resumed run must be given the arguments that define it (train_args.IDENTITY_ARGS): else one
-    line naming the flags that differ. --fork may change them: it starts a run of its own."""
+def _identity_changes(args, folder, state=None):
+    """["--flag then → now", ...]: how this command's identity (train_args.IDENTITY_ARGS) differs
+    from the one recorded in `folder` (its run_identity.json, its config.json, or the training
+    `state` of a checkpoint of it); [] when nothing is recorded to compare with."""
     now = train_args.run_identity(args)
-    then = run_folder.read_identity(resume_dir.parent, now) or {k: state["args"].get(k) for k in now}
-    changes = run_folder.identity_changes(then, now)
+    then = run_folder.read_identity(folder, now)
+    if then is None and state is not None:
+        then = {k: state["args"].get(k) for k in now}
+    return [] if then is None else run_folder.identity_changes(then, now)
+
+
+def _check_identity(args, resume_dir, state, accelerator):
+    """A resumed run must be given the arguments that define it: else one line naming the flags
+    that differ. --fork may change them: it starts a run of its own."""
+    changes = _identity_changes(args, resume_dir.parent, state)
     if changes and args.fork:
         accelerator.print(f"forking {resume_dir} with other arguments (then → now): "
                           f"{run_folder.describe_changes(changes)}")
@@ -160,6 +169,11 @@ def _setup_run_folder(args, accelerator):
     _lock_run_folder(out, accelerator)
     if not args.resume_from_checkpoint:
         if _holds_run(out) and not args.overwrite_output_dir:
+            changes = _identity_changes(args, out)
+            if changes:
+                raise ValueError(f"{out} already holds a run trained with other arguments (then → now): "
+                                 f"{run_folder.describe_changes(changes)}; choose another --output_dir, --fork one "
+                                 "of its checkpoints into one, or start over with --overwrite_output_dir")
             raise ValueError(f"{out} already holds a run; choose another --output_dir, pass "
                              "--resume_from_checkpoint latest to continue it, or --overwrite_output_dir")
         return None, None

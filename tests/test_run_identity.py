@@ -72,6 +72,14 @@ def test_a_resume_with_changed_flags_is_refused_in_one_line(finished, three_obje
     assert line.startswith("error: ") and "\n" not in line and len(line) < 400, line
     assert "--max_steps 2 → 3" in line and "--lr 5e-05 → 0.002" in line and "--overwrite_output_dir" in line, line
     assert (run / "metrics.jsonl").read_text() == before
+    # Started again into it without --resume_from_checkpoint: refused (as ever), and the line says
+    # that resuming would not do either.
+    with pytest.raises(SystemExit) as stop:
+        train_here(_args(three_object_grid, run, "--max_steps", "3"))
+    line = str(stop.value.code)
+    assert "already holds a run trained with other arguments (then → now): --max_steps 2 → 3" in line, line
+    assert "--resume_from_checkpoint" not in line and "--fork" in line and "\n" not in line, line
+    assert (run / "metrics.jsonl").read_text() == before
     # Flags outside the identity (how often it logs, how large its evaluation batches) may change.
     summary = train_here(_args(three_object_grid, run, "--resume_from_checkpoint", "latest", "--log_every", "3",
                                "--eval_batch_size", "1"))
