@@ -202,3 +202,24 @@ def test_a_sweep_rerun_leaves_a_run_that_another_job_trains_to_it(tmp_path, monk
         assert job() == "skipped"  # and so is a job of the first array that starts only now
     finally:
         holder.release()
+
+
+def test_under_torchrun_every_process_stops_when_another_job_holds_the_folder(three_object_grid, tmp_path,
+                                                                              tiny_path):
+    # Only the main process takes the lock; the others learn its answer from it, rather than
+    # training on into a collective that the main process never reaches.
+    run = tmp_path / "run"
+    holder = run_folder.RunLock(run).acquire(["train.py", "--output_dir", str(run)])
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", str(port), str(REPO / "train.py"), *_args(three_object_grid, run)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    finally:
+        holder.release()
+    refusals = [line for line in done.stderr.splitlines() if f"is in use by pid {os.getpid()}" in line]
+    assert done.returncode != 0 and len(refusals) == 2, done.stderr[-3000:]
+    assert not run.exists()  # the holder made the folder; nothing else was written into it
