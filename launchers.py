@@ -7,7 +7,9 @@
   the report a job that waits for the array, so the command returns once they are queued.
 
 Every run is a `TrainJob`: train.py's command, resumed from the run's latest checkpoint when it has
-one and skipped when it is complete, decided when the job starts (a requeued job resumes). On the
+one and skipped when it is complete or another process holds its folder's lock, decided when the
+job starts (a requeued job resumes); a folder holding the run with other arguments is refused, or
+trained again from the start when the sweep was asked to (reproduce.py --restart_changed_runs). On the
 scheduler's warning signal (submitit's USR2, --signal_delay_s before the end) the job sends SIGTERM
 to train.py, which finishes its step, saves and exits 75 (checkpoints.PREEMPTED_EXIT_CODE); submitit
 then requeues the job. train.py itself ignores USR2 (a cluster signals every process of a job), and
@@ -28,6 +30,7 @@ from pathlib import Path
 import submitit
 
 import checkpoints
+import run_folder
 
 LAUNCHERS = ("serial", "local", "slurm")
 LAUNCHES = "launches.jsonl"  # one line per run started and ended: where, when, how it ended
@@ -42,18 +45,33 @@ class RunFailed(RuntimeError):
         self.code = code
 
 
-def run_state(folder):
-    """"complete" (an `end` event and final/README.md), "interrupted" (a checkpoint to resume from)
-    or "new"."""
+def run_state(folder, identity=None):
+    """"running" (another process holds its lock: run_folder.py), "complete" (an `end` event and
+    final/README.md), "interrupted" (a checkpoint to resume from) or "new". Given the `identity`
+    ({flag: value}) the run would have now, a complete or interrupted run whose recorded identity
+    differs is "changed" (run_changes says how)."""
     folder = Path(folder)
+    if run_folder.holder(folder) is not None:
+        return "running"
+    state = "new"
     metrics = folder / "metrics.jsonl"
     if metrics.is_file() and (folder / "final" / "README.md").is_file():
         events = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         if events and events[-1]["event"] == "end":
-            return "complete"
-    if checkpoints.list_checkpoints(folder):
-        return "interrupted"
-    return "new"
+            state = "complete"
+    if state == "new" and checkpoints.list_checkpoints(folder):
+        state = "interrupted"
+    if state != "new" and identity is not None and run_changes(folder, identity):
+        return "changed"
+    return state
+
+
+def run_changes(folder, identity):
+    """["--flag THEN → NOW", ...]: how `identity` differs from the one recorded in `folder`."""
+    recorded = run_folder.read_identity(folder, identity)
+    if recorded is None:
+        return [f"no recorded identity ({run_folder.IDENTITY_FILE} or config.json)"]
+    return run_folder.identity_changes(recorded, identity)
 
 
 def _ignore_warning_signal():
@@ -70,6 +88,8 @@ class Run:
     seed: int
     folder: Path
     command: list = field(default_factory=list)  # train.py's command (through a run script), no resume flags
+    identity: dict | None = None  # the arguments that define it (train_args.run_identity), None: unchecked
+    restart_changed: bool = False  # a folder holding this run with another identity is trained again from the start
 
 
 class CommandJob:
@@ -106,10 +126,15 @@ class TrainJob(submitit.helpers.Checkpointable):
             f.write(json.dumps(line) + "\n")
 
     def __call__(self):
-        state = run_state(self.run.folder)
-        if state == "complete":
+        state = run_state(self.run.folder, self.run.identity)
+        if state in ("complete", "running"):  # running: another job has it (a sweep queued twice)
             return "skipped"
-        # A folder with no checkpoint holds nothing to keep; one with a checkpoint continues.
+        if state == "changed" and not self.run.restart_changed:
+            raise RunFailed(f"{self.run.name}: {self.run.folder} holds this run with other arguments (then → now): "
+                            f"{run_folder.describe_changes(run_changes(self.run.folder, self.run.identity))}; "
+                            "reproduce.py --restart_changed_runs trains it again from the start", 2)
+        # A folder with no checkpoint holds nothing to keep (nor, asked to, one of a changed run);
+        # one with a checkpoint continues.
         resume = ["--resume_from_checkpoint", "latest"] if state == "interrupted" else ["--overwrite_output_dir"]
         self._record(event="start", state=state)
         print("[reproduce] $ " + shlex.join([*self.run.command, *resume]), flush=True)
@@ -139,7 +164,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 def launch_serial(jobs, log):
     """Run the jobs one after another here; the first failure ends the sweep with its status."""
     for job in jobs:
-        resuming = run_state(job.run.folder) == "interrupted"
+        resuming = run_state(job.run.folder, job.run.identity) == "interrupted"
         log(f"run {job.run.name}: " + (f"resuming {job.run.folder} from its latest checkpoint" if resuming
                                        else f"training into {job.run.folder}"))
         try:

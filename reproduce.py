@@ -15,8 +15,10 @@ continues where it stopped:
   3. runs: for each seed the baseline (LM loss, the paper's control arm, `baseline_seed<S>`) and
      each spatial arm at each of its weights (`<arm>_w<W>_seed<S>`; weight 0 is the weight-0
      control), with the run scripts' defaults and the training images drawn on the fly; a run
-     with an `end` event and final/README.md is complete (skipped); an interrupted one resumes
-     from its latest checkpoint. `--launcher` runs them one after another here, up to
+     with an `end` event, final/README.md and this sweep's arguments (its run_identity.json) is
+     complete (skipped); an interrupted one resumes from its latest checkpoint; one trained with
+     other arguments is refused before any work (--restart_changed_runs trains it again), and one
+     that another process holds is left to it. `--launcher` runs them one after another here, up to
      --max_parallel at once on this machine, or as a SLURM job array (launchers.py);
   4. report: compare_runs.py over every run (with the dose-response across weights), then
      summary.md: our accuracies beside the paper's published figures, and a row per other
@@ -29,6 +31,8 @@ run; `--arm NAME="FLAGS"` adds a spatial arm whose train.py FLAGS come after the
 own weights.
 """
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -36,6 +40,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -46,7 +51,9 @@ import checkpoints
 import data
 import grid_sources
 import launchers
-from launchers import Run, TrainJob, run_state
+import run_folder
+import train_args
+from launchers import Run, TrainJob, run_changes, run_state
 from models import ModelUnavailableError, model_source
 from spatial_loss import DEFAULT_SPATIAL_ID_LAYER
 
@@ -70,7 +77,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="alias (qwen2-2b, tiny-warm, ...), hub id or local folder")
     p.add_argument("--protocol", choices=("paper", "clean"), default="paper")
-    p.add_argument("--seeds", default="0", help="space-separated seeds: one baseline and one spatial run each")
+    p.add_argument("--seeds", default="0",
+                   help="space-separated seeds (whole numbers >= 0, each run once): one baseline and one spatial run each")
     p.add_argument("--train_objects", default="data/renders", metavar="DIR|builtin",
                    help="objects of the training images, drawn on the fly")
     p.add_argument("--id_objects", default="data/id_renders", metavar="DIR|builtin",
@@ -100,6 +108,9 @@ def parse_args(argv=None):
     sweep.add_argument("--diagnose_checkpoints", action="store_true",
                        help="ID strength against accuracy: id_diagnostics.py agreement and the spatial loss at every "
                             "saved checkpoint of the spatial runs, beside that checkpoint's accuracy")
+    sweep.add_argument("--restart_changed_runs", action="store_true",
+                       help="train again from the start every run whose folder holds it with other arguments "
+                            "(train_args.IDENTITY_ARGS; default: such a sweep is refused, naming the runs and flags)")
     sweep.add_argument("--report_only", action="store_true",
                        help="write the report from the runs there are, train nothing (the SLURM launcher's last job)")
     launch = p.add_argument_group("launchers (launchers.py, through submitit)")
@@ -122,9 +133,10 @@ def parse_args(argv=None):
     args, train_extra = p.parse_known_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.train_extra = train_extra
-    args.seeds = args.seeds.split()
-    if not args.seeds or not all(s.lstrip("-").isdigit() for s in args.seeds):
-        p.error(f"argument --seeds: space-separated integers, not {' '.join(args.seeds)!r}")
+    seeds = args.seeds.split()
+    if not seeds or not all(s.isascii() and s.isdigit() and int(s) < 2 ** 32 for s in seeds):
+        p.error(f"argument --seeds: space-separated whole numbers >= 0 (and < 2**32), not {args.seeds!r}")
+    args.seeds = _each_once([str(int(s)) for s in seeds], "--seeds", "seeds", given=seeds)
     args.spatial_id_weights = _check_weights(p, "--spatial_id_weights", args.spatial_id_weights)
     args.arms = [("spatial", [], args.spatial_id_weights)] + [_parse_arm(p, spec, args.spatial_id_weights)
                                                                for spec in args.arm]
@@ -157,11 +169,21 @@ SWEEP_FLAGS = {"--output_dir", "--seed", "--spatial_id_weight", "--universal_id_
 ARM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 
 
+def _each_once(values, flag, noun, given=None):
+    """Each value once, in the order given; a repeat (the same run twice, two jobs in one folder)
+    is said in one line."""
+    unique = list(dict.fromkeys(values))
+    if len(unique) < len(values):
+        log(f"{flag}: {' '.join(map(str, given or values))} gives {len(unique)} distinct {noun}: "
+            f"{' '.join(map(str, unique))} (each runs once)")
+    return unique
+
+
 def _check_weights(p, flag, weights):
     bad = [w for w in weights if not (math.isfinite(w) and w >= 0)]
     if bad:
         p.error(f"argument {flag}: weights must be finite and >= 0, not {bad[0]}")
-    return list(dict.fromkeys(weights))  # each weight once, in the order given
+    return _each_once(weights, flag, "weights", given=[weight_name(w) for w in weights])
 
 
 def _parse_arm(p, spec, default_weights):
@@ -287,8 +309,11 @@ def stage_ids(args, renderer):
 
 
 def weight_name(weight):
-    """1.0 -> "1", 0.5 -> "0.5": the weight as a run's name shows it."""
-    return f"{weight:g}"
+    """The weight as a run's name and its command show it, exactly: 1.0 -> "1", 0.5 -> "0.5",
+    1.0000001 -> "1.0000001" (the shortest form that reads back as the same float; only digits,
+    ".", "e", "+" and "-", so a safe folder name)."""
+    short = f"{weight:g}"
+    return short if float(short) == weight else repr(float(weight))
 
 
 def train_command(args, seed, folder, weight=None, arm_flags=()):
@@ -310,9 +335,34 @@ def train_command(args, seed, folder, weight=None, arm_flags=()):
     return ["env", f"PROTOCOL={args.protocol}", f"SEEDS={seed}", f"PYTHON={sys.executable}", *cmd]
 
 
+# What the run scripts run instead of Python when reproduce.py reads their train.py command.
+ARGV_PRINTER = "#!/bin/sh\nprintf '%s\\000' \"$@\"\n"
+
+
+def identity_from_script(run, printer):
+    """The arguments that define `run` (train_args.run_identity), from the train.py command its run
+    script would start: the script runs with `printer` in place of Python (a shell start, not
+    Python's imports), and train.py's own parser reads what it prints. A command train.py would
+    refuse stops the sweep here, in one line naming the run."""
+    start = run.command.index("bash")
+    command = [f"PYTHON={printer}" if i < start and part.startswith("PYTHON=") else part
+               for i, part in enumerate(run.command)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"error: run {run.name}: its run script failed ({(done.stderr.strip() or '?').splitlines()[-1]})")
+    argv = done.stdout.split("\0")[:-1]
+    told = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(told), contextlib.redirect_stdout(told):
+            parsed = train_args.parse_args(argv[1:])
+    except SystemExit:
+        sys.exit(f"error: run {run.name}: {(told.getvalue().strip() or 'train.py would stop').splitlines()[-1]}")
+    return train_args.run_identity(parsed)
+
+
 def plan_runs(args):
     """Every run of the sweep, seed by seed (a sweep stopped early has whole seeds): the baseline,
-    then each arm at each of its weights."""
+    then each arm at each of its weights; each with the arguments that define it."""
     runs = []
     for seed in args.seeds:
         folder = args.runs_dir / f"baseline_seed{seed}"
@@ -322,6 +372,13 @@ def plan_runs(args):
                 folder = args.runs_dir / f"{arm}_w{weight_name(weight)}_seed{seed}"
                 runs.append(Run(folder.name, arm, weight, int(seed), folder,
                                 train_command(args, seed, folder, weight, flags)))
+    with tempfile.TemporaryDirectory() as tmp:
+        printer = Path(tmp) / "print_argv"
+        printer.write_text(ARGV_PRINTER)
+        printer.chmod(0o755)
+        for r in runs:
+            r.identity = identity_from_script(r, printer)
+            r.restart_changed = args.restart_changed_runs
     return runs
 
 
@@ -471,7 +528,7 @@ def stage_diagnose(args, runs):
     sets = ("coco", "holdout")
     rows, points = [], []
     for r in runs:
-        if r.weight is None or run_state(r.folder) != "complete":
+        if r.weight is None or run_state(r.folder, r.identity) != "complete":
             continue
         evals = {e["step"]: e for e in _events(r.folder) if e["event"] == "eval"}
         for step, folder in checkpoints.list_checkpoints(r.folder):
@@ -523,13 +580,27 @@ def stage_runs(args, runs, renderer):
     """The IDs, then every run that is not complete, through --launcher; the report after them
     (queued as the last job under slurm). Returns False when the report must wait (slurm)."""
     log_dir = args.runs_dir / "logs"
+    states = {r.name: run_state(r.folder, r.identity) for r in runs}
+    changed = [r for r in runs if states[r.name] == "changed"]
+    if changed and not args.restart_changed_runs:  # before any work: never passed off as this sweep's
+        for r in changed:
+            print(f"error: run {r.name}: {r.folder} holds it trained with other arguments (then → now): "
+                  f"{run_folder.describe_changes(run_changes(r.folder, r.identity))}; rerun with those, or pass "
+                  "--restart_changed_runs to train it again from the start", file=sys.stderr)
+        sys.exit(2)
     if args.launcher != "slurm":
         stage_ids(args, renderer)
     pending = []
     for r in runs:
-        if run_state(r.folder) == "complete":
-            log(f"run {r.name}: skipped, {r.folder} is complete (end event, final/README.md)")
+        if states[r.name] == "complete":
+            log(f"run {r.name}: skipped, {r.folder} is complete (end event, final/README.md, the same arguments)")
+        elif states[r.name] == "running":
+            log(f"run {r.name}: skipped, {r.folder} is being trained by {run_folder.describe_holder(r.folder)}")
         else:
+            if states[r.name] == "changed":
+                log(f"run {r.name}: {r.folder} holds it with other arguments "
+                    f"({run_folder.describe_changes(run_changes(r.folder, r.identity))}): training it again from "
+                    "the start (--restart_changed_runs)")
             pending.append(TrainJob(r, REPO, log_dir))
     if args.launcher == "slurm":
         ids_job = None

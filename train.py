@@ -13,9 +13,8 @@ Several processes: every process takes whole batches (a grouped batch stays one 
 spatial loss centres within it with no communication), N batches per step; gradients are
 averaged, so N processes train exactly like one process with N times the gradient accumulation.
 """
-import argparse
 import contextlib
-import importlib.util
+import functools
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 import benchmarks
@@ -37,166 +36,23 @@ import checkpoints
 import data
 import grid_sources
 import param_selectors
-import protocols
+import run_folder
 import spatial_loss as sl
 import speedups
-from eval_coco import (accuracy_report, add_benchmark_args, add_data_args, check_data_args, evaluate, evaluate_benchmark,
-                       format_benchmark_report, format_report, load_benchmarks, parsing_for, write_jsonl)
+import train_args
+from eval_coco import (accuracy_report, evaluate, evaluate_benchmark, format_benchmark_report, format_report,
+                       load_benchmarks, parsing_for, write_jsonl)
 from lm_loss import supervised_lm_loss
-from models import ListModelsAction, ModelUnavailableError, load_model_and_processor, merge_lora, model_source
+from models import ModelUnavailableError, load_model_and_processor, merge_lora, model_source
 from provenance import run_metadata
 
 
-# ---------------------------------------------------------------------------------------------
-# Arguments
-# ---------------------------------------------------------------------------------------------
-
-def _range_checks(p, args):
-    """Every numeric argument's range, checked at parse time: one line naming the flag."""
-    def need(ok, flag, what):
-        if not ok:
-            p.error(f"argument --{flag}: {what}, not {getattr(args, flag)!r}")
-
-    for flag in ("batch_size", "grad_accum", "epochs", "eval_save_steps", "log_every", "eval_batch_size"):
-        need(getattr(args, flag) is None or getattr(args, flag) >= 1, flag, "must be >= 1")
-    for flag in ("max_steps", "holdout_max_samples", "save_steps", "save_total_limit"):
-        need(getattr(args, flag) is None or getattr(args, flag) >= 1, flag, "must be >= 1 (or left out)")
-    need(args.lr > 0 and math.isfinite(args.lr), "lr", "must be a finite number > 0")
-    need(0 <= args.weight_decay < 1, "weight_decay", "must be in [0, 1)")
-    need(0 <= args.warmup_frac < 1, "warmup_frac", "must be in [0, 1) (a fraction of the optimizer steps)")
-    need(args.max_grad_norm > 0, "max_grad_norm", "must be > 0")
-    need(0 <= args.spatial_holdout_frac < 1, "spatial_holdout_frac", "must be in [0, 1)")
-    need(0 <= args.max_unreadable_frac <= 1, "max_unreadable_frac", "must be in [0, 1] (a share of the images)")
-    need(0 < args.param_budget_frac <= 1, "param_budget_frac", "must be in (0, 1] (a fraction of all parameters)")
-    need(args.last_k_blocks >= 1, "last_k_blocks", "must be >= 1")
-    need(args.num_workers is None or args.num_workers >= 0, "num_workers", "must be >= 0")
-    need(args.spatial_id_layer >= 0, "spatial_id_layer", "must be >= 0 (0 = the input embeddings)")
-    need(args.spatial_id_weight >= 0 and math.isfinite(args.spatial_id_weight), "spatial_id_weight", "must be >= 0")
-    need(args.lm_loss_weight >= 0 and math.isfinite(args.lm_loss_weight), "lm_loss_weight", "must be >= 0")
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name", default="qwen2-2b", help="alias (tiny, qwen2-2b, ...), hub id or local folder")
-    p.add_argument("--list_models", action=ListModelsAction)
-    protocols.add_protocol_arg(p)
-    p.add_argument("--train_dir", default=None,
-                   help="folder of grid images (make_grid_data.py); default data/grid unless --train_objects")
-    p.add_argument("--max_unreadable_frac", type=float, default=0.05,
-                   help="largest share of --train_dir's images that may be unreadable (left out, named); above it "
-                        "training stops before the model loads: a folder that broken is a broken download")
-    p.add_argument("--train_question_style", choices=data.QUESTION_STYLES, default=None,
-                   help="grid question wording: paper = bare names, clean = 'the {name}' (default: --protocol)")
-    add_data_args(p)
-    add_benchmark_args(p, "--eval_benchmarks", help_default="none: COCO-Spatial and the holdout pairs only")
-    p.add_argument("--output_dir", default=None, help="run folder (default runs/<model>_<baseline|spatial>_seed<seed>)")
-    p.add_argument("--overwrite_output_dir", action="store_true", help="replace the run in --output_dir")
-    p.add_argument("--resume_from_checkpoint", default=None,
-                   help="continue from a checkpoint-N folder, or 'latest' in --output_dir")
-    p.add_argument("--fork", action="store_true",
-                   help="with --resume_from_checkpoint of another run: continue it in a new, empty --output_dir")
-    p.add_argument("--seed", type=int, default=0, help="model-side randomness and the order of the data")
-    p.add_argument("--data_seed", type=int, default=0,
-                   help="the holdout split and the evaluated holdout subset, kept apart from --seed so that "
-                        "runs of several seeds answer the same questions (paired comparisons)")
-    p.add_argument("--report_to", choices=("none", "tensorboard", "wandb"), default="none",
-                   help="also log losses and accuracies there (the package must be installed)")
-    p.add_argument("--batch_size", type=int, default=15, help="questions per batch, per process")
-    p.add_argument("--grad_accum", type=int, default=1, help="batches per optimizer step, per process")
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--weight_decay", type=float, default=0.01)
-    p.add_argument("--warmup_frac", type=float, default=0.03)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--sampler", choices=tuple(data.SAMPLERS), default=None,
-                   help="shuffle: plain shuffle; obj1_groups: the original's (obj1, cell, obj2) groups; grouped: "
-                        "(pair, cell, size, question) groups. Default by --protocol: paper = shuffle for the "
-                        "baseline, obj1_groups with the spatial loss; clean = grouped")
-    p.add_argument("--spatial_holdout_frac", type=float, default=0.15, help="share of object pairs held out")
-    p.add_argument("--holdout_max_samples", type=int, default=500, help="holdout questions evaluated (seeded subset)")
-    p.add_argument("--eval_batch_size", type=int, default=None, help="default: --batch_size")
-    p.add_argument("--eval_mode", choices=["generate", "score"], default="generate")
-    p.add_argument("--eval_save_steps", type=int, default=200, help="evaluate every N optimizer steps")
-    p.add_argument("--save_steps", type=int, default=None, help="checkpoint every N steps (default: --eval_save_steps)")
-    p.add_argument("--save_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
-    p.add_argument("--keep_best", action="store_true", help="with --save_total_limit: also keep the best by COCO accuracy")
-    p.add_argument("--merge_lora", action="store_true",
-                   help="with --lora_rank: final/ holds the model with the adapters merged in (a plain checkpoint)")
-    p.add_argument("--save_full_checkpoints", action="store_true",
-                   help="checkpoints hold the whole model too (default: only the trained tensors + training state)")
-    p.add_argument("--log_every", type=int, default=5, help="log the mean losses every N optimizer steps")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 weights on CUDA (float32 with a notice on CPU)")
-    p.add_argument("--grad_checkpointing", action="store_true")
-    p.add_argument("--num_workers", type=int, default=None,
-                   help="DataLoader workers (image loading + processing); default 0 on a CPU, up to 8 per "
-                        "process on CUDA (speedups.loader_settings)")
-    # Speed-ups: none changes what is trained (each is checked equal to the plain path in tests/).
-    p.add_argument("--encode_images_once", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the vision tower once per distinct image of a batch and share its features with "
-                        "every question about it (same loss and gradients; --no-encode_images_once: per row)")
-    p.add_argument("--compile_blocks", choices=speedups.COMPILE_CHOICES, default="none",
-                   help="torch.compile the vision blocks, the LM layers or both (falls back to eager with a warning)")
-    p.add_argument("--liger_kernel", action="store_true",
-                   help="Liger's fused kernels where they support the family (CUDA and liger-kernel needed; "
-                        "else a warning and the plain kernels)")
-    param_selectors.add_selector_args(p)
-    grid_sources.add_render_args(p, "--train_objects", "training images")
-    # Spatial-ID auxiliary loss (off unless --universal_id_path is given).
-    p.add_argument("--universal_id_path", default=None, help="universal spatial IDs (derive_spatial_ids.py)")
-    p.add_argument("--spatial_id_layer", type=int, default=sl.DEFAULT_SPATIAL_ID_LAYER, help="hidden_states index: 0 = embeddings")
-    p.add_argument("--spatial_id_weight", type=float, default=1.0,
-                   help="weight of the spatial-ID loss; 0 = a control that logs the loss but sends no gradient")
-    p.add_argument("--lm_loss_weight", type=float, default=1.0,
-                   help="weight of the LM (answer) loss; 0 with --universal_id_path = a spatial-only run")
-    p.add_argument("--spatial_head", choices=["none", "linear"], default="none")
-    p.add_argument("--allow_holdout_in_ids", action="store_true",
-                   help="do not warn when holdout pairs were among the pairs the IDs were derived from")
-    args = p.parse_args(argv)
-    args.protocol_choices = protocols.resolve(args, arm="spatial" if args.universal_id_path else "baseline")
-
-    _range_checks(p, args)
-    check_data_args(p, args)
-    grid_sources.check_render_flags(p, args, "--train_objects")
-    if args.train_objects is not None and args.train_dir is not None:
-        p.error("argument --train_objects: draws the training images on the fly; give it or --train_dir, not both")
-    if args.train_objects is None and args.train_dir is None:
-        args.train_dir = "data/grid"
-    if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
-        p.error(f"argument --report_to: {args.report_to} is not installed (pip install {args.report_to})")
-    if args.keep_best and not args.save_total_limit:
-        p.error("argument --keep_best: needs --save_total_limit N")
-    if args.merge_lora and not getattr(args, "lora_rank", 0):
-        p.error("argument --merge_lora: needs --lora_rank R")
-    if args.fork and not args.resume_from_checkpoint:
-        p.error("argument --fork: needs --resume_from_checkpoint")
-    if args.universal_id_path and not data.SAMPLERS[args.sampler]:
-        p.error(f"argument --sampler: the spatial loss centres over a batch with obj1 fixed, which "
-                f"{args.sampler} batches do not keep; use obj1_groups or grouped")
-    if args.lm_loss_weight == 0 and not (args.universal_id_path and args.spatial_id_weight > 0):
-        p.error("argument --lm_loss_weight: 0 leaves nothing to train; a spatial-only run also needs "
-                "--universal_id_path and --spatial_id_weight > 0")
-    if args.universal_id_path and args.batch_size < 2:
-        p.error("argument --batch_size: the spatial loss centres over the batch, so it must be >= 2")
-    if args.output_dir is None:
-        kind = "spatial" if args.universal_id_path else "baseline"
-        args.output_dir = f"runs/{Path(args.model_name).name}_{kind}_seed{args.seed}"
-    args.eval_batch_size = args.eval_batch_size or args.batch_size
-    args.save_steps = args.save_steps or args.eval_save_steps
-    return args
+    """train.py's arguments (train_args.py: the parser, its checks, the run's identity)."""
+    return train_args.parse_args(argv, description=__doc__)
 
 
 UNREADABLE_NAMED = 20  # unreadable training images named one per line; the rest are counted
-
-# Arguments that may change when a run is resumed without changing what it trains.
-RESUME_FREE_ARGS = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "fork", "num_workers",
-                    "max_unreadable_frac",
-                    "eval_batch_size", "eval_max_samples", "holdout_max_samples", "log_every", "save_total_limit",
-                    "keep_best", "save_full_checkpoints", "save_steps",
-                    "encode_images_once", "compile_blocks", "liger_kernel",
-                    "eval_benchmarks", "whatsup_dir", "vg_image_dir", "controlled_dir", "vsr_dir", "consistency",
-                    "option_orders"}
-
 
 # ---------------------------------------------------------------------------------------------
 # Training progress: one dataclass, saved and restored with each checkpoint
@@ -246,16 +102,78 @@ def _holds_run(out):
     return metrics.is_file() and any('"event": "train"' in line for line in metrics.read_text().splitlines())
 
 
+_held_run_locks = []  # the run folder's lock while main runs (taken by _setup_run_folder, released by main's end)
+
+
+def _releases_run_lock(main):
+    """main, releasing the run folder's lock however it ends (an in-process caller may run again)."""
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            return main(argv)
+        finally:
+            while _held_run_locks:
+                _held_run_locks.pop().release()
+    return run
+
+
+def _lock_run_folder(out, accelerator):
+    """The main process takes the folder's lock for the run's life, before anything in it is read
+    or deleted; every process stops in one line when another job holds it."""
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            _held_run_locks.append(run_folder.RunLock(out).acquire([sys.executable, *sys.argv]))
+        except run_folder.RunFolderLocked as err:
+            problem = f"--output_dir {err}; wait for it to end, or choose another --output_dir"
+    if accelerator.num_processes > 1:
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise ValueError(problem)
+
+
+def _identity_changes(args, folder, state=None):
+    """["--flag then → now", ...]: how this command's identity (train_args.IDENTITY_ARGS) differs
+    from the one recorded in `folder` (its run_identity.json, its config.json, or the training
+    `state` of a checkpoint of it); [] when nothing is recorded to compare with."""
+    now = train_args.run_identity(args)
+    then = run_folder.read_identity(folder, now)
+    if then is None and state is not None:
+        then = {k: state["args"].get(k) for k in now}
+    return [] if then is None else run_folder.identity_changes(then, now)
+
+
+def _check_identity(args, resume_dir, state, accelerator):
+    """A resumed run must be given the arguments that define it: else one line naming the flags
+    that differ. --fork may change them: it starts a run of its own."""
+    changes = _identity_changes(args, resume_dir.parent, state)
+    if changes and args.fork:
+        accelerator.print(f"forking {resume_dir} with other arguments (then → now): "
+                          f"{run_folder.describe_changes(changes)}")
+    elif changes:
+        raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {resume_dir.parent} was trained "
+                         f"with other arguments (then → now): {run_folder.describe_changes(changes)}; give it its "
+                         "own, --fork it into a new --output_dir, or start over with --overwrite_output_dir in place "
+                         "of --resume_from_checkpoint")
+
+
 def _setup_run_folder(args, accelerator):
-    """(checkpoint to resume from or None, its training state or None). Refuses to mix runs."""
+    """(checkpoint to resume from or None, its training state or None). Holds the folder's lock
+    from here to main's end; refuses to mix runs."""
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output_dir {out}: exists and is not a folder")
     probe_parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
     if not probe_parent.is_dir() or not os.access(probe_parent, os.W_OK | os.X_OK):
         raise ValueError(f"--output_dir {out}: {probe_parent} is not writable")
+    _lock_run_folder(out, accelerator)
     if not args.resume_from_checkpoint:
         if _holds_run(out) and not args.overwrite_output_dir:
+            changes = _identity_changes(args, out)
+            if changes:
+                raise ValueError(f"{out} already holds a run trained with other arguments (then → now): "
+                                 f"{run_folder.describe_changes(changes)}; choose another --output_dir, --fork one "
+                                 "of its checkpoints into one, or start over with --overwrite_output_dir")
             raise ValueError(f"{out} already holds a run; choose another --output_dir, pass "
                              "--resume_from_checkpoint latest to continue it, or --overwrite_output_dir")
         return None, None
@@ -266,13 +184,10 @@ def _setup_run_folder(args, accelerator):
     if foreign and not args.fork:
         raise ValueError(f"--resume_from_checkpoint {resume_dir} belongs to another run than --output_dir {out}; "
                          "pass --fork to continue it in a new, empty --output_dir")
-    if args.fork and out.exists() and any(out.iterdir()):
+    if args.fork and out.exists() and any(p.name != run_folder.LOCK_FILE for p in out.iterdir()):
         raise ValueError(f"--fork: --output_dir {out} is not empty")
     state = checkpoints.load_training_state(resume_dir)
-    changed = {k: (state["args"].get(k), v) for k, v in vars(args).items()
-               if k not in RESUME_FREE_ARGS and state["args"].get(k) != v}
-    if changed:
-        accelerator.print(f"warning: resuming {resume_dir} with different arguments (then, now): {changed}")
+    _check_identity(args, resume_dir, state, accelerator)
     return resume_dir, state
 
 
@@ -419,6 +334,7 @@ def _start_metrics(args, out, config, progress, resume_dir):
             shutil.rmtree(stale, ignore_errors=True)  # --overwrite_output_dir: nothing of the old run stays
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        run_folder.write_identity(out, train_args.run_identity(args))
         return (out / "metrics.jsonl").open("w")
     source = resume_dir.parent
     history = [line for line in (source / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -429,6 +345,7 @@ def _start_metrics(args, out, config, progress, resume_dir):
     config.setdefault("resumed", []).append(resumed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    run_folder.write_identity(out, train_args.run_identity(args))  # checked equal, or a --fork's own
     metrics = (out / "metrics.jsonl").open("w")
     metrics.write("".join(line + "\n" for line in kept))
     return metrics
@@ -528,6 +445,7 @@ def _evaluate_split(model, processor, adapter, samples, args, accelerator, desc)
 # The run
 # ---------------------------------------------------------------------------------------------
 
+@_releases_run_lock
 def main(argv=None):
     args = parse_args(argv)
 

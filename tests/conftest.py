@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # module not listed starts after these, in file order. This changes only when a test runs, never
 # what it checks; refresh it from `make test`'s slowest-tests list when a module grows.
 HEAVIEST_FIRST = ("test_sweeps.py", "test_runs.py", "test_reproduce.py", "test_preemption.py", "test_bad_inputs.py",
-                  "test_id_diagnostics.py", "test_gpu_paths.py", "test_learning.py", "test_tiny_spatial.py",
-                  "test_seeds_and_reporting.py", "test_train.py", "test_spatial_optimisation.py",
+                  "test_run_identity.py", "test_id_diagnostics.py", "test_gpu_paths.py", "test_learning.py",
+                  "test_tiny_spatial.py", "test_seeds_and_reporting.py", "test_train.py", "test_spatial_optimisation.py",
                   "test_perf_paths.py", "test_families.py", "test_grid_sources.py", "test_protocols.py")
 
 

@@ -85,3 +85,15 @@ def test_killed_after_first_stage_resumes_and_skips_it(tmp_path, standin, reprod
         "[reproduce] report"]
     assert all("skipped" in line for line in _stage_lines(out)[1:])
     assert (tmp_path / "runs" / "baseline_seed0" / "metrics.jsonl").stat().st_mtime_ns == metrics_time
+
+    # With a flag that defines the runs changed, the finished runs are not passed off as this
+    # sweep's: refused before any work, one line per run naming it and the flag (then -> now).
+    at = cmd.index("--max_steps") + 1
+    changed = [*cmd[2:at], "3", *cmd[at + 1:]]
+    code, out, err = reproduce_here(*changed)
+    assert code == 2, out[-3000:] + err[-3000:]
+    assert not any("skipped" in line and "is complete" in line for line in _stage_lines(out))
+    refusals = [line for line in err.splitlines() if line.startswith("error: run ")]
+    assert [line.split(":")[1].strip() for line in refusals] == ["run baseline_seed0", "run spatial_w1_seed0"], err
+    assert all("--max_steps 2 → 3" in line and "--restart_changed_runs" in line for line in refusals), refusals
+    assert (tmp_path / "runs" / "baseline_seed0" / "metrics.jsonl").stat().st_mtime_ns == metrics_time

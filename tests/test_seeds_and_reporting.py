@@ -13,6 +13,7 @@ import pytest
 import data
 import make_grid_data
 import train
+import train_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +76,7 @@ def test_report_to_mirrors_the_metrics(dataset, tmp_path, tiny_path, monkeypatch
     fake.log = lambda values, step: logged.append((step, values))
     fake.__spec__ = types.SimpleNamespace(name="wandb")
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(train_args.importlib.util, "find_spec", lambda name: object())
     out = tmp_path / "reported"
     train.main(_args(dataset, out, "--report_to", "wandb", "--log_every", "1"))
     assert inits and inits[0]["name"] == "reported"
@@ -90,7 +91,7 @@ def test_report_to_mirrors_the_metrics(dataset, tmp_path, tiny_path, monkeypatch
 
 @pytest.mark.fast
 def test_report_to_an_uninstalled_package_is_one_line(capsys, monkeypatch):
-    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(train_args.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit):
         train.parse_args(["--report_to", "tensorboard"])
     assert "tensorboard is not installed" in capsys.readouterr().err.strip().splitlines()[-1]

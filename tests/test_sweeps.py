@@ -20,6 +20,7 @@ import pytest
 import launchers
 import make_grid_data
 import reproduce
+import run_folder
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHON=sys.executable, PYTHONUNBUFFERED="1")
@@ -182,11 +183,13 @@ def test_slurm_launcher_queues_ids_then_one_array_then_the_report(shared, tmp_pa
     assert names == sorted(f"{arm}_seed{s}" for s in (0, 1) for arm in ("baseline", "spatial_w0", "spatial_w1"))
     assert not ids.exists() and "[reproduce] ids: queued as SLURM job 101" in out
 
-    # A finished run is not queued again: the rerun's array has five jobs.
+    # A finished run (with this sweep's arguments) is not queued again: the rerun's array has five jobs.
     done = runs_dir / "spatial_w1_seed0"
     (done / "final").mkdir(parents=True)
     (done / "final" / "README.md").write_text("card")
     (done / "metrics.jsonl").write_text(json.dumps({"event": "end", "step": 2}) + "\n")
+    planned = {r.name: r for r in reproduce.plan_runs(reproduce.parse_args(["--model", *cmd[2:]]))}
+    run_folder.write_identity(done, planned["spatial_w1_seed0"].identity)
     code, out, err = reproduce_here(*cmd[2:], env=env)
     assert code == 0, out[-3000:] + err[-3000:]
     calls = [json.loads(line) for line in (bin_dir / "sbatch_calls.jsonl").read_text().splitlines()]
