@@ -194,7 +194,7 @@ RESUME_FREE_ARGS = {"output_dir", "overwrite_output_dir", "resume_from_checkpoin
                     "eval_batch_size", "eval_max_samples", "holdout_max_samples", "log_every", "save_total_limit",
                     "keep_best", "save_full_checkpoints", "save_steps",
                     "encode_images_once", "compile_blocks", "liger_kernel",
-                    "eval_benchmarks", "whatsup_dir", "vg_image_dir", "controlled_dir", "vsr_dir", "consistency",
+                    "eval_benchmarks", "whatsup_dir", "vg_image_dir", "controlled_dir", "vsr_dir", "hub_dir", "consistency",
                     "option_orders"}
 
 
