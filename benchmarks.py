@@ -16,6 +16,10 @@ in another order.
 | controlled_a | controlled_images_dataset.json | controlled_images/ | 412 | left, right, on, under |
 | controlled_b | controlled_clevr_dataset.json | controlled_clevr/ | 408 | left, right, front, behind |
 | vsr | splits/zeroshot/test.jsonl (pinned) | VSR images (COCO 2017) | 1,222 on 715 images | true, false |
+| cvbench_relation / _depth / _distance | hub nyu-visionx/CV-Bench test.parquet (its task's rows) | bytes in the rows | 650 / 600 / 600 | letters |
+| blink_relation / blink_depth | hub BLINK-Benchmark/BLINK Spatial_Relation / Relative_Depth val | bytes in the rows | 143 / 124 | letters |
+| embspatial | hub FlagEval/EmbSpatial-Bench test | bytes in the rows | 3,640 | letters |
+| 3dsrbench | hub ccvl/3DSRBench 3dsrbench_v1 parquet | its coco_images.zip | 2,772 | letters |
 
 What'sUp rows are [image_id, true caption, false caption(s)] (the true one first; the controlled
 sets: {"image_path", "caption_options"}). A one-object relation is its caption's last word; the
@@ -25,6 +29,14 @@ row or caption that does not parse is an error naming its row. VSR rows are JSON
 {"image", "caption", "label" (1 true, 0 false), "relation", ...}; its question asks to judge the
 caption true or false. coco_two_obj is data.load_coco_spatial's questions, worded as before
 (`question_style`); the others say "the {name}".
+
+The hub's sets ("choice" kind) are multiple-choice questions read from parquet (pyarrow) at a
+pinned revision, from the hub's cache or DataRoots.hub_dir (REPO_ID/FILE); a file missing there is
+fetched (missing_files(fetch_missing=True)) or named with the `hf download` command. Their options
+are the letters, `choices` the released texts, `answer` the gold letter (`released_answer` as
+released), `image` the image's bytes and `image_path` a name made of its content; `mirror_answer`
+is the gold under a left-right mirror where the row says it. docs/evaluation.md records where each
+format was checked.
 """
 import hashlib
 import io

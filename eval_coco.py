@@ -12,10 +12,12 @@ agree. train.py calls `evaluate` from here.
 
     python eval_coco.py --ckpt runs/x/final --benchmark all --whatsup_dir data/whatsup --vsr_dir data/vsr
 
-`--benchmark NAME ... | all` evaluates What'sUp's subsets and VSR (benchmarks.py) with their
-checks (evaluate_benchmark): strict reading of generated answers, the swapped-objects twin of every
-two-object question, option-order rotations, pair/set accuracy, VSR's ROC-AUC; each missing file
-is named on its own line before a model loads. docs/evaluation.md has the details.
+`--benchmark NAME ... | all` evaluates What'sUp's subsets, VSR and the hub's multiple-choice sets
+(CV-Bench, BLINK, EmbSpatial-Bench, 3DSRBench; benchmarks.py) with their checks
+(evaluate_benchmark): strict reading of generated answers, the swapped-objects twin of every
+two-object question, option-order rotations, pair/set accuracy, VSR's ROC-AUC; a missing hub file
+is fetched, and each missing file is named on its own line before a model loads.
+docs/evaluation.md has the details.
 """
 import argparse
 import json
