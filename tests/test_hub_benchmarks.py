@@ -266,3 +266,35 @@ def test_evaluation_keeps_images_in_memory_and_rows_json(loaded, sensitive, tmp_
     by_question = {(r["row"], r["rotation"]): r for r in rows}
     for s in samples:
         assert by_question[(s["row"], 1)]["answer"] == benchmarks.rotated(s, 1)["answer"]
+
+
+@pytest.mark.fast
+def test_cli_names_missing_hub_files_before_the_model_loads(roots, tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(eval_coco, "load_checkpoint_model", no_model)
+    monkeypatch.setattr(eval_coco, "check_checkpoint_source", no_model)
+    with pytest.raises(SystemExit) as err:
+        eval_coco.main(["--ckpt", "tiny", "--benchmark", "blink_depth", "3dsrbench", "--hub_dir", str(tmp_path / "h"),
+                        "--output", str(tmp_path / "out")])
+    lines = str(err.value.code).splitlines()
+    assert lines[0] == "error: missing benchmark files:" and len(lines) == 4  # 3DSRBench: parquet and zip
+    assert [line.split(":")[0] for line in lines[1:]] == ["blink_depth", "3dsrbench", "3dsrbench"]
+    assert all("; get it with: hf download " in line for line in lines[1:])
+
+
+@pytest.mark.fast
+def test_reproduce_hands_the_hub_folder_to_its_runs(tmp_path):
+    import argparse
+
+    import reproduce
+
+    args = argparse.Namespace(model="tiny", train_objects="builtin", cell=None, sizes=None, train_object_names=None,
+                              val_json="v.json", coco_val_dir="coco", output_dir=None, ids="ids.pt", train_extra=[],
+                              protocol="paper", runs_dir=tmp_path, benchmarks=["embspatial"], whatsup_dir="w",
+                              vsr_dir="v", hub_dir="hub", launcher="serial", gpus_per_run=0)
+    command = reproduce.train_command(args, 0, tmp_path / "baseline_seed0")
+    at = command.index("--eval_benchmarks")
+    assert command[at:at + 8] == ["--eval_benchmarks", "embspatial", "--whatsup_dir", "w", "--vsr_dir", "v",
+                                  "--hub_dir", "hub"]
