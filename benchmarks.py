@@ -640,8 +640,12 @@ def _choice_sample(name, index, released_id, question, choices, gold, relation, 
     if not 2 <= len(choices) <= len(LETTERS) or not all(isinstance(c, str) and c.strip() for c in choices):
         raise BenchmarkFormatError(f"choices {choices!r}: want 2 to {len(LETTERS)} non-empty texts")
     question = question.replace("<image>", "").strip()
-    word = re.findall(r"[A-Za-z]+", question)[-1]  # the question's last word stands where obj2 is elsewhere
-    start = question.rfind(word)
+    # The question's last plain word stands where obj2 is elsewhere (the collator locates a token
+    # there): letters only, not part of "TV's" or "X-ray", whose last token runs past the letters.
+    words = list(re.finditer(r"(?<![\w'-])[A-Za-z]+(?![\w'-])", question))
+    if not words:
+        raise BenchmarkFormatError(f"question {question!r} has no plain word")
+    word, start = words[-1][0], words[-1].start()
     options = LETTERS[:len(choices)]
     choices = tuple(c.strip() for c in choices)
     mirror_answer = None if mirror is None else options[gold] if not mirror else \
