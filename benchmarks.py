@@ -589,6 +589,10 @@ def _choice_row(name, row, archive):
     return row["index"], row["question"], choices, gold, str(row["category"]), archive.read(member), mirror
 
 
+class _ImageNotInArchive(LookupError):
+    """A row's image is not in the set's archive (counted, as a missing image file is)."""
+
+
 class _ImageArchive:
     """3DSRBench's coco_images.zip, read in place: an image by its URL's file name."""
 
@@ -606,7 +610,7 @@ class _ImageArchive:
     def member(self, url):
         name = Path(str(url).split("?")[0]).name
         if name not in self.by_name:
-            raise BenchmarkFormatError(f"image {name!r} (from {url!r}) is not in {self.path.name}")
+            raise _ImageNotInArchive(name)
         return self.by_name[name]
 
     def read(self, member):
@@ -675,13 +679,16 @@ def _load_choice(name, roots, max_samples, unreadable):
               file=sys.stderr)
     if max_samples:
         numbered = numbered[:max_samples]
-    samples = []
+    samples, absent = [], []
     for index, row in numbered:
         try:
             released_id, question, choices, gold, relation, image, mirror = _choice_row(name, row, archive)
             sample = _choice_sample(name, index, released_id, question, choices, gold, relation, image, mirror,
                                     bench.hub[0].filename)
             sample["released_answer"] = row["answer"]  # the gold as released: "(A)", "A" or an index
+        except _ImageNotInArchive as err:
+            absent.append(str(err))
+            continue
         except (BenchmarkFormatError, KeyError, TypeError, AttributeError) as err:
             if not isinstance(err, BenchmarkFormatError):
                 err = f"malformed row ({type(err).__name__}: {err})"
@@ -692,6 +699,9 @@ def _load_choice(name, roots, max_samples, unreadable):
             unreadable.append((index, sample["image_path"], problem))
             continue
         samples.append(sample)
+    if absent:
+        raise FileNotFoundError(f"{archive.path}: {len(absent)} of the {len(numbered)} images of {name} are missing "
+                                f"(first: {absent[0]})")
     if not samples:
         raise ValueError(f"{path}: none of its {len(numbered)} {name} rows has a readable image")
     return samples

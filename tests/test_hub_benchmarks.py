@@ -113,7 +113,7 @@ BREAK = {  # benchmark -> (how its row 3 is broken, the message's tail)
     "blink_relation": (lambda r: dict(r, image_2=r["image_1"]), "has image_2: the question shows several images"),
     "blink_depth": (lambda r: dict(r, image_1={"bytes": None, "path": "x.png"}), "column 'image_1' holds no image"),
     "embspatial": (lambda r: dict(r, answer=7), "gold answer 7 is not an index into its 4 answer_options"),
-    "3dsrbench": (lambda r: dict(r, image_url="http://x/000000000042.jpg"), "'000000000042.jpg' .* is not in coco"),
+    "3dsrbench": (lambda r: dict(r, C=None), r"gold answer 'D' is not one of the letters A, B$"),  # C empty: 2 used
 }
 
 
@@ -144,6 +144,18 @@ def test_a_missing_column_and_a_row_count_are_checked(roots, tmp_path, capsys):
     warning = capsys.readouterr().err.strip().splitlines()
     assert warning == [f"warning: {benchmarks.hub_path(benchmarks.BLINK_DEPTH, roots)}: {N} blink_depth rows, the "
                        "pinned release has 124"]
+
+
+@pytest.mark.fast
+def test_images_missing_from_3dsrbenchs_archive_are_counted(roots, tmp_path):
+    roots = copy_hub(roots, tmp_path)
+    path, rows = released_rows(roots, "3dsrbench")
+    for k in (2, 3, 7):
+        rows[k] = dict(rows[k], image_url=f"http://images.cocodataset.org/train2017/{k:012d}.jpg")
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(FileNotFoundError, match=rf"coco_images.zip: 3 of the {N} images of 3dsrbench are missing "
+                                                r"\(first: 000000000002.jpg\)$"):
+        benchmarks.load("3dsrbench", roots)
 
 
 @pytest.mark.fast
