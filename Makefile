@@ -45,7 +45,14 @@ $(LMMS_VENV)/.installed: requirements-lmms.txt $(VENV)/.installed
 	test -x $(LMMS_PY) || python3 -m venv $(LMMS_VENV)
 	$(LMMS_PY) -c "import site, sys; open(site.getsitepackages()[0] + '/project-venv.pth', 'w').write(sys.argv[1] + '\n')" \
 		"$$($(PY) -c 'import site; print(site.getsitepackages()[0])')"
-	$(LMMS_PY) -m pip install -q -r requirements-lmms.txt
+	# PyPI's torchvision is built against PyPI's torch (a CUDA build, which runs on a CPU too), not
+	# against a CPU build of torch (.venv's on the dev machines: "operator torchvision::nms does not
+	# exist"): this environment gets PyPI's torch of .venv's version, and .venv's transformers,
+	# tokenizers and accelerate as constraints (unpinned, pip took torch 2.14 for the newest torchvision).
+	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(LMMS_VENV)/constraints.txt
+	$(PY) -m pip freeze | grep -iE '^(transformers|tokenizers|accelerate)==' >> $(LMMS_VENV)/constraints.txt
+	PIP_FIND_LINKS= $(LMMS_PY) -m pip install -q --ignore-installed -c $(LMMS_VENV)/constraints.txt torch
+	PIP_FIND_LINKS= $(LMMS_PY) -m pip install -q -r requirements-lmms.txt -c $(LMMS_VENV)/constraints.txt
 	touch $@
 
 test-lmms: $(LMMS_VENV)/.installed

@@ -59,12 +59,15 @@ def run_lmms(tmp_path, checkpoint, out):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "qwen2_vl",
-           "--model_args", f"pretrained={checkpoint},device=cpu,device_map=cpu,max_pixels=50176",
+           "--model_args", f"pretrained={checkpoint},device_map=cpu,max_pixels=50176",
            "--tasks", "tiny_blink_relation", "--include_path", str(tmp_path / "tasks"), "--batch_size", "1",
            "--device", "cpu", "--output_path", str(out), "--log_samples"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
-    return done
+    # lmms-eval logs an error and still exits 0 (a task not found, a model that does not load): the
+    # samples file is the proof that it ran
+    samples = sorted(Path(out).rglob("*_samples_tiny_blink_relation.jsonl"))
+    assert done.returncode == 0 and len(samples) == 1, (done.stdout[-3000:], done.stderr[-3000:])
+    return samples[0]
 
 
 def test_one_task_offline_on_the_tiny_checkpoint(tmp_path, capsys):
@@ -75,11 +78,9 @@ def test_one_task_offline_on_the_tiny_checkpoint(tmp_path, capsys):
     (tmp_path / "tasks" / "tiny_blink_relation.yaml").write_text(TASK.format(parquet=parquet))
     (tmp_path / "tasks" / "utils.py").write_text(UTILS)
     checkpoint = models.ensure_tiny_model()  # a complete from_pretrained folder, as a run's final/
-    run_lmms(tmp_path, checkpoint, tmp_path / "a")
+    samples = run_lmms(tmp_path, checkpoint, tmp_path / "a")
     run_lmms(tmp_path, checkpoint, tmp_path / "b")
-    samples = sorted((tmp_path / "a").rglob("*_samples_tiny_blink_relation.jsonl"))
-    assert len(samples) == 1
-    rows = [json.loads(line) for line in samples[0].read_text().splitlines()]
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
     assert [r["doc_id"] for r in rows] == [0, 1, 2, 3] and all(r["tiny_acc"] in (0.0, 1.0) for r in rows)
     result = compare_runs.main(["--lmms_eval", str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "a", "b"])
     assert result["rows"][0][:3] == ["tiny_blink_relation", "b vs a", 4] and result["left_out"] == []
