@@ -514,7 +514,9 @@ _RELATION_WORD_RE = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _MIRROR_F
 # 3DSRBench's categories whose answer a left-right mirror leaves as it is (the others turn on
 # left/right or on orientation, which a mirror changes in ways the released row does not say).
 _3DSR_MIRROR_SAME = {"height_higher", "location_above", "location_closer_to_camera"}
-# The columns each reader needs (a file without one is an error naming it).
+# The columns each reader needs (a file without one is an error naming it), and those it reads
+# when the file has them.
+_OPTIONAL_COLUMNS = {"cvbench": ("source", "source_dataset")}
 _COLUMNS = {
     "cvbench": ("idx", "task", "image", "question", "choices", "answer"),
     "blink": ("idx", "question", "image_1", "image_2", "image_3", "image_4", "choices", "answer"),
@@ -549,7 +551,7 @@ def _choice_row(name, row, archive):
     leaves it, None when the row does not say."""
     reader = _reader(name)
     if reader == "cvbench":
-        choices, gold = list(row["choices"] or []), None
+        choices = list(row["choices"] or [])
         gold = _letter_index(row["answer"], len(choices))
         text = choices[gold].strip().lower()
         relation = text if name == "cvbench_relation" else str(row.get("source_dataset") or row.get("source") or
@@ -617,8 +619,9 @@ class _ImageArchive:
         return self.zip.read(member)
 
 
-def _read_parquet(path, columns):
-    """The rows (dicts) of a parquet file, only `columns`; an error naming a missing column."""
+def _read_parquet(path, columns, optional=()):
+    """The rows (dicts) of a parquet file, only `columns` (and those of `optional` it has); an
+    error naming a missing column."""
     try:
         import pyarrow.parquet as pq  # only the hub's sets need it (requirements.txt)
     except ImportError:
@@ -629,7 +632,7 @@ def _read_parquet(path, columns):
         if absent:
             raise BenchmarkFormatError(f"{path}: no column {', '.join(map(repr, absent))} (it has "
                                        f"{', '.join(schema.names)})")
-        return pq.read_table(path, columns=list(columns)).to_pylist()
+        return pq.read_table(path, columns=list(columns) + [c for c in optional if c in schema.names]).to_pylist()
     except BenchmarkFormatError:
         raise
     except Exception as err:  # pyarrow's errors (ArrowInvalid, OSError) have no common base
@@ -671,7 +674,7 @@ def _load_choice(name, roots, max_samples, unreadable):
         raise FileNotFoundError(missing[0])
     path = hub_path(bench.hub[0], roots)
     archive = _ImageArchive(hub_path(bench.hub[1], roots)) if len(bench.hub) > 1 else None
-    rows = _read_parquet(path, _COLUMNS[_reader(name)])
+    rows = _read_parquet(path, _COLUMNS[_reader(name)], _OPTIONAL_COLUMNS.get(_reader(name), ()))
     numbered = [(i, r) for i, r in enumerate(rows) if bench.subset is None or r.get("task") == bench.subset]
     if len(numbered) != bench.released_rows:
         # A local copy of another revision (--hub_dir) still evaluates; the report says n of the released rows

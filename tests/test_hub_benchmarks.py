@@ -90,6 +90,7 @@ def test_mirror_and_relation_fields(loaded):
         assert s["relation"] in ("left", "right", "above", "below")
         assert (s["mirror_answer"] != s["answer"]) == (s["relation"] in ("left", "right"))
     assert all(s["mirror_answer"] == s["answer"] for s in loaded["cvbench_depth"] + loaded["blink_depth"])
+    assert {s["relation"] for s in loaded["cvbench_distance"]} == {"SUNRGBD"}  # per source data set
     assert [s["mirror_answer"] is None for s in loaded["embspatial"]] == [
         s["relation"] in ("left", "right") for s in loaded["embspatial"]]
     assert all(s["reading"] for name in benchmarks.HUB_NAMES for s in loaded[name])
