@@ -667,6 +667,24 @@ def _choice_sample(name, index, released_id, question, choices, gold, relation, 
     return with_question(sample)
 
 
+def _readable(path, index, image, label, unreadable):
+    """Whether a row's image (a file or its bytes) can be read; if not, an error naming the row, or
+    with a list as `unreadable` (row, label, why) appended there."""
+    problem = data.image_problem(image)
+    if problem and unreadable is None:
+        raise ValueError(f"{path}: row {index}: image {label} cannot be read ({problem})")
+    if problem:
+        unreadable.append((index, str(label), problem))
+    return not problem
+
+
+def _all_found(where, absent, total, name, hint=""):
+    """One line for the rows whose image is missing: counted, the first named."""
+    if absent:
+        raise FileNotFoundError(f"{where}: {len(absent)} of the {total} images of {name} are missing "
+                                f"(first: {absent[0]}){hint}")
+
+
 def _load_choice(name, roots, max_samples, unreadable):
     bench = BENCHMARKS[name]
     missing = _missing_hub_files(name, roots, fetch_missing=False)
@@ -696,15 +714,9 @@ def _load_choice(name, roots, max_samples, unreadable):
             if not isinstance(err, BenchmarkFormatError):
                 err = f"malformed row ({type(err).__name__}: {err})"
             raise BenchmarkFormatError(f"{path}: row {index}: {err}") from None
-        if problem := data.image_problem(image):
-            if unreadable is None:
-                raise ValueError(f"{path}: row {index}: its image cannot be read ({problem})")
-            unreadable.append((index, sample["image_path"], problem))
-            continue
-        samples.append(sample)
-    if absent:
-        raise FileNotFoundError(f"{archive.path}: {len(absent)} of the {len(numbered)} images of {name} are missing "
-                                f"(first: {absent[0]})")
+        if _readable(path, index, image, sample["image_path"], unreadable):
+            samples.append(sample)
+    _all_found(archive.path if archive else path, absent, len(numbered), name)
     if not samples:
         raise ValueError(f"{path}: none of its {len(numbered)} {name} rows has a readable image")
     return samples
@@ -741,15 +753,9 @@ def load(name, roots, question_style="clean", max_samples=None, unreadable=None)
         if not image.is_file():
             absent.append(str(image))
             continue
-        if problem := data.image_problem(image):
-            if unreadable is None:
-                raise ValueError(f"{path}: row {index}: image {image} cannot be read ({problem})")
-            unreadable.append((index, str(image), problem))
-            continue
-        samples.append(sample)
-    if absent:
-        raise FileNotFoundError(f"{folder}: {len(absent)} of the {len(rows)} images of {name} are missing "
-                                f"(first: {Path(absent[0]).name}); docs/evaluation.md says where to get them")
+        if _readable(path, index, image, image, unreadable):
+            samples.append(sample)
+    _all_found(folder, [Path(a).name for a in absent], len(rows), name, "; docs/evaluation.md says where to get them")
     if not samples:
         raise ValueError(f"{path}: none of the images of its {len(rows)} rows can be read (first: {unreadable[0][1]})")
     return samples

@@ -402,12 +402,7 @@ def test_cli_bad_option_orders_is_one_line(roots, capsys):
 
 
 @pytest.mark.fast
-def test_cli_missing_files_listed_before_the_model_loads(roots, tmp_path, monkeypatch):
-    def no_model(*args, **kwargs):
-        raise AssertionError("the model was loaded before the data was checked")
-
-    monkeypatch.setattr(eval_coco, "load_checkpoint_model", no_model)
-    monkeypatch.setattr(eval_coco, "check_checkpoint_source", no_model)
+def test_cli_missing_files_listed_before_the_model_loads(roots, tmp_path, model_must_not_load):
     with pytest.raises(SystemExit) as err:
         eval_coco.main(cli(roots, "--benchmark", "vg_two_obj", "vsr", "--whatsup_dir", str(tmp_path / "none"),
                            "--output", str(tmp_path / "out")))
