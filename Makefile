@@ -2,6 +2,8 @@
 # make test : the test suite (every test, on every core: pytest-xdist, one OpenMP thread per worker)
 # make test-fast : the edit loop's tier (tests marked `fast`, under a minute); CI runs `make test`
 # make study: the sandbox's dose-response on tiny-spatial (21 runs, 2 at a time; study.sh)
+# make test-lmms : the opt-in lmms-eval tier (not part of `make test`): .cache/lmms-venv, built once
+#   on top of .venv from requirements-lmms.txt, runs one lmms-eval task offline on the tiny model
 # Both create (or reuse) .venv and install what they need.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,7 +19,7 @@ export OMP_NUM_THREADS
 # Test workers: one per core (`make test TEST_WORKERS=1` runs them in one process, in order).
 TEST_WORKERS ?= auto
 
-.PHONY: install test test-fast demo study gpu-dry-run clean
+.PHONY: install test test-fast test-lmms demo study gpu-dry-run clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +36,27 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest tests -q -n $(TEST_WORKERS) -m fast
+
+# lmms-eval's own environment: .venv's packages (torch, transformers: pinned there) seen through a
+# .pth file, lmms-eval and what it adds installed beside them, never into .venv.
+LMMS_VENV ?= .cache/lmms-venv
+LMMS_PY := $(LMMS_VENV)/bin/python
+$(LMMS_VENV)/.installed: requirements-lmms.txt $(VENV)/.installed
+	test -x $(LMMS_PY) || python3 -m venv $(LMMS_VENV)
+	$(LMMS_PY) -c "import site, sys; open(site.getsitepackages()[0] + '/project-venv.pth', 'w').write(sys.argv[1] + '\n')" \
+		"$$($(PY) -c 'import site; print(site.getsitepackages()[0])')"
+	# PyPI's torchvision is built against PyPI's torch (a CUDA build, which runs on a CPU too), not
+	# against a CPU build of torch (.venv's on the dev machines: "operator torchvision::nms does not
+	# exist"): this environment gets PyPI's torch of .venv's version, and .venv's transformers,
+	# tokenizers and accelerate as constraints (unpinned, pip took torch 2.14 for the newest torchvision).
+	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(LMMS_VENV)/constraints.txt
+	$(PY) -m pip freeze | grep -iE '^(transformers|tokenizers|accelerate)==' >> $(LMMS_VENV)/constraints.txt
+	PIP_FIND_LINKS= $(LMMS_PY) -m pip install -q --ignore-installed -c $(LMMS_VENV)/constraints.txt torch
+	PIP_FIND_LINKS= $(LMMS_PY) -m pip install -q -r requirements-lmms.txt -c $(LMMS_VENV)/constraints.txt
+	touch $@
+
+test-lmms: $(LMMS_VENV)/.installed
+	$(LMMS_PY) -m pytest tests_lmms -q -p no:cacheprovider
 
 # every step of bench/gpu_check.sh on this CPU at tiny size (docs/performance.md)
 gpu-dry-run: install

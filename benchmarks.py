@@ -16,6 +16,10 @@ in another order.
 | controlled_a | controlled_images_dataset.json | controlled_images/ | 412 | left, right, on, under |
 | controlled_b | controlled_clevr_dataset.json | controlled_clevr/ | 408 | left, right, front, behind |
 | vsr | splits/zeroshot/test.jsonl (pinned) | VSR images (COCO 2017) | 1,222 on 715 images | true, false |
+| cvbench_relation / _depth / _distance | hub nyu-visionx/CV-Bench test.parquet (its task's rows) | bytes in the rows | 650 / 600 / 600 | letters |
+| blink_relation / blink_depth | hub BLINK-Benchmark/BLINK Spatial_Relation / Relative_Depth val | bytes in the rows | 143 / 124 | letters |
+| embspatial | hub FlagEval/EmbSpatial-Bench test | bytes in the rows | 3,640 | letters |
+| 3dsrbench | hub ccvl/3DSRBench 3dsrbench_v1 parquet | its coco_images.zip | 2,772 | letters |
 
 What'sUp rows are [image_id, true caption, false caption(s)] (the true one first; the controlled
 sets: {"image_path", "caption_options"}). A one-object relation is its caption's last word; the
@@ -25,11 +29,26 @@ row or caption that does not parse is an error naming its row. VSR rows are JSON
 {"image", "caption", "label" (1 true, 0 false), "relation", ...}; its question asks to judge the
 caption true or false. coco_two_obj is data.load_coco_spatial's questions, worded as before
 (`question_style`); the others say "the {name}".
+
+The hub's sets ("choice" kind) are multiple-choice questions read from parquet (pyarrow) at a
+pinned revision, from the hub's cache or DataRoots.hub_dir (REPO_ID/FILE); a file missing there is
+fetched (missing_files(fetch_missing=True)) or named with the `hf download` command. Their options
+are the letters, `choices` the released texts, `answer` the gold letter (`released_answer` as
+released), `image` the image's bytes and `image_path` a name made of its content; `mirror_answer`
+is the gold under a left-right mirror where the row says it. docs/evaluation.md records where each
+format was checked.
 """
+import hashlib
+import io
 import json
 import re
+import string
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import huggingface_hub
 
 import data
 
@@ -50,16 +69,52 @@ VSR = ("VSR: github.com/cambridgeltl/visual-spatial-reasoning, data/splits/zeros
        "data/README.md says (vsr_images.zip, or COCO 2017 train+val) under images/")
 
 
+LETTERS = tuple(string.ascii_uppercase[:4])  # a multiple-choice question's options: its letters (A-D at most)
+
+
+def _hub_source(hub):
+    return f"the Hugging Face hub: {hub.repo_id} (dataset), {hub.filename} at revision {hub.revision[:10]}"
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """A released file on the Hugging Face hub, pinned to the commit whose format was checked."""
+    repo_id: str
+    filename: str
+    revision: str
+
+    def fetch_command(self, local_dir=None):
+        to = f" --local-dir {Path(local_dir) / self.repo_id}" if local_dir else ""
+        return f"hf download {self.repo_id} {self.filename} --repo-type dataset --revision {self.revision}{to}"
+
+
+# The hub's sets, at the commits docs/evaluation.md records (their formats were checked there).
+CVBENCH = HubFile("nyu-visionx/CV-Bench", "test.parquet", "22409a927ab5cf68e3655023d51694587455fc99")
+_BLINK_REVISION = "98cc5d1bb4978857cf868598fefd35a510579e2f"
+BLINK_RELATION = HubFile("BLINK-Benchmark/BLINK", "Spatial_Relation/val-00000-of-00001.parquet", _BLINK_REVISION)
+BLINK_DEPTH = HubFile("BLINK-Benchmark/BLINK", "Relative_Depth/val-00000-of-00001.parquet", _BLINK_REVISION)
+EMBSPATIAL = HubFile("FlagEval/EmbSpatial-Bench", "data/test-00000-of-00001.parquet",
+                     "3c0e6b34b632de666a51091727c0128d07a54a6a")
+_3DSR_REVISION = "24bc4854ead64eb7d1442da7e4789d2c807816b2"
+THREEDSR = HubFile("ccvl/3DSRBench", "3dsrbench_v1-00000-of-00001.parquet", _3DSR_REVISION)
+THREEDSR_IMAGES = HubFile("ccvl/3DSRBench", "coco_images.zip", _3DSR_REVISION)
+
+
 @dataclass(frozen=True)
 class Benchmark:
     name: str
-    kind: str  # "two_obj", "one_obj", "controlled" (two objects, relation from the file name), "vsr"
+    kind: str  # "two_obj", "one_obj", "controlled" (two objects, relation from the file name), "vsr",
+    #            "choice" (a released multiple-choice question, its options lettered)
     annotation: str  # file name under its folder
-    images: str  # image folder: "coco" (--coco_val_dir), or a folder under its root
+    images: str  # image folder: "coco" (--coco_val_dir), or a folder under its root; "embedded" (bytes in
+    #              the parquet rows), "zip" (the set's image archive, read in place)
     options: tuple
     released_rows: int
     source: str  # where to get the annotation file
     image_source: str
+    hub: tuple = ()  # the HubFiles it reads (annotations first, then an image archive)
+    subset: str = None  # the rows it reads of a shared file: CV-Bench's `task` value
+    reading: str = None  # how lmms-eval reads its answers (the harness reading, for the reports)
 
 
 BENCHMARKS = {b.name: b for b in (
@@ -76,9 +131,20 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("controlled_b", "controlled", "controlled_clevr_dataset.json", "controlled_clevr",
               ("left", "right", "front", "behind"), 408, WHATSUP, WHATSUP + ", controlled_clevr.tar.gz"),
     Benchmark("vsr", "vsr", "splits/zeroshot/test.jsonl", "images", ("true", "false"), 1222, VSR, VSR),
+    *(Benchmark(name, "choice", hub[0].filename, images, LETTERS, rows, _hub_source(hub[0]), _hub_source(hub[-1]),
+                hub, subset, reading)
+      for name, hub, images, rows, subset, reading in (
+          ("cvbench_relation", (CVBENCH,), "embedded", 650, "Relation", "letter"),
+          ("cvbench_depth", (CVBENCH,), "embedded", 600, "Depth", "letter"),
+          ("cvbench_distance", (CVBENCH,), "embedded", 600, "Distance", "letter"),
+          ("blink_relation", (BLINK_RELATION,), "embedded", 143, None, "letter"),
+          ("blink_depth", (BLINK_DEPTH,), "embedded", 124, None, "letter"),
+          ("embspatial", (EMBSPATIAL,), "embedded", 3640, None, "letter"),
+          ("3dsrbench", (THREEDSR, THREEDSR_IMAGES), "zip", 2772, None, "letter_anywhere"))),
 )}
 NAMES = tuple(BENCHMARKS)
 TWO_OBJECT_KINDS = ("two_obj", "controlled")
+HUB_NAMES = tuple(n for n, b in BENCHMARKS.items() if b.hub)
 
 
 @dataclass(frozen=True)
@@ -90,6 +156,7 @@ class DataRoots:
     vg_image_dir: str = None  # default: whatsup_dir/vg_images
     controlled_dir: str = None  # holds controlled_images/ and controlled_clevr/; default: whatsup_dir
     vsr_dir: str = "data/vsr"  # VSR's data/ folder: splits/zeroshot/test.jsonl and images/
+    hub_dir: str = None  # the hub's sets as REPO_ID/FILE under this folder; default: the hub's own cache
 
 
 def resolve_names(names):
@@ -101,8 +168,49 @@ def resolve_names(names):
     return list(NAMES) if "all" in names else [n for n in NAMES if n in names]
 
 
+def hub_path(hub, roots):
+    """Where a released hub file is: REPO_ID/FILE under roots.hub_dir, else the hub's own cache at
+    its pinned revision (where `hf download` and lmms-eval's downloads put it); None when absent."""
+    if roots.hub_dir:
+        path = Path(roots.hub_dir) / hub.repo_id / hub.filename
+        return path if path.is_file() else None
+    cached = huggingface_hub.try_to_load_from_cache(hub.repo_id, hub.filename, revision=hub.revision,
+                                                    repo_type="dataset")
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def fetch(hub):
+    """Download a hub file (at its pinned revision) into the hub's own cache; its local path."""
+    return Path(huggingface_hub.hf_hub_download(hub.repo_id, hub.filename, repo_type="dataset",
+                                                revision=hub.revision))
+
+
+def _missing_hub_files(name, roots, fetch_missing):
+    lines = []
+    for hub in BENCHMARKS[name].hub:
+        if hub_path(hub, roots):
+            continue
+        where = f"{hub.filename} of {hub.repo_id} (revision {hub.revision[:10]})"
+        if roots.hub_dir:
+            lines.append(f"{name}: {Path(roots.hub_dir) / hub.repo_id / hub.filename} not found; get it with: "
+                         f"{hub.fetch_command(roots.hub_dir)}")
+        elif not fetch_missing or huggingface_hub.is_offline_mode():
+            why = " and HF_HUB_OFFLINE=1" if fetch_missing else ""
+            lines.append(f"{name}: {where} is not in the hub cache{why}; fetch it with: {hub.fetch_command()}")
+        else:
+            try:
+                fetch(hub)
+            except Exception as err:  # no network, a proxy, a moved file: all end in the same line
+                reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+                lines.append(f"{name}: {where} could not be fetched ({reason}); fetch it with: {hub.fetch_command()}")
+    return lines
+
+
 def annotation_path(name, roots):
     bench = BENCHMARKS[name]
+    if bench.hub:
+        found = hub_path(bench.hub[0], roots)
+        return found or Path(roots.hub_dir or "<hub cache>") / bench.hub[0].repo_id / bench.hub[0].filename
     if name == "coco_two_obj":
         return Path(roots.val_json)
     return Path(roots.vsr_dir if bench.kind == "vsr" else roots.whatsup_dir) / bench.annotation
@@ -119,10 +227,15 @@ def image_dir(name, roots):
     return Path(roots.controlled_dir or roots.whatsup_dir) / bench.images
 
 
-def missing_files(names, roots):
-    """One line per missing annotation file or image folder, saying where to get it."""
+def missing_files(names, roots, fetch_missing=False):
+    """One line per missing annotation file or image folder, saying where to get it. A hub set's
+    files are looked up under roots.hub_dir or in the hub's cache; with `fetch_missing` (and the hub
+    not offline), a file not there is downloaded first and named only if that fails."""
     lines = []
     for name in names:
+        if BENCHMARKS[name].hub:
+            lines += _missing_hub_files(name, roots, fetch_missing)
+            continue
         bench, path, folder = BENCHMARKS[name], annotation_path(name, roots), image_dir(name, roots)
         if not path.is_file():
             lines.append(f"{name}: {path} not found; get {Path(bench.annotation).name} from {bench.source}")
@@ -154,6 +267,13 @@ def one_object_template(options):
 
 def vsr_template(options):
     return 'Is this statement about the image true or false? "{obj2}" Answer with ' + options_phrase(options) + "."
+
+
+def choice_template(choices):
+    """The released question ({obj2}) with its choices lettered, asking for the letter (the
+    wording of lmms-eval's prompts for these sets, shared by all of them here)."""
+    listed = " ".join(f"({letter}) {choice}" for letter, choice in zip(LETTERS, choices))
+    return "{obj2}\nOptions: " + listed + "\nAnswer with the option's letter from the given choices directly."
 
 
 def fill(template, ref1, ref2):
@@ -191,9 +311,18 @@ def swapped(sample):
 
 def rotated(sample, k):
     """The question with its option list rotated by k (options[k:] + options[:k]) in the prompt:
-    each option word of the template is replaced by the word at its place in the new order."""
+    each option word of the template is replaced by the word at its place in the new order. A
+    multiple-choice question keeps its letters and moves its choices: choices[k:] + choices[:k]
+    under A, B, ..., the gold letter following its choice (MMBench's circular evaluation)."""
     options = tuple(sample["options"])
     k %= len(options)
+    if sample["kind"] == "choice":
+        choices = tuple(sample["choices"])[k:] + tuple(sample["choices"])[:k]
+        moved = {old: options[(i - k) % len(options)] for i, old in enumerate(options)}  # old letter -> new
+        mirror = sample.get("mirror_answer")
+        return with_question(sample, template=choice_template(choices), choices=choices,
+                             answer=moved[sample["answer"]], mirror_answer=moved[mirror] if mirror else None,
+                             rotation=k)
     new = options[k:] + options[:k]
     mapping = dict(zip(options, new))
     pattern = re.compile(r"\b(" + "|".join(re.escape(o) for o in options) + r")\b")
@@ -370,6 +499,229 @@ def _coco_two_obj(roots, question_style, max_samples, unreadable):
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# The hub's multiple-choice sets (parquet rows, images as bytes)
+# ---------------------------------------------------------------------------------------------
+
+# Relation words of BLINK's yes/no questions and whether a left-right mirror of the image flips
+# the answer: the question's relation turns into its opposite (left <-> right) or stays.
+_MIRROR_FLIPS = {"left": True, "right": True, "above": False, "below": False, "beneath": False, "under": False,
+                 "on": False, "over": False, "in front of": False, "behind": False, "touching": False,
+                 "inside": False, "contains": False, "far": False, "close": False, "near": False,
+                 "closer": False, "farther": False}
+_RELATION_WORD_RE = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _MIRROR_FLIPS), key=len, reverse=True))
+                               + r")\b", re.IGNORECASE)
+# 3DSRBench's categories whose answer a left-right mirror leaves as it is (the others turn on
+# left/right or on orientation, which a mirror changes in ways the released row does not say).
+_3DSR_MIRROR_SAME = {"height_higher", "location_above", "location_closer_to_camera"}
+# The columns each reader needs (a file without one is an error naming it), and those it reads
+# when the file has them.
+_OPTIONAL_COLUMNS = {"cvbench": ("source", "source_dataset")}
+_COLUMNS = {
+    "cvbench": ("idx", "task", "image", "question", "choices", "answer"),
+    "blink": ("idx", "question", "image_1", "image_2", "image_3", "image_4", "choices", "answer"),
+    "embspatial": ("question_id", "question", "answer_options", "answer", "relation", "image"),
+    "3dsrbench": ("index", "question", "A", "B", "C", "D", "answer", "category", "image_url"),
+}
+
+
+def _reader(name):
+    return name.split("_")[0]
+
+
+def _letter_index(answer, count):
+    """The option index of a released gold answer "(A)" / "A" (CV-Bench, BLINK, 3DSRBench)."""
+    letter = answer.strip().strip("()").strip() if isinstance(answer, str) else None
+    if not letter or letter not in LETTERS[:count]:
+        raise BenchmarkFormatError(f"gold answer {answer!r} is not one of the letters {', '.join(LETTERS[:count])}")
+    return LETTERS.index(letter)
+
+
+def _image_bytes(value, column):
+    """The bytes of a parquet image column ({bytes, path}, as the hub's `datasets` writes images)."""
+    raw = value.get("bytes") if isinstance(value, dict) else None
+    if not raw:
+        raise BenchmarkFormatError(f"column {column!r} holds no image bytes ({type(value).__name__})")
+    return bytes(raw)
+
+
+def _choice_row(name, row, archive):
+    """(released id, question, choices, gold index, relation, image bytes, mirror) of one row; mirror:
+    True when a left-right mirror of the image flips the gold to the other choice, False when it
+    leaves it, None when the row does not say."""
+    reader = _reader(name)
+    if reader == "cvbench":
+        choices = list(row["choices"] or [])
+        gold = _letter_index(row["answer"], len(choices))
+        text = choices[gold].strip().lower()
+        relation = text if name == "cvbench_relation" else str(row.get("source_dataset") or row.get("source") or
+                                                                  row["task"]).strip()
+        mirror = (text in ("left", "right")) if name == "cvbench_relation" else False
+        return row["idx"], row["question"], choices, gold, relation, _image_bytes(row["image"], "image"), mirror
+    if reader == "blink":
+        extra = [c for c in ("image_2", "image_3", "image_4") if row.get(c)]
+        if extra:
+            raise BenchmarkFormatError(f"has {', '.join(extra)}: the question shows several images, this set one")
+        choices = list(row["choices"] or [])
+        gold = _letter_index(row["answer"], len(choices))
+        if name == "blink_depth":
+            relation, mirror = "closer point", False  # the points' labels are drawn in the image and move with it
+        else:
+            found = _RELATION_WORD_RE.search(row["question"])
+            relation = found[1].lower() if found else "other"
+            mirror = _MIRROR_FLIPS[relation] if found and {c.lower() for c in choices} == {"yes", "no"} else None
+        return row["idx"], row["question"], choices, gold, relation, _image_bytes(row["image_1"], "image_1"), mirror
+    if reader == "embspatial":
+        choices, gold = list(row["answer_options"] or []), row["answer"]
+        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+            raise BenchmarkFormatError(f"gold answer {gold!r} is not an index into its {len(choices)} answer_options")
+        relation = str(row["relation"]).strip().lower()
+        # which object is left of another turns into another object under a mirror: not derivable
+        mirror = None if relation in ("left", "right") else False
+        return row["question_id"], row["question"], choices, gold, relation, _image_bytes(row["image"], "image"), mirror
+    choices = []  # 3DSRBench: options in columns A-D, the unused ones empty
+    for letter in LETTERS:
+        value = row.get(letter)
+        if value is None or (isinstance(value, float) and value != value) or str(value).strip().lower() in ("", "nan"):
+            break
+        choices.append(str(value).strip())
+    gold = _letter_index(row["answer"], len(choices))
+    member = archive.member(row["image_url"])
+    mirror = False if row["category"] in _3DSR_MIRROR_SAME else None
+    return row["index"], row["question"], choices, gold, str(row["category"]), archive.read(member), mirror
+
+
+class _ImageNotInArchive(LookupError):
+    """A row's image is not in the set's archive (counted, as a missing image file is)."""
+
+
+class _ImageArchive:
+    """3DSRBench's coco_images.zip, read in place: an image by its URL's file name."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self.zip = zipfile.ZipFile(self.path)
+        except (OSError, zipfile.BadZipFile) as err:
+            raise BenchmarkFormatError(f"{self.path}: not a readable zip archive ({err})") from None
+        self.by_name = {}
+        for info in self.zip.infolist():
+            if not info.is_dir():
+                self.by_name.setdefault(Path(info.filename).name, info.filename)
+
+    def member(self, url):
+        name = Path(str(url).split("?")[0]).name
+        if name not in self.by_name:
+            raise _ImageNotInArchive(name)
+        return self.by_name[name]
+
+    def read(self, member):
+        return self.zip.read(member)
+
+
+def _read_parquet(path, columns, optional=()):
+    """The rows (dicts) of a parquet file, only `columns` (and those of `optional` it has); an
+    error naming a missing column."""
+    try:
+        import pyarrow.parquet as pq  # only the hub's sets need it (requirements.txt)
+    except ImportError:
+        raise BenchmarkFormatError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        schema = pq.read_schema(path)
+        absent = [c for c in columns if c not in schema.names]
+        if absent:
+            raise BenchmarkFormatError(f"{path}: no column {', '.join(map(repr, absent))} (it has "
+                                       f"{', '.join(schema.names)})")
+        return pq.read_table(path, columns=list(columns) + [c for c in optional if c in schema.names]).to_pylist()
+    except BenchmarkFormatError:
+        raise
+    except Exception as err:  # pyarrow's errors (ArrowInvalid, OSError) have no common base
+        raise BenchmarkFormatError(f"{path}: not a readable parquet file ({str(err).splitlines()[0][:120]})") from None
+
+
+def _choice_sample(name, index, released_id, question, choices, gold, relation, image, mirror, file_name):
+    """The evaluation sample of one multiple-choice row: options are the letters, `choices` the
+    released texts, `answer` the gold letter; the image is kept as bytes and named by its content."""
+    if not isinstance(question, str) or not re.search(r"[A-Za-z]", question):
+        raise BenchmarkFormatError(f"question {question!r} is not text")
+    if not 2 <= len(choices) <= len(LETTERS) or not all(isinstance(c, str) and c.strip() for c in choices):
+        raise BenchmarkFormatError(f"choices {choices!r}: want 2 to {len(LETTERS)} non-empty texts")
+    question = question.replace("<image>", "").strip()
+    # The question's last plain word stands where obj2 is elsewhere (the collator locates a token
+    # there): letters only, not part of "TV's" or "X-ray", whose last token runs past the letters.
+    words = list(re.finditer(r"(?<![\w'-])[A-Za-z]+(?![\w'-])", question))
+    if not words:
+        raise BenchmarkFormatError(f"question {question!r} has no plain word")
+    word, start = words[-1][0], words[-1].start()
+    options = LETTERS[:len(choices)]
+    choices = tuple(c.strip() for c in choices)
+    mirror_answer = None if mirror is None else options[gold] if not mirror else \
+        options[1 - gold] if len(choices) == 2 else None
+    digest = hashlib.sha1(image).hexdigest()[:16]
+    sample = dict(benchmark=name, kind="choice", row=index, image_id=released_id,
+                  image_path=f"{Path(file_name).name}#sha1={digest}", image=image, order="asked", rotation=0,
+                  options=options, choices=choices, answer=options[gold],
+                  relation=relation, mirror_answer=mirror_answer, reading=BENCHMARKS[name].reading,
+                  template=choice_template(choices), ref1=None, ref2=question, ref2_name_start=start, obj1="",
+                  obj2=word, caption=question)
+    return with_question(sample)
+
+
+def _readable(path, index, image, label, unreadable):
+    """Whether a row's image (a file or its bytes) can be read; if not, an error naming the row, or
+    with a list as `unreadable` (row, label, why) appended there."""
+    problem = data.image_problem(image)
+    if problem and unreadable is None:
+        raise ValueError(f"{path}: row {index}: image {label} cannot be read ({problem})")
+    if problem:
+        unreadable.append((index, str(label), problem))
+    return not problem
+
+
+def _all_found(where, absent, total, name, hint=""):
+    """One line for the rows whose image is missing: counted, the first named."""
+    if absent:
+        raise FileNotFoundError(f"{where}: {len(absent)} of the {total} images of {name} are missing "
+                                f"(first: {absent[0]}){hint}")
+
+
+def _load_choice(name, roots, max_samples, unreadable):
+    bench = BENCHMARKS[name]
+    missing = _missing_hub_files(name, roots, fetch_missing=False)
+    if missing:
+        raise FileNotFoundError(missing[0])
+    path = hub_path(bench.hub[0], roots)
+    archive = _ImageArchive(hub_path(bench.hub[1], roots)) if len(bench.hub) > 1 else None
+    rows = _read_parquet(path, _COLUMNS[_reader(name)], _OPTIONAL_COLUMNS.get(_reader(name), ()))
+    numbered = [(i, r) for i, r in enumerate(rows) if bench.subset is None or r.get("task") == bench.subset]
+    if len(numbered) != bench.released_rows:
+        # A local copy of another revision (--hub_dir) still evaluates; the report says n of the released rows
+        print(f"warning: {path}: {len(numbered)} {name} rows, the pinned release has {bench.released_rows:,}",
+              file=sys.stderr)
+    if max_samples:
+        numbered = numbered[:max_samples]
+    samples, absent = [], []
+    for index, row in numbered:
+        try:
+            released_id, question, choices, gold, relation, image, mirror = _choice_row(name, row, archive)
+            sample = _choice_sample(name, index, released_id, question, choices, gold, relation, image, mirror,
+                                    bench.hub[0].filename)
+            sample["released_answer"] = row["answer"]  # the gold as released: "(A)", "A" or an index
+        except _ImageNotInArchive as err:
+            absent.append(str(err))
+            continue
+        except (BenchmarkFormatError, KeyError, TypeError, AttributeError) as err:
+            if not isinstance(err, BenchmarkFormatError):
+                err = f"malformed row ({type(err).__name__}: {err})"
+            raise BenchmarkFormatError(f"{path}: row {index}: {err}") from None
+        if _readable(path, index, image, sample["image_path"], unreadable):
+            samples.append(sample)
+    _all_found(archive.path if archive else path, absent, len(numbered), name)
+    if not samples:
+        raise ValueError(f"{path}: none of its {len(numbered)} {name} rows has a readable image")
+    return samples
+
+
 def load(name, roots, question_style="clean", max_samples=None, unreadable=None):
     """Evaluation samples of benchmark `name` from its released files under `roots` (DataRoots).
 
@@ -381,6 +733,8 @@ def load(name, roots, question_style="clean", max_samples=None, unreadable=None)
         raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")
     if name == "coco_two_obj":
         return _coco_two_obj(roots, question_style, max_samples, unreadable)
+    if BENCHMARKS[name].hub:
+        return _load_choice(name, roots, max_samples, unreadable)
     missing = missing_files([name], roots)
     if missing:
         raise FileNotFoundError(missing[0])
@@ -399,15 +753,9 @@ def load(name, roots, question_style="clean", max_samples=None, unreadable=None)
         if not image.is_file():
             absent.append(str(image))
             continue
-        if problem := data.image_problem(image):
-            if unreadable is None:
-                raise ValueError(f"{path}: row {index}: image {image} cannot be read ({problem})")
-            unreadable.append((index, str(image), problem))
-            continue
-        samples.append(sample)
-    if absent:
-        raise FileNotFoundError(f"{folder}: {len(absent)} of the {len(rows)} images of {name} are missing "
-                                f"(first: {Path(absent[0]).name}); docs/evaluation.md says where to get them")
+        if _readable(path, index, image, image, unreadable):
+            samples.append(sample)
+    _all_found(folder, [Path(a).name for a in absent], len(rows), name, "; docs/evaluation.md says where to get them")
     if not samples:
         raise ValueError(f"{path}: none of the images of its {len(rows)} rows can be read (first: {unreadable[0][1]})")
     return samples

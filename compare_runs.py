@@ -32,6 +32,10 @@ each weight against the arm's weight-0 control and of each arm and weight agains
 measures training noise; and the seeds pooled per question by majority, McNemar and the
 bootstrap, which hold the models fixed); the figure OUT/dose_response.png: weight against accuracy
 and against the spatial-ID loss.
+
+--lmms_eval BASELINE_OUT OTHER_OUT: instead of run folders, two lmms-eval --output_path folders
+written with --log_samples (the general-ability check, docs/evaluation.md): per task both logged,
+McNemar and the bootstrap on the same questions (doc_id; doc_hash must agree).
 """
 import argparse
 import json
@@ -915,9 +919,94 @@ def write_report(out, plain, sections, figure, extra_figures=()):
     (out / "report.md").write_text("\n".join(lines))
 
 
+# --- lmms-eval's logged samples (general ability, before and after finetuning) ----------------
+
+# Keys of a logged sample (lmms-eval --log_samples) that are not metrics; the others are the task's
+# per-question metric values.
+LMMS_SAMPLE_KEYS = {"doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "token_counts", "doc_hash",
+                    "input", "input_media"}
+# Where a per-question metric that is a dict keeps its right/wrong (cv_bench/blink/embspatial:
+# is_correct; pope, mme, 3dsrbench: score).
+LMMS_CORRECT_FIELDS = ("is_correct", "correct", "score", "acc", "accuracy", "exact_match")
+
+
+def lmms_correct(sample):
+    """(metric, right or wrong) of one logged sample: its first metric whose value, or whose
+    dict's is_correct/score/..., is 0 or 1; None when none is (a judge-scored task, say)."""
+    for key, value in sample.items():
+        if key in LMMS_SAMPLE_KEYS:
+            continue
+        if isinstance(value, dict):
+            value = next((value[f] for f in LMMS_CORRECT_FIELDS if f in value), None)
+        if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
+            return key, bool(value)
+    return None
+
+
+def read_lmms_samples(folder):
+    """{task: {doc_id: (doc_hash, right or wrong)}} from the newest *_samples_<task>.jsonl of each
+    task under an lmms-eval --output_path, and [tasks whose samples hold no right/wrong]."""
+    files = sorted(Path(folder).rglob("*_samples_*.jsonl"))
+    if not files:
+        raise CompareError(f"{folder}: no lmms-eval samples (*_samples_<task>.jsonl); run lmms_eval with --log_samples")
+    newest = {}
+    for path in files:  # names start with lmms-eval's date id, so the last one sorted is the newest
+        newest[path.name.split("_samples_", 1)[1][:-len(".jsonl")]] = path
+    tasks, unscored = {}, []
+    for task, path in sorted(newest.items()):
+        rows = {}
+        for sample in read_jsonl(path):
+            got = lmms_correct(sample)
+            if got is None:
+                unscored.append(task)
+                break
+            rows[sample["doc_id"]] = (sample.get("doc_hash"), got[1])
+        else:
+            tasks[task] = rows
+    return tasks, unscored
+
+
+def lmms_rows(reference, other, reference_label, other_label):
+    """Markdown rows: per task both folders logged, McNemar and the bootstrap of `other` against
+    `reference` on the same questions (doc_id, and doc_hash where both logged it)."""
+    rows = []
+    for task in sorted(set(reference) & set(other)):
+        ref, oth = reference[task], other[task]
+        if set(ref) != set(oth):
+            raise CompareError(f"lmms-eval task {task}: {len(ref)} and {len(oth)} logged questions, not the same "
+                               f"ones (evaluate both with the same --limit)")
+        changed = [d for d in ref if ref[d][0] and oth[d][0] and ref[d][0] != oth[d][0]]
+        if changed:
+            raise CompareError(f"lmms-eval task {task}: question {changed[0]} differs between the two (doc_hash)")
+        order = sorted(ref, key=str)
+        s = paired_stats([ref[d][1] for d in order], [oth[d][1] for d in order])
+        rows.append([task, f"{other_label} vs {reference_label}", *stat_cells(s)])
+    return rows
+
+
+def main_lmms(reference, other, labels):
+    """compare_runs.py --lmms_eval BASELINE_OUT OTHER_OUT: paired tests per task on lmms-eval's
+    logged samples."""
+    try:
+        (ref, ref_unscored), (oth, oth_unscored) = read_lmms_samples(reference), read_lmms_samples(other)
+        rows = lmms_rows(ref, oth, *labels)
+    except (CompareError, OSError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    left_out = sorted(set(ref_unscored) | set(oth_unscored) | (set(ref) ^ set(oth)))
+    text = markdown_table(["task"] + PAIRED_HEADER[1:], rows)
+    print(f"## lmms-eval: paired statistics per task\n\n{text}")
+    if left_out:
+        print(f"\nnot compared ({len(left_out)}): {', '.join(left_out)} (logged by one side only, or no per-question "
+              "right/wrong in the samples)")
+    return {"rows": rows, "left_out": left_out}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run folders written by train.py")
+    parser.add_argument("runs", nargs="*", help="run folders written by train.py")
+    parser.add_argument("--lmms_eval", nargs=2, metavar=("BASELINE_OUT", "OTHER_OUT"), default=None,
+                        help="instead of run folders: two lmms-eval --output_path folders run with --log_samples; "
+                             "paired tests per task on the same questions (--labels: their two labels)")
     parser.add_argument("--labels", nargs="+", help="one label per run; runs with the same label form one "
                                                     "seed group (default: group by config args, see above)")
     parser.add_argument("--pairing", choices=("majority", "per-seed"), default="majority",
@@ -933,6 +1022,14 @@ def main(argv=None):
                         help="per arm and spatial-ID weight: final accuracies and spatial loss (mean ± sd over seeds), "
                              "paired tests against the weight-0 control and the baseline, OUT/dose_response.png")
     args = parser.parse_args(argv)
+    if args.lmms_eval:
+        if args.runs:
+            parser.error("argument --lmms_eval: compares two lmms-eval folders, not run folders as well")
+        if args.labels and len(args.labels) != 2:
+            parser.error(f"argument --labels: {len(args.labels)} labels for the two --lmms_eval folders")
+        return main_lmms(*args.lmms_eval, args.labels or [Path(p).name for p in args.lmms_eval])
+    if not args.runs:
+        parser.error("the following arguments are required: runs (or --lmms_eval BASELINE_OUT OTHER_OUT)")
     if args.labels and len(args.labels) != len(args.runs):
         parser.error(f"argument --labels: {len(args.labels)} labels for {len(args.runs)} runs (one per run)")
     try:

@@ -12,6 +12,7 @@ renders of the same layout (local variation, backgrounds). The original code's f
 `{obj1}_{x1}-{y1}_{obj2}_{x2}-{y2}.png` (x = column, y = row) is read too; it carries no size,
 so its samples get size 224, as the original assumed.
 """
+import io
 import json
 import random
 import re
@@ -444,7 +445,8 @@ def make_batch_sampler(name, samples, indices, batch_size, seed=0):
 # ---------------------------------------------------------------------------------------------
 
 def load_image(path):
-    with Image.open(path) as img:
+    """An RGB image from a file, or from the bytes of one (a benchmark's parquet rows hold them)."""
+    with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
         return img.convert("RGB")
 
 
@@ -457,12 +459,12 @@ def image_problem(path):
     "truncated"). Reads the header and the last bytes only, never the pixels, so a whole data set
     is checked in seconds before a model loads; damage in the middle of a file that keeps its
     ending is left to the collator, which skips and names such an image when it is decoded."""
-    path = Path(path)
+    in_memory = isinstance(path, bytes)  # an image's bytes (a parquet row's) are checked the same way
     try:
-        size = path.stat().st_size
+        size = len(path) if in_memory else Path(path).stat().st_size
         if size == 0:
             return "empty (0 bytes)"
-        with path.open("rb") as f:  # one open for the header and the ending
+        with io.BytesIO(path) if in_memory else Path(path).open("rb") as f:  # one open for header and ending
             with Image.open(f) as img:
                 ending = _FILE_ENDINGS.get(img.format)
             if ending is None:
@@ -522,8 +524,10 @@ class VLMCollator:
                 if path not in decoded:
                     # An in-memory image (tiny-warm's pretraining draws its images as it goes), or
                     # one drawn now (grid_sources.LazyGridImage: rendered in the worker that needs it).
+                    # An image's bytes (a benchmark's parquet rows), named in image_path by their content.
                     image = s["image"] if "image" in s else load_image(path)
-                    decoded[path] = image() if callable(image) else image
+                    image = image() if callable(image) else image
+                    decoded[path] = load_image(image) if isinstance(image, bytes) else image
                 images.append(decoded[path])
                 kept.append(s)
             except (OSError, ValueError) as err:  # PIL: truncated, corrupt or not an image

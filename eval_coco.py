@@ -12,10 +12,12 @@ agree. train.py calls `evaluate` from here.
 
     python eval_coco.py --ckpt runs/x/final --benchmark all --whatsup_dir data/whatsup --vsr_dir data/vsr
 
-`--benchmark NAME ... | all` evaluates What'sUp's subsets and VSR (benchmarks.py) with their
-checks (evaluate_benchmark): strict reading of generated answers, the swapped-objects twin of every
-two-object question, option-order rotations, pair/set accuracy, VSR's ROC-AUC; each missing file
-is named on its own line before a model loads. docs/evaluation.md has the details.
+`--benchmark NAME ... | all` evaluates What'sUp's subsets, VSR and the hub's multiple-choice sets
+(CV-Bench, BLINK, EmbSpatial-Bench, 3DSRBench; benchmarks.py) with their checks
+(evaluate_benchmark): strict reading of generated answers, the swapped-objects twin of every
+two-object question, option-order rotations, pair/set accuracy, VSR's ROC-AUC; a missing hub file
+is fetched, and each missing file is named on its own line before a model loads.
+docs/evaluation.md has the details.
 """
 import argparse
 import json
@@ -55,7 +57,10 @@ def parse_strict(text, options):
     """(prediction, status) read strictly: the option that the answer's first word is ("in front"
     reads as "front"), status "ok"; an answer that also names another option is wrong ("", "several");
     one that does not start with an option is unparseable ("", "unparseable")."""
-    words = re.findall(r"[a-z]+", text.lower())
+    if all(len(o) == 1 and o.isupper() for o in options):  # lettered choices: the letter as written ("(B)", "B.")
+        words = re.findall(r"[A-Za-z]+", text)
+    else:
+        words = re.findall(r"[a-z]+", text.lower())
     if words[:2] == ["in", "front"]:
         words = words[1:]
     if not words or words[0] not in options:
@@ -366,6 +371,10 @@ def add_benchmark_args(parser, flag="--benchmark", default=None, help_default="t
                         help="folder holding controlled_images/ and controlled_clevr/ (default: --whatsup_dir)")
     parser.add_argument("--vsr_dir", default="data/vsr",
                         help="VSR's data/ folder: splits/zeroshot/test.jsonl (the pinned split) and images/")
+    parser.add_argument("--hub_dir", default=None,
+                        help="the hub's sets (CV-Bench, BLINK, EmbSpatial, 3DSRBench) as REPO_ID/FILE under this "
+                             "folder (default: the Hugging Face hub cache, a missing file fetched there unless "
+                             "HF_HUB_OFFLINE=1)")
     parser.add_argument("--consistency", action=argparse.BooleanOptionalAction, default=True,
                         help="also ask every two-object question with the objects swapped (default: on)")
     parser.add_argument("--option_orders", type=int, default=1,
@@ -375,7 +384,7 @@ def add_benchmark_args(parser, flag="--benchmark", default=None, help_default="t
 def data_roots(args):
     return benchmarks.DataRoots(val_json=args.val_json, coco_val_dir=args.coco_val_dir, whatsup_dir=args.whatsup_dir,
                                 vg_image_dir=args.vg_image_dir, controlled_dir=args.controlled_dir,
-                                vsr_dir=args.vsr_dir)
+                                vsr_dir=args.vsr_dir, hub_dir=args.hub_dir)
 
 
 def parsing_for(name, protocol):
@@ -388,7 +397,7 @@ def load_benchmarks(names, args):
     """{name: samples} of every named benchmark, or SystemExit with one line per missing file
     (what it is and where to get it), all before a model loads."""
     roots = data_roots(args)
-    missing = benchmarks.missing_files(names, roots)
+    missing = benchmarks.missing_files(names, roots, fetch_missing=True)
     if missing:
         sys.exit("error: missing benchmark files:\n" + "\n".join(missing))
     loaded = {}

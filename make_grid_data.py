@@ -11,9 +11,11 @@ id), so the same arguments give byte-identical files, and an image's content doe
 which other images were written (--max_pairs / --max_images only choose which are written).
 """
 import argparse
+import io
 import json
 import random
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -175,8 +177,20 @@ _DRAWN_AS = {"front": "below", "behind": "above", "on": "above", "under": "below
 
 
 def _standin_image(path, relation, names, objects, image_size, rng):
-    """A stand-in image: obj1 placed `relation` of obj2 (two names), or one object in the
+    """A stand-in image file: obj1 placed `relation` of obj2 (two names), or one object in the
     `relation` part of the image (one name)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _standin_picture(relation, names, objects, image_size, rng).save(path, **JPEG_OPTIONS)
+
+
+def _standin_jpeg(relation, names, objects, image_size, rng):
+    """The JPEG bytes of a stand-in image (the hub's sets hold their images in their rows)."""
+    out = io.BytesIO()
+    _standin_picture(relation, names, objects, image_size, rng).save(out, **JPEG_OPTIONS)
+    return out.getvalue()
+
+
+def _standin_picture(relation, names, objects, image_size, rng):
     img = standin_background(image_size, rng)
     size = round(image_size * rng.uniform(0.22, 0.3))
     if len(names) == 1:
@@ -189,8 +203,7 @@ def _standin_image(path, relation, names, objects, image_size, rng):
     for name, (cx, cy) in zip(names, places):
         obj = fit_object(objects[name], size)
         img.paste(obj, (round(cx - obj.width / 2), round(cy - obj.height / 2)), obj)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, **JPEG_OPTIONS)
+    return img
 
 
 def make_benchmark_standins(root, objects, n=12, image_size=64, seed=0, names=None):
@@ -203,11 +216,14 @@ def make_benchmark_standins(root, objects, n=12, image_size=64, seed=0, names=No
     root = Path(root)
     names = list(names or benchmarks.NAMES)
     roots = benchmarks.DataRoots(val_json=str(root / "coco" / STANDIN_JSON), coco_val_dir=str(root / "coco"),
-                                 whatsup_dir=str(root / "whatsup"), vsr_dir=str(root / "vsr"))
+                                 whatsup_dir=str(root / "whatsup"), vsr_dir=str(root / "vsr"), hub_dir=str(root / "hub"))
     objs = list(objects)
     if "coco_two_obj" in names:
         make_coco_standin(root / "coco", objects, n=n, image_size=image_size, seed=seed)
-    for offset, name in enumerate(b for b in benchmarks.NAMES if b in names and b != "coco_two_obj"):
+    make_hub_standins(Path(roots.hub_dir), objects, [b for b in names if b in benchmarks.HUB_NAMES], n, image_size,
+                      seed)
+    for offset, name in enumerate(b for b in benchmarks.NAMES
+                                  if b in names and b != "coco_two_obj" and b not in benchmarks.HUB_NAMES):
         bench = benchmarks.BENCHMARKS[name]
         folder = benchmarks.image_dir(name, roots)
         folder.mkdir(parents=True, exist_ok=True)
@@ -261,6 +277,122 @@ def make_benchmark_standins(root, objects, n=12, image_size=64, seed=0, names=No
         else:
             path.write_text("[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n")
     return roots
+
+
+def _hub_rows(name, objects, n, image_size, seed):
+    """n rows of a hub set's stand-in in its released columns (benchmarks._COLUMNS and more), gold
+    letters cycling so every option is some row's gold."""
+    objs, rows = list(objects), []
+    for i in range(n):
+        rng = random.Random(f"hub-standin:{seed}:{name}:{i}")
+        a, b, c = rng.sample(objs, 3)
+        if name == "cvbench_relation":
+            rel = ("left", "right", "above", "below")[i % 4]
+            pair = ["left", "right"] if rel in ("left", "right") else ["above", "below"]
+            choices = pair if i % 8 < 4 else pair[::-1]
+            question = (f"Considering the relative positions of the {a} (annotated by the red box) and the {b} "
+                        f"(annotated by the blue box) in the image provided, where is the {a} located with respect "
+                        f"to the {b}?")
+            image, task, kind = _standin_jpeg(rel, (a, b), objects, image_size, rng), "Relation", "2D"
+        else:
+            choices, rel = [a, b], ("left", "right")[i % 2]
+            image, kind = _standin_jpeg(rel, (a, b), objects, image_size, rng), "3D"
+            task = "Depth" if name == "cvbench_depth" else "Distance"
+            question = (f"Which object is closer to the camera taking this photo, the {a} (highlighted by a red box) "
+                        f"or the {b} (highlighted by a blue box)?" if task == "Depth" else
+                        f"Estimate the real-world distances between objects in this image. Which object is closer "
+                        f"to the {c} (highlighted by a red box), the {a} (highlighted by a blue box) or the {b} "
+                        f"(highlighted by a green box)?")
+        gold = i % 2 if name != "cvbench_relation" else choices.index(rel)
+        rows.append({"idx": len(rows), "type": kind, "task": task, "image": {"bytes": image, "path": None},
+                     "question": question, "choices": choices, "answer": f"({'AB'[gold]})",
+                     "prompt": question + " Select from the following choices.\n"
+                     + "\n".join(f"({'AB'[k]}) {x}" for k, x in enumerate(choices)),
+                     "source": "COCO" if kind == "2D" else "Omni3D", "source_dataset": "COCO 2017 Validation Set"
+                     if kind == "2D" else "SUNRGBD"})
+    return rows
+
+
+def make_hub_standins(folder, objects, names, n=12, image_size=64, seed=0):
+    """Stand-ins of the hub's sets (`names`), written as the released files under
+    folder/REPO_ID/FILE (benchmarks.DataRoots.hub_dir): parquet rows with their images as
+    {bytes, path} structs; 3DSRBench's annotations without images and its coco_images.zip.
+    CV-Bench's file holds the rows of each named CV-Bench subset and two Count rows (read by none)."""
+    import pyarrow as pa  # the stand-ins of the parquet sets only
+    import pyarrow.parquet as pq
+
+    if not names:
+        return
+    objs, tables = list(objects), {}
+    cvbench = [name for name in names if name.startswith("cvbench")]
+    if cvbench:
+        rows = [r for name in cvbench for r in _hub_rows(name, objects, n, image_size, seed)]
+        count = _standin_jpeg("left", tuple(objs[:2]), objects, image_size, random.Random(seed))
+        rows += [{"idx": 0, "type": "2D", "task": "Count", "image": {"bytes": count, "path": None},
+                  "question": "How many circles are in the image?", "choices": ["0", "1", "2", "3"], "answer": "(C)",
+                  "prompt": "", "source": "ADE20K", "source_dataset": "ADE20K Validation Set"}] * 2
+        for k, row in enumerate(rows):
+            rows[k] = dict(row, idx=k)
+        tables[benchmarks.CVBENCH] = rows
+    for name in [name for name in names if name.startswith("blink")]:
+        rows = []
+        for i in range(n):
+            rng = random.Random(f"hub-standin:{seed}:{name}:{i}")
+            a, b = rng.sample(objs, 2)
+            if name == "blink_depth":
+                question, choices, gold = "Which point is closer to the camera?", ["A", "B"], i % 2
+                image = _standin_jpeg("left", (a, b), objects, image_size, rng)
+            else:
+                said = ("left", "right", "above", "below")[(i // 2) % 4]
+                holds = i % 2 == 0
+                drawn = said if holds else benchmarks.OPPOSITE[said]
+                image = _standin_jpeg(drawn, (a, b), objects, image_size, rng)
+                question, choices, gold = (f"Is the {a} {benchmarks.PHRASE_OF[said]} the {b}?", ["yes", "no"],
+                                           0 if holds else 1)
+            task = "Relative_Depth" if name == "blink_depth" else "Spatial_Relation"
+            rows.append({"idx": f"val_{task}_{i + 1}", "question": question, "sub_task": task.replace("_", " "),
+                         "image_1": {"bytes": image, "path": None}, "image_2": None, "image_3": None, "image_4": None,
+                         "choices": choices, "answer": f"({'AB'[gold]})", "prompt": question + "\nSelect from the "
+                         "following choices.\n" + "\n".join(f"({'AB'[k]}) {x}" for k, x in enumerate(choices)),
+                         "explanation": ""})
+        tables[benchmarks.BENCHMARKS[name].hub[0]] = rows
+    if "embspatial" in names:
+        rows = []
+        for i in range(n):
+            rng = random.Random(f"hub-standin:{seed}:embspatial:{i}")
+            rel = ("left", "right", "above", "below", "close", "far")[i % 6]
+            options = rng.sample(objs, 4)
+            image = _standin_jpeg(rel if rel in ("left", "right", "above", "below") else "left", tuple(options[:2]),
+                                  objects, image_size, rng)
+            rows.append({"question_id": 1000 + i, "question": f"Which object is {rel} in the image?",
+                         "answer_options": options, "answer": i % 4, "relation": rel,
+                         "data_source": ("ai2thor", "mp3d", "scannet")[i % 3], "image": {"bytes": image, "path": None},
+                         "objects": options[:2]})
+        tables[benchmarks.EMBSPATIAL] = rows
+    if "3dsrbench" in names:
+        rows, archive = [], io.BytesIO()
+        categories = ("height_higher", "location_above", "location_closer_to_camera", "orientation_on_the_left")
+        with zipfile.ZipFile(archive, "w") as z:
+            for i in range(n):
+                rng = random.Random(f"hub-standin:{seed}:3dsrbench:{i}")
+                a, b = rng.sample(objs, 2)
+                file = f"{100000 + i // 2:012d}.jpg"  # two questions per image, as the COCO images are shared
+                if i % 2 == 0:
+                    z.writestr(f"coco_images/{file}", _standin_jpeg("above", (a, b), objects, image_size, rng))
+                four = i % 3 == 0
+                rows.append({"index": f"Q{i:07d}", "question": f"Is the {a} higher than the {b}?",
+                             "A": "yes" if not four else a, "B": "no" if not four else b, "C": None if not four else "both",
+                             "D": None if not four else "neither", "answer": "ABCD"[i % (4 if four else 2)],
+                             "category": categories[i % 4], "image_source": "coco",
+                             "image_url": f"http://images.cocodataset.org/train2017/{file}"})
+        zip_path = folder / benchmarks.THREEDSR_IMAGES.repo_id / benchmarks.THREEDSR_IMAGES.filename
+        zip_path.parent.mkdir(parents=True, exist_ok=True)
+        zip_path.write_bytes(archive.getvalue())
+        tables[benchmarks.THREEDSR] = rows
+    for hub, rows in tables.items():
+        path = folder / hub.repo_id / hub.filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), path)
 
 
 # ---------------------------------------------------------------------------------------------

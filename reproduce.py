@@ -22,7 +22,7 @@ continues where it stopped:
      --max_parallel at once on this machine, or as a SLURM job array (launchers.py);
   4. report: compare_runs.py over every run (with the dose-response across weights), then
      summary.md: our accuracies beside the paper's published figures, and a row per other
-     benchmark (What'sUp, VSR) whose files are present: the runs evaluate those too
+     benchmark (What'sUp, VSR, and the hub's sets) whose files are present: the runs evaluate those too
      (train.py --eval_benchmarks), before and after training.
 
 Arms: `spatial` (run_vision_spatial_loss.sh at each --spatial_id_weights) and the baseline always
@@ -92,6 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--whatsup_dir", default="data/whatsup",
                    help="What'sUp's files (eval_coco.py --whatsup_dir); its benchmarks present there are evaluated too")
     p.add_argument("--vsr_dir", default="data/vsr", help="VSR's data/ folder (eval_coco.py --vsr_dir); evaluated if present")
+    p.add_argument("--hub_dir", default=None, help="the hub's sets as REPO_ID/FILE (eval_coco.py --hub_dir; default: the "
+                   "hub cache); those present are evaluated (fetch them first: eval_coco.py --benchmark NAME)")
     p.add_argument("--ids", default=None, help="ID file (default embeds/universal_id_90/<model>.pt)")
     p.add_argument("--id_layout", choices=("extraction", "flat"), default="extraction",
                    help="derive_spatial_ids.py --layout: the original's extraction images (transparent canvas) or "
@@ -326,6 +328,8 @@ def train_command(args, seed, folder, weight=None, arm_flags=()):
         cmd += ["--universal_id_path", args.ids]
     if args.benchmarks:
         cmd += ["--eval_benchmarks", *args.benchmarks, "--whatsup_dir", args.whatsup_dir, "--vsr_dir", args.vsr_dir]
+        if getattr(args, "hub_dir", None):
+            cmd += ["--hub_dir", args.hub_dir]
     gpu = args.gpus_per_run > 0 if args.launcher == "slurm" else torch.cuda.is_available()
     if gpu:  # two workers draw and process images faster than an H200 trains on them
         cmd += ["--num_workers", "2"]
@@ -635,7 +639,7 @@ def main(argv=None):
         sys.exit(2)
     check_ids_owner(args, renderers["id"])
     roots = benchmarks.DataRoots(val_json=args.val_json, coco_val_dir=args.coco_val_dir, whatsup_dir=args.whatsup_dir,
-                                 vsr_dir=args.vsr_dir)
+                                 vsr_dir=args.vsr_dir, hub_dir=args.hub_dir)
     args.benchmarks = [n for n in benchmarks.present(roots) if n != "coco_two_obj"]
     absent = [n for n in benchmarks.NAMES if n != "coco_two_obj" and n not in args.benchmarks]
     log(f"inputs: ok (training images {renderers['train'].describe()}; COCO-Spatial {args.val_json}; also evaluated: "

@@ -220,6 +220,7 @@ NOT_IDENTITY = {
     "vg_image_dir": "where --eval_benchmarks' files are",
     "controlled_dir": "where --eval_benchmarks' files are",
     "vsr_dir": "where --eval_benchmarks' files are",
+    "hub_dir": "where --eval_benchmarks' files are",
     "consistency": "extra measurements of --eval_benchmarks",
     "option_orders": "extra measurements of --eval_benchmarks",
     "protocol_choices": "derived: the resolved choices are flags of the identity",

@@ -48,7 +48,7 @@ def benchmark_standins(folder, n, image_size, names):
     folder = Path(folder) / "benchmarks"
     roots = benchmarks.DataRoots(val_json=str(folder / "coco" / make_grid_data.STANDIN_JSON),
                                  coco_val_dir=str(folder / "coco"), whatsup_dir=str(folder / "whatsup"),
-                                 vsr_dir=str(folder / "vsr"))
+                                 vsr_dir=str(folder / "vsr"), hub_dir=str(folder / "hub"))
     if benchmarks.missing_files(["coco_two_obj", *names], roots):
         roots = make_grid_data.make_benchmark_standins(folder, make_grid_data.builtin_objects(), n=n,
                                                        image_size=image_size, names=["coco_two_obj", *names])

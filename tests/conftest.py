@@ -69,6 +69,18 @@ def tiny(tiny_path):
 
 
 @pytest.fixture
+def model_must_not_load(monkeypatch):
+    """eval_coco's checkpoint loading made to fail: the test shows its data check ran before a model loads."""
+    import eval_coco
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(eval_coco, "load_checkpoint_model", no_model)
+    monkeypatch.setattr(eval_coco, "check_checkpoint_source", no_model)
+
+
+@pytest.fixture
 def reproduce_here(capfd, monkeypatch):
     """reproduce.py's main in this process, as `bash reproduce.sh MODEL FLAGS...` runs it
     (--protocol paper --seeds 0 first, the flags after): (exit status, stdout, stderr), its stages'
