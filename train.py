@@ -195,7 +195,7 @@ RESUME_FREE_ARGS = {"output_dir", "overwrite_output_dir", "resume_from_checkpoin
                     "keep_best", "save_full_checkpoints", "save_steps",
                     "encode_images_once", "compile_blocks", "liger_kernel",
                     "eval_benchmarks", "whatsup_dir", "vg_image_dir", "controlled_dir", "vsr_dir", "consistency",
-                    "option_orders"}
+                    "option_orders", "mirror", "eval_sample_seed", "max_unparsed_share", "max_pixels"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def _setup_data(args, accelerator):
         raise ValueError(f"{source}: the holdout split left no training samples")
     unreadable = []
     coco = data.load_coco_spatial(args.val_json, args.coco_val_dir, args.question_style, args.eval_max_samples,
-                                  unreadable=unreadable)
+                                  unreadable=unreadable, sample_seed=args.eval_sample_seed)
     if not coco:
         raise ValueError(f"{args.val_json}: no COCO-Spatial questions (an empty list?)")
     if unreadable:
@@ -372,6 +372,7 @@ def _setup_model(args, accelerator, resume_dir, source):
                       + (" (--bf16 applies on CUDA only)" if args.bf16 and dtype != torch.bfloat16 else ""))
     model, processor, adapter = load_model_and_processor(args.model_name, dtype=dtype, device=accelerator.device,
                                                          source=source)
+    adapter.image_budget(processor, args.max_pixels)  # --max_pixels (eval_coco.py's image budget)
     selection = param_selectors.select_from_args(model, adapter, args)
     accelerator.print(selection.summary())
     if resume_dir is not None:
@@ -614,7 +615,8 @@ def main(argv=None):
             report, set_rows = evaluate_benchmark(model, processor, adapter, samples, args.eval_batch_size,
                                                   args.eval_mode, consistency=args.consistency,
                                                   option_orders=args.option_orders,
-                                                  parsing=parsing_for(name, args.protocol), desc=f"{name} @{step}")
+                                                  parsing=parsing_for(name, args.protocol), desc=f"{name} @{step}",
+                                                  mirror=args.mirror)
             event[name] = report
             rows += [dict(r, set=name) for r in set_rows]
             accelerator.print(f"step {step} " + format_benchmark_report(report))
