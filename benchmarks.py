@@ -3,9 +3,10 @@
 Every format below becomes the same sample dict (what data.VLMCollator and eval_coco read):
 `question`, `options`, `answer` (the gold option), `relation`, `image_path`, `obj1`/`obj2` (obj2's
 character span in the question as `obj2_span`), the row number `row`, and what rebuilding the
-question needs (`template`, `ref1`, `ref2`): `swapped(sample)` asks a two-object question with
-the objects named in the other order and the gold flipped; `rotated(sample, k)` lists the options
-in another order.
+question needs (`template`, `ref1`, `ref2`): `swapped(sample)` asks a two-object question of a
+symmetric relation with the objects named in the other order and the gold flipped;
+`mirrored(sample)` asks it of the image flipped left to right; `rotated(sample, k)` lists the
+options in another order. `with_checks` derives all of them for any sample with a `kind`.
 
 | name | annotation file | images | released rows | options |
 |---|---|---|---|---|
@@ -21,7 +22,8 @@ What'sUp rows are [image_id, true caption, false caption(s)] (the true one first
 sets: {"image_path", "caption_options"}). A one-object relation is its caption's last word; the
 controlled sets take theirs from the image's file name (`left_of`, `right_of`, `_on_`, else under;
 `in-front_of`, else behind) and their caption must agree. Object names come from the caption; a
-row or caption that does not parse is an error naming its row. VSR rows are JSON lines
+row that does not parse is an error naming its row; a caption that does not (articles are
+optional: plurals parse) can instead be left out and counted (`load(..., unparsed=[])`). VSR rows are JSON lines
 {"image", "caption", "label" (1 true, 0 false), "relation", ...}; its question asks to judge the
 caption true or false. coco_two_obj is data.load_coco_spatial's questions, worded as before
 (`question_style`); the others say "the {name}".

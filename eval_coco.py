@@ -1,21 +1,27 @@
-"""COCO-Spatial evaluation: generate (or score) answers to two-option spatial questions.
+"""Evaluation inference: generate answers, or score every option, for two-option COCO-Spatial
+questions and every benchmark of benchmarks.py. The rules that turn answers into numbers
+(readings, accuracy, consistency, circular accuracy, ROC-AUC, report lines) live in scoring.py.
 
     python eval_coco.py --ckpt runs/baseline/checkpoint-200
     python eval_coco.py --ckpt qwen2-2b --mode score --eval_max_samples 100
 
 `--mode generate` (the original's metric) decodes at most 5 new tokens greedily, batched with
-left padding and the KV cache, and parses the answer as the original did. `--mode score` compares
-the log-probabilities of the two option words in one forward pass per batch and nothing else: the
-decoder runs to its last hidden state and the LM head is applied at the last position only
-(lm_loss.last_position_logits). `--agreement` also runs `generate` and reports how often the two
-agree. train.py calls `evaluate` from here.
+left padding and the KV cache, and reads the answer as the original did. `--mode score` picks the
+option of highest log-probability as a whole word: the log-sum-exp over its surface forms
+(lowercase, Capitalised, as the answer follows the prompt) of its full token sequence; one forward
+pass per batch with the LM head at the answer position scores single-token forms, and each rank of
+multi-token form ("beh" + "ind") one more forward with its tokens appended. `--agreement` also
+runs `generate` and reports how often the two agree. train.py calls `evaluate` from here.
 
     python eval_coco.py --ckpt runs/x/final --benchmark all --whatsup_dir data/whatsup --vsr_dir data/vsr
 
 `--benchmark NAME ... | all` evaluates What'sUp's subsets and VSR (benchmarks.py) with their
-checks (evaluate_benchmark): strict reading of generated answers, the swapped-objects twin of every
-two-object question, option-order rotations, pair/set accuracy, VSR's ROC-AUC; each missing file
-is named on its own line before a model loads. docs/evaluation.md has the details.
+checks (evaluate_benchmark): the strict and substring readings side by side, the swapped-objects
+twin of every symmetric two-object question, the mirrored image, option-order rotations with
+circular accuracy, pair/set accuracy, VSR's ROC-AUC; every row unless --eval_max_samples asks for
+a stratified seeded sample; an image budget (--max_pixels). Each missing file is named on its own
+line, and too many unparsed captions stop it, before a model loads. docs/evaluation.md has the
+details.
 """
 import argparse
 import json

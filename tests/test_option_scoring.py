@@ -2,6 +2,7 @@
 vocabulary (tiny-realbpe: "behind" is "beh" + "ind" as in Qwen2's; "Left" and "left" are distinct
 single tokens), and the image budget bounds the visual tokens of a large image."""
 import copy
+import json
 import math
 
 import pytest
@@ -171,3 +172,42 @@ def test_predictions_record_visual_tokens_per_image(tiny_ro, image_file):
     _, rows = eval_coco.evaluate_benchmark(model, processor, adapter, [question(image_file, answer="left")],
                                            mode="score", progress=False)
     assert {r["visual_tokens"] for r in rows} == {visual_tokens(processor, (56, 56))}
+
+
+@pytest.mark.parametrize("alias", ["tiny-qwen2.5", "tiny-llava", "tiny-mllama", "tiny-internvl", "tiny-gemma3"])
+def test_whole_word_scores_in_every_family(alias, image_file):
+    """The appended-token forward (adapter.extend_text: attention mask, token types, Mllama's
+    cross-attention mask) gives each family the same whole-word scores as one plain forward of
+    prompt + answer; "behind" and "front" are several tokens in every tiny vocabulary."""
+    model, processor, adapter = models.load_model_and_processor(alias)
+    sample = question(image_file, options=("left", "behind", "front"), answer="left")
+    assert any(len(ids) > 1 for _, ids in adapter.option_forms(processor, "behind"))
+    got = eval_coco.option_logprobs(model, processor, adapter, [sample, question(image_file, answer="front")],
+                                    batch_size=2, progress=False)[0]
+    for option, score in zip(sample["options"], got):
+        want = math.log(sum(math.exp(hand_logprob(model, processor, adapter, sample, w))
+                            for w in (option, option.capitalize())))
+        assert score == pytest.approx(want, abs=2e-3), option
+
+
+def test_cli_budget_names_the_large_image_and_rows_record_visual_tokens(tmp_path, tiny_path, capsys):
+    """A What'sUp two-object file with plural captions and one large photo, scored from the command
+    line under a budget of 4 visual tokens: one warning line names the photo, every row records its
+    image's visual tokens."""
+    whatsup = tmp_path / "whatsup"
+    (whatsup / "vg_images").mkdir(parents=True)
+    rows = [[1, "A photo of children to the left of a dog", "x"], [2, "A photo of cups behind the laptop", "x"]]
+    (whatsup / "vg_qa_two_obj.json").write_text(json.dumps(rows))
+    Image.new("RGB", (56, 56), (9, 9, 9)).save(whatsup / "vg_images" / "1.jpg")
+    Image.new("RGB", (800, 600), (9, 99, 9)).save(whatsup / "vg_images" / "2.jpg")
+    out = tmp_path / "out"
+    reports = eval_coco.main(["--ckpt", "tiny", "--benchmark", "vg_two_obj", "--whatsup_dir", str(whatsup),
+                              "--mode", "score", "--max_pixels", str(56 * 56), "--output", str(out)])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "1 images have more than the budget of 3,136 pixels" in warnings[0]
+    assert str(whatsup / "vg_images" / "2.jpg") in warnings[0] and "800x600" in warnings[0]
+    predictions = [json.loads(line) for line in (out / "vg_two_obj.jsonl").read_text().splitlines()]
+    tokens = {r["image_id"]: r["visual_tokens"] for r in predictions}
+    assert tokens[1] == 4 and 0 < tokens[2] <= 4  # the photo resized to the budget, its aspect kept
+    assert [r["question"] for r in predictions if r["order"] == "asked"][0].startswith("Where is the children")
+    assert reports["vg_two_obj"]["n"] == 2
