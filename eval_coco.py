@@ -203,6 +203,8 @@ def evaluate(model, processor, adapter, samples, batch_size=8, mode="generate", 
     report = accuracy_report(samples, predictions)
     if samples and samples[0].get("selection"):
         report["selection"] = samples[0]["selection"]
+    if texts is not None:
+        report["readings"] = scoring.readings_report(samples, texts)
     if mode == "score":
         report["option_forms"] = forms.table()
     if mode == "score" and agreement:

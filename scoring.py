@@ -294,6 +294,9 @@ def format_report(report, name="COCO-Spatial"):
                  f" (generate accuracy {report['generate_accuracy']:.4f})")
     if report.get("selection"):
         line += f"; {selection_note(report['selection'])}"
+    if "readings" in report:
+        line += "; " + ", ".join(f"{name} reading {r['accuracy']:.4f} (unparseable {r['unparseable']:.3f})"
+                                 for name, r in report["readings"].items())
     return line
 
 
@@ -303,9 +306,6 @@ def format_benchmark_report(report):
     extra = []
     if report.get("released_rows") and not report.get("selection") and report["n"] != report["released_rows"]:
         extra.append(f"{report['n']} of the {report['released_rows']:,} released rows")
-    if "readings" in report:
-        extra.append(", ".join(f"{name} reading {r['accuracy']:.4f} (unparseable {r['unparseable']:.3f})"
-                               for name, r in report["readings"].items()))
     if "unparseable" in report:
         extra.append(f"unparseable {report['unparseable']:.3f}, several options {report['several_options']:.3f}")
     for key, label in (("consistency", "swapped objects"), ("mirror_consistency", "mirrored image")):

@@ -125,7 +125,8 @@ def test_rows_follow_the_samples(generated, standin):
         assert row["prediction"] == scoring.read_original(row["generated"], s["options"])[0]
         assert row["correct"] == (row["prediction"] == s["answer"])
     assert report == eval_coco.accuracy_report(samples, [r["prediction"] for r in rows]) | {"selection": {
-        "n": N, "of": N, "sampled": False, "seed": None}}
+        "n": N, "of": N, "sampled": False, "seed": None}, "readings": scoring.readings_report(
+        samples, [r["generated"] for r in rows])}
     assert report["n"] == N
     assert {rel: r["n"] for rel, r in report["per_relation"].items()} == {rel: 3 for rel in data.ANSWER_WORDS}
 
