@@ -29,12 +29,13 @@ caption true or false. coco_two_obj is data.load_coco_spatial's questions, worde
 (`question_style`); the others say "the {name}".
 """
 import functools
+import io
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import ImageOps
+from PIL import Image, ImageOps
 
 import data
 
@@ -207,9 +208,17 @@ def swapped(sample):
                          order="swapped", paper_refs=None)
 
 
-def mirrored_image(path):
-    """The image at `path` flipped left to right."""
-    return ImageOps.mirror(data.load_image(path))
+def mirrored_image(source):
+    """The image flipped left to right; `source` is a path, encoded bytes, a PIL image, or a
+    callable returning one (a sample's in-memory `image`)."""
+    if callable(source):
+        source = source()
+    if isinstance(source, (bytes, bytearray)):
+        with Image.open(io.BytesIO(source)) as img:
+            return ImageOps.mirror(img.convert("RGB"))
+    if isinstance(source, Image.Image):
+        return ImageOps.mirror(source.convert("RGB"))
+    return ImageOps.mirror(data.load_image(source))
 
 
 def mirrored(sample):
@@ -219,7 +228,8 @@ def mirrored(sample):
     if sample["kind"] not in MIRROR_KINDS:
         raise ValueError(f"{sample['benchmark']} row {sample['row']}: {sample['kind']} questions have no mirrored twin")
     path = str(sample["image_path"])
-    return dict(sample, image_path=path + "#mirrored", image=functools.partial(mirrored_image, path),
+    source = sample.get("image", path)  # a reader's in-memory image (bytes, PIL, callable), else the file
+    return dict(sample, image_path=path + "#mirrored", image=functools.partial(mirrored_image, source),
                 answer=MIRRORED.get(sample["answer"], sample["answer"]),
                 relation=MIRRORED.get(sample["relation"], sample["relation"]), order="mirrored")
 

@@ -280,3 +280,18 @@ def eval_coco_args(roots, **overrides):
     for key, value in overrides.items():
         setattr(args, key, value)
     return args
+
+
+@pytest.mark.fast
+def test_mirrored_twin_of_an_in_memory_image():
+    """Readers that hold images as bytes (parquet releases) get the mirrored twin too."""
+    import io
+
+    image = Image.new("RGB", (6, 2))
+    image.paste((0, 0, 255), (0, 0, 3, 2))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    sample = {"benchmark": "x", "kind": "two_obj", "row": 0, "image_path": "x.parquet#0", "image": buffer.getvalue(),
+              "answer": "left", "relation": "left", "order": "asked"}
+    flipped = benchmarks.mirrored(sample)["image"]()
+    assert flipped.getpixel((5, 0)) == (0, 0, 255) and flipped.getpixel((0, 0)) == (0, 0, 0)
