@@ -149,7 +149,7 @@ def option_logprobs(model, processor, adapter, samples, batch_size=8, progress=T
         if visual_tokens is not None:
             visual_tokens += visual_token_counts(model, batch)
         if "image_index" in batch:  # encode each distinct image once for every forward below
-            batch = adapter.encode_images_once(model, batch)
+            batch = adapter.encode_images_once(getattr(model, "module", model), batch)  # DDP keeps it in .module
         first = torch.log_softmax(last_position_logits(model, adapter, batch), dim=-1)
         row_forms = [[ids for option in s["options"] for _, ids in forms(option)] for s in chunk]
         per_form = _form_logprobs(model, adapter, batch, row_forms, first)
