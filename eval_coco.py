@@ -200,23 +200,19 @@ def evaluate(model, processor, adapter, samples, batch_size=8, mode="generate", 
         scores = option_logprobs(model, processor, adapter, samples, batch_size, progress, desc + " (score)",
                                  forms=forms)
         predictions = [scoring.best_option(s["options"], row) for s, row in zip(samples, scores)]
-    report = accuracy_report(samples, predictions)
-    if samples and samples[0].get("selection"):
-        report["selection"] = samples[0]["selection"]
-    if texts is not None:
-        report["readings"] = scoring.readings_report(samples, texts)
-    if mode == "score":
-        report["option_forms"] = forms.table()
-    if mode == "score" and agreement:
-        agree = sum(a == b for a, b in zip(predictions, parsed))
-        report["agreement_with_generate"] = agree / len(samples) if samples else float("nan")
-        report["generate_accuracy"] = accuracy_report(samples, parsed)["accuracy"]
     rows = []
     for i, (s, pred) in enumerate(zip(samples, predictions)):
         rows.append({k: s[k] for k in ("row", "image_id", "image_path") if k in s} | {
             "question": s["question"], "answer": s["answer"], "generated": texts[i] if texts else None,
             "prediction": pred, "correct": pred == s["answer"],
         })
+    report = scoring.report_from_rows(samples, rows)
+    if mode == "score":
+        report["option_forms"] = forms.table()
+    if mode == "score" and agreement:
+        agree = sum(a == b for a, b in zip(predictions, parsed))
+        report["agreement_with_generate"] = agree / len(samples) if samples else float("nan")
+        report["generate_accuracy"] = accuracy_report(samples, parsed)["accuracy"]
     return report, rows
 
 

@@ -155,6 +155,19 @@ def accuracy_report(samples, predictions):
     }
 
 
+def report_from_rows(samples, rows):
+    """The report of eval_coco.evaluate from its samples and prediction rows (in the same order):
+    accuracy overall and per relation, which rows were evaluated, and, where rows hold generated
+    text, the strict and substring readings side by side. Rows gathered from several processes
+    give the same report."""
+    report = accuracy_report(samples, [r["prediction"] for r in rows])
+    if samples and samples[0].get("selection"):
+        report["selection"] = samples[0]["selection"]
+    if rows and rows[0].get("generated") is not None:
+        report["readings"] = readings_report(samples, [r["generated"] for r in rows])
+    return report
+
+
 def readings_report(questions, texts):
     """{reading: {"accuracy", "unparseable", "several"}} of generated `texts` (one per question)
     under the strict and substring readings, side by side."""
