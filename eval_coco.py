@@ -268,7 +268,8 @@ def evaluate_benchmark(model, processor, adapter, samples, batch_size=8, mode="g
     for j, (i, q) in enumerate(zip(order, asked)):
         row = {k: q[k] for k in ("benchmark", "row", "image_id", "image_path", "relation", "order", "rotation")}
         row |= {"question": q["question"], "answer": q["answer"], "generated": texts[j] if texts else None,
-                "prediction": predictions[j], "correct": predictions[j] == q["answer"], "visual_tokens": visual[j] if visual else None}
+                "prediction": predictions[j], "correct": predictions[j] == q["answer"],
+                "visual_tokens": visual[j] if visual else None}
         if statuses is not None:
             row["parse"] = statuses[j]
         if scores is not None and q["kind"] == "vsr":
@@ -297,7 +298,8 @@ def add_data_args(parser):
     parser.add_argument("--eval_max_samples", type=int, default=None,
                         help="evaluate a random sample of N rows per benchmark, stratified by relation and seeded "
                              "(--eval_sample_seed), never a prefix (default: every row)")
-    parser.add_argument("--eval_sample_seed", type=int, default=0, help="seed of --eval_max_samples' sample (default 0)")
+    parser.add_argument("--eval_sample_seed", type=int, default=0,
+                        help="seed of --eval_max_samples' sample (default 0)")
     parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="image budget: at most this many pixels per image, resized keeping its aspect (Qwen "
                              "families: 28 x 28 pixels per visual token; fixed-size families resize anyway); default "

@@ -8,11 +8,14 @@ compare_runs.py reads the reports. Nothing here needs a model.
 Readings of a generated answer (each returns (prediction, status), status one of "ok",
 "several" (named more than one option), "unparseable" (named none the reading accepts)):
 
-| reading | an answer counts as option X when | source |
-|---|---|---|
-| `strict` | after at most the leading phrases of LEADING_PHRASES ("The answer is", "To the", "At the", "In the", "On the", "It is", "The", ...), the answer's first word is X ("in front" reads as front), and no later word names another option; trailing words are allowed | ours |
-| `substring` | the gold word appears anywhere in the lowercased answer (not as a whole word), except "on" when the answer mentions "front" | AdaptVis (github.com/shiqichen17/AdaptVis, model_zoo/llava15.py) |
-| `original` | the first option, in the benchmark's own option order, found as a whole word, else an option the answer starts with | linear-mech-vlms (COCO-Spatial) |
+- `strict` (ours): after at most two leading phrases of LEADING_PHRASES ("The answer is", "To the",
+  "At the", "In the", "On the", "It is", "The", ...), the answer's first word is option X ("in
+  front" reads as front), and no later word names another option; trailing words are allowed.
+- `substring` (AdaptVis, github.com/shiqichen17/AdaptVis, model_zoo/llava15.py): right when the gold
+  word appears anywhere in the lowercased answer (not as a whole word), except "on" when the answer
+  mentions "front".
+- `original` (linear-mech-vlms, COCO-Spatial): the first option, in the benchmark's own option
+  order, found as a whole word, else an option the answer starts with.
 """
 import math
 import re

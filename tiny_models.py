@@ -8,10 +8,10 @@ built once into a cache folder and then loaded through the same `from_pretrained
 checkpoint (`models.load_model_and_processor("tiny-llava")`).
 
 Aliases: `tiny` (Qwen2-VL, the original built-in model), `tiny-qwen2.5`, `tiny-llava`,
-`tiny-mllama`, `tiny-internvl`, `tiny-gemma3`; `tiny-realbpe`, the tiny Qwen2-VL with a vocabulary
-that splits "behind" into "beh" + "ind" as Qwen2's does (for the scoring tests); and `tiny-warm`, the tiny Qwen2-VL pretrained
-briefly on grid questions about its own objects, the one model here that can show training
-teaching something. Its weights ship in `weights/tiny-warm-v1/` (checked against `SHA256SUMS`
+`tiny-mllama`, `tiny-internvl`, `tiny-gemma3`; `tiny-realbpe`, the tiny Qwen2-VL with a
+vocabulary that splits "behind" into "beh" + "ind" as Qwen2's does (for the scoring tests); and
+`tiny-warm`, the tiny Qwen2-VL pretrained briefly on grid questions about its own objects, the
+one model here that can show training teaching something. Its weights ship in `weights/tiny-warm-v1/` (checked against `SHA256SUMS`
 there) and are never rebuilt on the fly: its recipe (`python tiny_warm.py`) is a training run,
 and another CPU's float arithmetic trains another model from the same seed.
 """

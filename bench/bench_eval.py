@@ -109,7 +109,8 @@ def benchmark_main(args, argv):
         mode = name.split("_")[1]
         plain = name.startswith("coco") or name == "benchmarks_first_token"
         count = r["coco_questions"] if name.startswith("coco") else r["questions"]
-        vs = "benchmarks_first_token" if name == "benchmarks_score" else "coco_" + ("score" if mode == "first" else mode)
+        vs = ("benchmarks_first_token" if name == "benchmarks_score"
+              else "coco_" + ("score" if mode == "first" else mode))
         rows.append({"path": f"{'plain' if plain else 'ours'}: {label}",
                      "per_s": count / results[name]["seconds"], "seconds": results[name]["seconds"],
                      "cpu_seconds": results[name]["cpu_seconds"], "peak_gib": results[name]["peak_gib"],

@@ -32,10 +32,10 @@ def image_file(tmp_path_factory):
 
 def question(image_file, options=VG_OPTIONS, answer="behind", benchmark="vg_two_obj"):
     template = "Where is {obj1} in relation to {obj2}? Answer with " + benchmarks.options_phrase(options) + "."
-    return benchmarks.with_question({"benchmark": benchmark, "kind": "two_obj", "row": 0, "image_id": 1, "image_path": str(image_file),
-                                     "options": options, "answer": answer, "relation": answer, "order": "asked",
-                                     "rotation": 0, "obj1": "dog", "obj2": "cat"},
-                                    template=template, ref1="the dog", ref2="the cat")
+    sample = {"benchmark": benchmark, "kind": "two_obj", "row": 0, "image_id": 1, "image_path": str(image_file),
+              "options": options, "answer": answer, "relation": answer, "order": "asked", "rotation": 0,
+              "obj1": "dog", "obj2": "cat"}
+    return benchmarks.with_question(sample, template=template, ref1="the dog", ref2="the cat")
 
 
 @pytest.mark.fast
