@@ -295,3 +295,13 @@ def test_mirrored_twin_of_an_in_memory_image():
               "answer": "left", "relation": "left", "order": "asked"}
     flipped = benchmarks.mirrored(sample)["image"]()
     assert flipped.getpixel((5, 0)) == (0, 0, 255) and flipped.getpixel((0, 0)) == (0, 0, 0)
+
+
+@pytest.mark.fast
+def test_compare_runs_says_which_rows_were_evaluated():
+    import compare_runs
+
+    sampled = {"n": 500, "of": 2247, "sampled": True, "seed": 0}
+    groups = [{"runs": [{"evals": [{"step": 0, "coco_one_obj": {"accuracy": 0.5, "selection": sampled}}]}]}]
+    assert compare_runs.rows_note(groups, "coco_one_obj") == " Rows: 500 of 2,247 rows, sampled (seed 0)."
+    assert compare_runs.rows_note(groups, "vsr") == ""
