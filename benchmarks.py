@@ -3,9 +3,10 @@
 Every format below becomes the same sample dict (what data.VLMCollator and eval_coco read):
 `question`, `options`, `answer` (the gold option), `relation`, `image_path`, `obj1`/`obj2` (obj2's
 character span in the question as `obj2_span`), the row number `row`, and what rebuilding the
-question needs (`template`, `ref1`, `ref2`): `swapped(sample)` asks a two-object question with
-the objects named in the other order and the gold flipped; `rotated(sample, k)` lists the options
-in another order.
+question needs (`template`, `ref1`, `ref2`): `swapped(sample)` asks a two-object question of a
+symmetric relation with the objects named in the other order and the gold flipped;
+`mirrored(sample)` asks it of the image flipped left to right; `rotated(sample, k)` lists the
+options in another order. `with_checks` derives all of them for any sample with a `kind`.
 
 | name | annotation file | images | released rows | options |
 |---|---|---|---|---|
@@ -25,7 +26,8 @@ What'sUp rows are [image_id, true caption, false caption(s)] (the true one first
 sets: {"image_path", "caption_options"}). A one-object relation is its caption's last word; the
 controlled sets take theirs from the image's file name (`left_of`, `right_of`, `_on_`, else under;
 `in-front_of`, else behind) and their caption must agree. Object names come from the caption; a
-row or caption that does not parse is an error naming its row. VSR rows are JSON lines
+row that does not parse is an error naming its row; a caption that does not (articles are
+optional: plurals parse) can instead be left out and counted (`load(..., unparsed=[])`). VSR rows are JSON lines
 {"image", "caption", "label" (1 true, 0 false), "relation", ...}; its question asks to judge the
 caption true or false. coco_two_obj is data.load_coco_spatial's questions, worded as before
 (`question_style`); the others say "the {name}".
@@ -38,6 +40,7 @@ released), `image` the image's bytes and `image_path` a name made of its content
 is the gold under a left-right mirror where the row says it. docs/evaluation.md records where each
 format was checked.
 """
+import functools
 import hashlib
 import io
 import json
@@ -49,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import huggingface_hub
+from PIL import Image, ImageOps
 
 import data
 
@@ -62,6 +66,14 @@ OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"
 RELATION_PHRASE = {"to the left of": "left", "to the right of": "right", "above": "above", "below": "below",
                    "in front of": "front", "behind": "behind", "on": "on", "under": "under", "on top of": "above"}
 PHRASE_OF = {rel: phrase for phrase, rel in reversed(RELATION_PHRASE.items())}  # the first phrase of each
+# Relations whose opposite holds with the objects named the other way round: a swapped twin is
+# asked only for these. "on"/"under" are left out: a scarf under a table does not make the table
+# "on" the scarf (it stands over it), so the swapped gold would be doubtful.
+SYMMETRIC = frozenset({"left", "right", "above", "below", "front", "behind"})
+# Gold after flipping the image left to right: left and right trade places, every other relation
+# of the What'sUp sets holds as it was. VSR captions are not mirrored (their wording would change).
+MIRRORED = {"left": "right", "right": "left"}
+MIRROR_KINDS = ("two_obj", "one_obj", "controlled")
 
 WHATSUP = "What'sUp: github.com/amitakamath/whatsup_vlms (its README's Google Drive folder)"
 COCO_VAL = "COCO val2017: images.cocodataset.org/zips/val2017.zip, as {id:012d}.jpg"
@@ -295,11 +307,16 @@ def with_question(sample, **changes):
     return out
 
 
+def has_swapped_twin(sample):
+    return sample["kind"] in TWO_OBJECT_KINDS and sample["relation"] in SYMMETRIC
+
+
 def swapped(sample):
     """The two-object question with the objects named in the other order and the gold flipped
-    (left<->right, above<->below, on<->under, front<->behind)."""
-    if sample["kind"] not in TWO_OBJECT_KINDS:
-        raise ValueError(f"{sample['benchmark']} row {sample['row']}: only two-object questions have a swapped twin")
+    (left<->right, above<->below, front<->behind; only SYMMETRIC relations have a twin)."""
+    if not has_swapped_twin(sample):
+        raise ValueError(f"{sample['benchmark']} row {sample['row']}: only two-object questions of a symmetric "
+                         f"relation ({', '.join(sorted(SYMMETRIC))}) have a swapped twin, not {sample['relation']!r}")
     ref1, ref2 = sample["ref2"], sample["ref1"]
     if sample.get("paper_refs"):  # the original's wording of the swapped caption, its article quirk included
         x, rel, y, a1, a2 = sample["paper_refs"]
@@ -307,6 +324,32 @@ def swapped(sample):
     return with_question(sample, obj1=sample["obj2"], obj2=sample["obj1"], ref1=ref1, ref2=ref2,
                          answer=OPPOSITE[sample["answer"]], relation=OPPOSITE[sample["relation"]],
                          order="swapped", paper_refs=None)
+
+
+def mirrored_image(source):
+    """The image flipped left to right; `source` is a path, encoded bytes, a PIL image, or a
+    callable returning one (a sample's in-memory `image`)."""
+    if callable(source):
+        source = source()
+    if isinstance(source, (bytes, bytearray)):
+        with Image.open(io.BytesIO(source)) as img:
+            return ImageOps.mirror(img.convert("RGB"))
+    if isinstance(source, Image.Image):
+        return ImageOps.mirror(source.convert("RGB"))
+    return ImageOps.mirror(data.load_image(source))
+
+
+def mirrored(sample):
+    """The question asked of the image flipped left to right, the gold flipped with it (left<->
+    right, other relations unchanged). Its image_path names the flip ("PATH#mirrored"), so a
+    batch never takes it for the unflipped image; `image` draws it when the batch is built."""
+    if sample["kind"] not in MIRROR_KINDS:
+        raise ValueError(f"{sample['benchmark']} row {sample['row']}: {sample['kind']} questions have no mirrored twin")
+    path = str(sample["image_path"])
+    source = sample.get("image", path)  # a reader's in-memory image (bytes, PIL, callable), else the file
+    return dict(sample, image_path=path + "#mirrored", image=functools.partial(mirrored_image, source),
+                answer=MIRRORED.get(sample["answer"], sample["answer"]),
+                relation=MIRRORED.get(sample["relation"], sample["relation"]), order="mirrored")
 
 
 def rotated(sample, k):
@@ -340,20 +383,24 @@ class BenchmarkFormatError(ValueError):
 
 def _phrase_re(relations):
     phrases = sorted((p for p, r in RELATION_PHRASE.items() if r in relations), key=len, reverse=True)
-    return re.compile(r"^\s*(?:a photo of\s+)?(?P<a1>an?|the)\s+(?P<x>.+?)\s+(?P<phrase>"
+    # Articles are optional (plurals: "A photo of children to the left of a dog"); "a photo of"
+    # is tried first, so it is never read as part of the first object's name.
+    return re.compile(r"^\s*(?:an?\s+photo\s+of\s+)?(?:(?P<a1>an?|the|some)\s+)?(?P<x>.+?)\s+(?P<phrase>"
                       + "|".join(re.escape(p) for p in phrases)
-                      + r")\s+(?P<a2>an?|the)\s+(?P<y>.+?)\s*\.?\s*$", re.IGNORECASE)
+                      + r")\s+(?:(?P<a2>an?|the|some)\s+)?(?P<y>.+?)\s*\.?\s*$", re.IGNORECASE)
 
 
-_ONE_OBJECT_RE = re.compile(r"^\s*(?:a photo of\s+)?(?:an?|the)\s+(?P<x>.+?)(?:\s+(?:on|to|at|in)(?:\s+the)?)?"
-                            r"\s+(?P<rel>[a-z]+)\s*\.?\s*$", re.IGNORECASE)
+_ONE_OBJECT_RE = re.compile(r"^\s*(?:an?\s+photo\s+of\s+)?(?:(?:an?|the|some)\s+)?(?P<x>.+?)"
+                            r"(?:\s+(?:is|are))?(?:\s+(?:on|to|at|in)(?:\s+the)?)?\s+(?P<rel>[a-z]+)\s*\.?\s*$",
+                            re.IGNORECASE)
 
 
 def parse_two_object_caption(caption, relations):
-    """(obj1, relation, obj2, article1, article2) of '[A photo of] a X <phrase> a Y'."""
+    """(obj1, relation, obj2, article1, article2) of '[A photo of] [a] X <phrase> [a] Y' (an
+    absent article is None)."""
     m = _phrase_re(relations).match(caption) if isinstance(caption, str) else None
-    if not m:
-        raise BenchmarkFormatError(f"caption {caption!r} is not 'A photo of a X <relation> a Y' with a relation "
+    if not m or not m["x"].strip() or not m["y"].strip():
+        raise BenchmarkFormatError(f"caption {caption!r} is not 'A photo of [a] X <relation> [a] Y' with a relation "
                                    f"among {', '.join(PHRASE_OF[r] for r in relations)}")
     return m["x"].strip(), RELATION_PHRASE[m["phrase"].lower()], m["y"].strip(), m["a1"], m["a2"]
 
@@ -362,7 +409,7 @@ def parse_one_object_caption(caption, relations):
     """(obj, relation) of 'A photo of a X on the <relation>' (the relation is the last word)."""
     m = _ONE_OBJECT_RE.match(caption) if isinstance(caption, str) else None
     if not m or m["rel"].lower() not in relations:
-        raise BenchmarkFormatError(f"caption {caption!r} is not 'A photo of a X on the <relation>' with its last "
+        raise BenchmarkFormatError(f"caption {caption!r} is not 'A photo of [a] X on the <relation>' with its last "
                                    f"word among {', '.join(relations)}")
     return m["x"].strip(), m["rel"].lower()
 
@@ -479,10 +526,10 @@ def _sample(name, index, row, path, image_id):
                          obj1=x, obj2=y, answer=rel, relation=rel, caption=caption)
 
 
-def _coco_two_obj(roots, question_style, max_samples, unreadable):
+def _coco_two_obj(roots, question_style, max_samples, unreadable, sample_seed, unparsed):
     """data.load_coco_spatial's questions (wording unchanged), with what swapping and rotating need."""
     samples = data.load_coco_spatial(roots.val_json, roots.coco_val_dir, question_style, max_samples,
-                                     unreadable=unreadable)
+                                     unreadable=unreadable, sample_seed=sample_seed, unparsed=unparsed)
     out = []
     for s in samples:
         x, rel, y, a1, a2 = data.parse_caption(s["caption"])
@@ -685,7 +732,7 @@ def _all_found(where, absent, total, name, hint=""):
                                 f"(first: {absent[0]}){hint}")
 
 
-def _load_choice(name, roots, max_samples, unreadable):
+def _load_choice(name, roots, max_samples, unreadable, sample_seed=0):
     bench = BENCHMARKS[name]
     missing = _missing_hub_files(name, roots, fetch_missing=False)
     if missing:
@@ -698,9 +745,7 @@ def _load_choice(name, roots, max_samples, unreadable):
         # A local copy of another revision (--hub_dir) still evaluates; the report says n of the released rows
         print(f"warning: {path}: {len(numbered)} {name} rows, the pinned release has {bench.released_rows:,}",
               file=sys.stderr)
-    if max_samples:
-        numbered = numbered[:max_samples]
-    samples, absent = [], []
+    parsed, absent = [], []
     for index, row in numbered:
         try:
             released_id, question, choices, gold, relation, image, mirror = _choice_row(name, row, archive)
@@ -714,59 +759,83 @@ def _load_choice(name, roots, max_samples, unreadable):
             if not isinstance(err, BenchmarkFormatError):
                 err = f"malformed row ({type(err).__name__}: {err})"
             raise BenchmarkFormatError(f"{path}: row {index}: {err}") from None
-        if _readable(path, index, image, sample["image_path"], unreadable):
-            samples.append(sample)
+        parsed.append(sample)
     _all_found(archive.path if archive else path, absent, len(numbered), name)
+    # --eval_max_samples: a seeded sample stratified by relation, as for What'sUp, never a prefix
+    keep = data.stratified_sample([s["relation"] for s in parsed], max_samples, sample_seed)
+    selection = data.selection_record(len(keep), len(numbered), len(keep) < len(parsed), sample_seed)
+    samples = [dict(sample, selection=selection) for sample in (parsed[i] for i in keep)
+               if _readable(path, sample["row"], sample["image"], sample["image_path"], unreadable)]
     if not samples:
         raise ValueError(f"{path}: none of its {len(numbered)} {name} rows has a readable image")
     return samples
 
 
-def load(name, roots, question_style="clean", max_samples=None, unreadable=None):
+def load(name, roots, question_style="clean", max_samples=None, unreadable=None, sample_seed=0, unparsed=None):
     """Evaluation samples of benchmark `name` from its released files under `roots` (DataRoots).
 
-    A missing file, a malformed row or a caption that does not parse is an error naming the file
-    and row; missing images are counted and the first named, in one line; an unreadable image is an error
-    naming its row, or with a list as `unreadable` its question is left out and (row, path, why)
-    appended there. All before any model loads."""
+    Every row by default; `max_samples` keeps a seeded random sample stratified by relation
+    (data.stratified_sample with `sample_seed`), never a prefix, and every sample records which
+    rows were kept under "selection". A missing file or a malformed row is an error naming the file
+    and row. A caption that does not parse is an error naming its row, or with a list as
+    `unparsed` the row is left out and (row, caption, why) appended there. Missing images are
+    counted and the first named, in one line; an unreadable image is an error naming its row, or
+    with a list as `unreadable` its question is left out and (row, path, why) appended there.
+    All before any model loads."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")
     if name == "coco_two_obj":
-        return _coco_two_obj(roots, question_style, max_samples, unreadable)
+        return _coco_two_obj(roots, question_style, max_samples, unreadable, sample_seed, unparsed)
     if BENCHMARKS[name].hub:
-        return _load_choice(name, roots, max_samples, unreadable)
+        return _load_choice(name, roots, max_samples, unreadable, sample_seed)
     missing = missing_files([name], roots)
     if missing:
         raise FileNotFoundError(missing[0])
     path, folder, bench = annotation_path(name, roots), image_dir(name, roots), BENCHMARKS[name]
     rows = _read_json_rows(path)
-    if max_samples:
-        rows = rows[:max_samples]
-    samples, absent = [], []
+    parsed = []
     for index, row in enumerate(rows):
         try:
             _check_row_shape(bench.kind, row)
             image_id, image = _image_for(name, row, folder)
-            sample = _sample(name, index, row, image, image_id)
         except BenchmarkFormatError as err:
             raise BenchmarkFormatError(f"{path}: row {index}: {err}") from None
+        try:
+            parsed.append(_sample(name, index, row, image, image_id))
+        except BenchmarkFormatError as err:
+            if unparsed is None:
+                raise BenchmarkFormatError(f"{path}: row {index}: {err}") from None
+            caption = row.get("caption", row.get("caption_options")) if isinstance(row, dict) else row[1]
+            unparsed.append((index, caption, str(err)))
+    if not parsed:
+        raise BenchmarkFormatError(f"{path}: none of its {len(rows)} captions parse (first: row {unparsed[0][0]}, "
+                                   f"{unparsed[0][1]!r})")
+    keep = data.stratified_sample([s["relation"] for s in parsed], max_samples, sample_seed)
+    selection = data.selection_record(len(keep), len(rows), len(keep) < len(parsed), sample_seed)
+    samples, absent = [], []
+    for sample in (parsed[i] for i in keep):
+        image = Path(sample["image_path"])
         if not image.is_file():
             absent.append(str(image))
             continue
-        if _readable(path, index, image, image, unreadable):
-            samples.append(sample)
-    _all_found(folder, [Path(a).name for a in absent], len(rows), name, "; docs/evaluation.md says where to get them")
+        if _readable(path, sample["row"], image, image, unreadable):
+            samples.append(dict(sample, selection=selection))
+    _all_found(folder, [Path(a).name for a in absent], len(keep), name, "; docs/evaluation.md says where to get them")
     if not samples:
-        raise ValueError(f"{path}: none of the images of its {len(rows)} rows can be read (first: {unreadable[0][1]})")
+        raise ValueError(f"{path}: none of the images of its {len(keep)} rows can be read (first: {unreadable[0][1]})")
     return samples
 
 
-def with_checks(samples, consistency=True, option_orders=1):
-    """The questions to ask: every sample as given, its swapped twin (two-object benchmarks, with
-    `consistency`), and its options rotated by 1 .. option_orders-1."""
+def with_checks(samples, consistency=True, option_orders=1, mirror=True):
+    """The questions to ask: every sample as given, its swapped twin (two-object questions of a
+    symmetric relation, with `consistency`), its mirrored twin (every What'sUp question, with
+    `mirror`), and its options rotated by 1 .. option_orders-1. New benchmarks get the checks by
+    giving their samples a `kind` (TWO_OBJECT_KINDS swap, MIRROR_KINDS mirror) and a `template`."""
     out = list(samples)
     if consistency:
-        out += [swapped(s) for s in samples if s["kind"] in TWO_OBJECT_KINDS]
+        out += [swapped(s) for s in samples if has_swapped_twin(s)]
+    if mirror:
+        out += [mirrored(s) for s in samples if s["kind"] in MIRROR_KINDS]
     for k in range(1, option_orders):
         out += [rotated(s, k) for s in samples if k < len(s["options"])]
     return out

@@ -49,6 +49,7 @@ import numpy as np
 from scipy import stats
 
 import benchmarks
+import scoring
 
 SETS = {"coco": "COCO-Spatial", "holdout": "holdout pairs"}
 # Arguments that do not change what a run computes: runs differing only in these are seeds of
@@ -877,6 +878,15 @@ def evaluated_sets(groups):
     return dict(SETS) | {name: name for name in benchmarks.NAMES if name in found}
 
 
+def rows_note(groups, set_name):
+    """Which rows of `set_name` the runs evaluated ("all 2,247 rows", "500 of 2,247 rows, sampled
+    (seed 0)"), from the evaluation reports; several notes when the runs differ, "" when no report
+    records it."""
+    notes = sorted({scoring.selection_note(e[set_name]["selection"]) for g in groups for r in g["runs"]
+                    for e in r["evals"] if isinstance(e.get(set_name), dict) and e[set_name].get("selection")})
+    return f" Rows: {'; '.join(notes)}." if notes else ""
+
+
 def build_sections(groups, pairing="majority"):
     """[(title, text)] of everything after the plain table."""
     sets = evaluated_sets(groups)
@@ -888,7 +898,7 @@ def build_sections(groups, pairing="majority"):
         if text is not None:
             sections.append((f"{title}: accuracy per evaluation step", text + "\n\nCells: accuracy (correct/n) for "
                              "one run; mean ± sample std over seeds (n questions per seed) for a seed group. "
-                             "'runs' counts the group's runs evaluated at that step."))
+                             "'runs' counts the group's runs evaluated at that step." + rows_note(groups, set_name)))
     for set_name, title in sets.items():
         rows = learning_rows(groups, set_name)
         if rows:

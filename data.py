@@ -648,15 +648,44 @@ def coco_image_path(root, image_id):
     return root / "val2017" / name
 
 
-def load_coco_spatial(json_path, image_root, question_style="clean", max_samples=None, unreadable=None):
+def stratified_sample(keys, n, seed=0):
+    """Indices (ascending) of a seeded random sample of n of the items whose strata are `keys`
+    (one per item), every stratum given its share (largest remainders), never a prefix; all
+    indices when n is None or covers them all."""
+    if n is None or n >= len(keys):
+        return list(range(len(keys)))
+    strata = defaultdict(list)
+    for i, key in enumerate(keys):
+        strata[key].append(i)
+    exact = {k: n * len(v) / len(keys) for k, v in strata.items()}
+    quota = {k: int(e) for k, e in exact.items()}
+    for k in sorted(strata, key=lambda k: (quota[k] - exact[k], str(k)))[:n - sum(quota.values())]:
+        quota[k] += 1
+    rng = random.Random(seed)
+    chosen = []
+    for k in sorted(strata, key=str):
+        chosen += rng.sample(strata[k], quota[k])
+    return sorted(chosen)
+
+
+def selection_record(n, of, sampled, seed):
+    """What a report says about which rows it covers ("N of M rows, sampled (seed S)")."""
+    return {"n": n, "of": of, "sampled": bool(sampled), "seed": seed if sampled else None}
+
+
+def load_coco_spatial(json_path, image_root, question_style="clean", max_samples=None, unreadable=None,
+                      sample_seed=0, unparsed=None):
     """COCO-Spatial rows [image_id, true_caption, false_caption] -> evaluation samples, worded
     as the original did (`question_style="paper"`) or with "the {name}" (`"clean"`).
 
-    The gold answer is the relation of the first caption. Missing images are an error that
-    counts them and names the first, in one line, before any model is loaded. An image that cannot be
-    read (empty, not an image, truncated) is an error naming its row, or, given a list as
-    `unreadable`, its question is left out and (row, path, why) appended there; rows whose
-    images all fail are an error either way."""
+    The gold answer is the relation of the first caption. `max_samples` keeps a seeded random
+    sample stratified by relation (`sample_seed`; stratified_sample), never a prefix; each sample
+    records it under "selection". A row whose caption does not parse is an error naming it, or,
+    given a list as `unparsed`, left out and (row, caption, why) appended there. Missing images
+    are an error that counts them and names the first, in one line, before any model is loaded.
+    An image that cannot be read (empty, not an image, truncated) is an error naming its row, or,
+    given a list as `unreadable`, its question is left out and (row, path, why) appended there;
+    rows whose images all fail are an error either way."""
     json_path = Path(json_path)
     if not json_path.is_file():
         raise FileNotFoundError(
@@ -673,9 +702,7 @@ def load_coco_spatial(json_path, image_root, question_style="clean", max_samples
         raise ValueError(f"{json_path}: expected a JSON list of [image_id, true_caption, false_caption] rows")
     if not rows:
         raise ValueError(f"{json_path}: no rows (an empty list); expected [image_id, true_caption, false_caption] rows")
-    if max_samples:
-        rows = rows[:max_samples]
-    samples, missing = [], []
+    parsed = []
     for index, row in enumerate(rows):
         if not (isinstance(row, (list, tuple)) and len(row) >= 2 and isinstance(row[1], str)):
             raise ValueError(f"{json_path}: row {index} is malformed: {row!r} (want [image_id, true_caption, false_caption])")
@@ -687,7 +714,18 @@ def load_coco_spatial(json_path, image_root, question_style="clean", max_samples
         try:
             obj1, rel, obj2, _, _ = parse_caption(row[1])
         except ValueError as err:
-            raise ValueError(f"{json_path}: row {index}: {err}") from None
+            if unparsed is None:
+                raise ValueError(f"{json_path}: row {index}: {err}") from None
+            unparsed.append((index, row[1], str(err)))
+            continue
+        parsed.append((index, row, image_id, obj1, rel, obj2))
+    if not parsed:
+        raise ValueError(f"{json_path}: none of its {len(rows)} captions parse (first: row {unparsed[0][0]}, "
+                         f"{unparsed[0][1]!r})")
+    keep = stratified_sample([rel for _, _, _, _, rel, _ in parsed], max_samples, sample_seed)
+    selection = selection_record(len(keep), len(rows), len(keep) < len(parsed), sample_seed)
+    samples, missing = [], []
+    for index, row, image_id, obj1, rel, obj2 in (parsed[i] for i in keep):
         qtype = RELATION_TYPE[rel]
         path = coco_image_path(image_root, image_id)
         if not path.is_file():
@@ -697,18 +735,19 @@ def load_coco_spatial(json_path, image_root, question_style="clean", max_samples
                 raise ValueError(f"{json_path}: row {index}: image {path} cannot be read ({problem})")
             unreadable.append((index, str(path), problem))
             continue
-        sample = sample_record(path, qtype, rel, obj1, obj2, image_id=image_id, row=index, caption=row[1])
+        sample = sample_record(path, qtype, rel, obj1, obj2, image_id=image_id, row=index, caption=row[1],
+                               selection=selection)
         if question_style == "paper":
             sample["question"], sample["obj2_span"] = original_question(row[1])
         samples.append(sample)
     if missing:  # one line whatever the count: the folder once, the first file by name
         raise FileNotFoundError(
-            f"{image_root}: {len(missing)} of the {len(rows)} COCO-Spatial images of {json_path.name} are missing "
+            f"{image_root}: {len(missing)} of the {len(keep)} COCO-Spatial images of {json_path.name} are missing "
             f"(first: {Path(missing[0]).name}); put the COCO val2017 images there, named {{id:012d}}.jpg"
         )
     if not samples:
         _, path, why = unreadable[0]
-        raise ValueError(f"{json_path}: none of the images of its {len(rows)} rows can be read "
+        raise ValueError(f"{json_path}: none of the images of its {len(keep)} rows can be read "
                          f"(first: {path}, {why})")
     return samples
 

@@ -1,73 +1,53 @@
-"""COCO-Spatial evaluation: generate (or score) answers to two-option spatial questions.
+"""Evaluation inference: generate answers, or score every option, for two-option COCO-Spatial
+questions and every benchmark of benchmarks.py. The rules that turn answers into numbers
+(readings, accuracy, consistency, circular accuracy, ROC-AUC, report lines) live in scoring.py.
 
     python eval_coco.py --ckpt runs/baseline/checkpoint-200
     python eval_coco.py --ckpt qwen2-2b --mode score --eval_max_samples 100
 
 `--mode generate` (the original's metric) decodes at most 5 new tokens greedily, batched with
-left padding and the KV cache, and parses the answer as the original did. `--mode score` compares
-the log-probabilities of the two option words in one forward pass per batch and nothing else: the
-decoder runs to its last hidden state and the LM head is applied at the last position only
-(lm_loss.last_position_logits). `--agreement` also runs `generate` and reports how often the two
-agree. train.py calls `evaluate` from here.
+left padding and the KV cache, and reads the answer as the original did. `--mode score` picks the
+option of highest log-probability as a whole word: the log-sum-exp over its surface forms
+(lowercase, Capitalised, as the answer follows the prompt) of its full token sequence; one forward
+pass per batch with the LM head at the answer position scores single-token forms, and each rank of
+multi-token form ("beh" + "ind") one more forward with its tokens appended. `--agreement` also
+runs `generate` and reports how often the two agree. train.py calls `evaluate` from here.
 
     python eval_coco.py --ckpt runs/x/final --benchmark all --whatsup_dir data/whatsup --vsr_dir data/vsr
 
 `--benchmark NAME ... | all` evaluates What'sUp's subsets, VSR and the hub's multiple-choice sets
 (CV-Bench, BLINK, EmbSpatial-Bench, 3DSRBench; benchmarks.py) with their checks
-(evaluate_benchmark): strict reading of generated answers, the swapped-objects twin of every
-two-object question, option-order rotations, pair/set accuracy, VSR's ROC-AUC; a missing hub file
-is fetched, and each missing file is named on its own line before a model loads.
-docs/evaluation.md has the details.
+(evaluate_benchmark): the strict and substring readings side by side, the swapped-objects twin of
+every symmetric two-object question, the mirrored image, option-order rotations with circular
+accuracy, pair/set accuracy, VSR's ROC-AUC; every row unless --eval_max_samples asks for a
+stratified seeded sample; an image budget (--max_pixels). A missing hub file is fetched; each
+missing file is named on its own line, and too many unparsed captions stop it, before a model
+loads. docs/evaluation.md has the details.
 """
 import argparse
 import json
 import os
-import re
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 import benchmarks
 import data
 import protocols
+import scoring
 import speedups
 from checkpoints import CheckpointError, check_checkpoint_source, load_checkpoint_model
 from lm_loss import last_position_logits
 from models import ListModelsAction, ModelUnavailableError
 from output_paths import output_problem
+from scoring import accuracy_report, benchmark_report, format_benchmark_report, format_report  # noqa: F401 (train.py)
 
-
-def parse_answer(text, options):
-    """The original's parsing: the first option (in the options' order) found as a whole word,
-    else an option the answer starts with, else "" (counted wrong)."""
-    text = text.strip().lower()
-    for option in options:
-        if re.search(rf"\b{re.escape(option)}\b", text):
-            return option
-    for option in options:
-        if text.startswith(option):
-            return option
-    return ""
-
-
-def parse_strict(text, options):
-    """(prediction, status) read strictly: the option that the answer's first word is ("in front"
-    reads as "front"), status "ok"; an answer that also names another option is wrong ("", "several");
-    one that does not start with an option is unparseable ("", "unparseable")."""
-    if all(len(o) == 1 and o.isupper() for o in options):  # lettered choices: the letter as written ("(B)", "B.")
-        words = re.findall(r"[A-Za-z]+", text)
-    else:
-        words = re.findall(r"[a-z]+", text.lower())
-    if words[:2] == ["in", "front"]:
-        words = words[1:]
-    if not words or words[0] not in options:
-        return "", "unparseable"
-    if any(w in options and w != words[0] for w in words[1:]):
-        return "", "several"
-    return words[0], "ok"
+# The image budget's default: 1,024 visual tokens of Qwen2-VL (28 x 28 pixels each after its
+# 2 x 2 merge), about 0.8 megapixels; COCO's images (at most 640 x 640 = 409,600) fall under it.
+DEFAULT_MAX_PIXELS = 1024 * 28 * 28
 
 
 def _batches(items, size):
@@ -96,14 +76,17 @@ def _left_padded_batches(model, processor, adapter, samples, batch_size, progres
 
 @torch.no_grad()
 def generate_answers(model, processor, adapter, samples, batch_size=8, max_new_tokens=5, progress=True, desc="eval",
-                     encode_images_once=False):
+                     encode_images_once=False, visual_tokens=None):
     """Greedy answers for `samples`, batched with left padding and the KV cache; with
     `encode_images_once` (and an adapter whose generate takes precomputed image features), each
-    distinct image of a batch goes through the vision tower once."""
+    distinct image of a batch goes through the vision tower once. A list as `visual_tokens` gets
+    each sample's count of visual tokens (visual_token_counts)."""
     tokenizer = processor.tokenizer
     texts = []
     once = encode_images_once and adapter.generate_takes_image_features
     for _, batch in _left_padded_batches(model, processor, adapter, samples, batch_size, progress, desc, once):
+        if visual_tokens is not None:
+            visual_tokens += visual_token_counts(model, batch)
         prompt_len = batch["input_ids"].shape[1]
         if once:
             batch = adapter.encode_images_once(model, batch)
@@ -113,47 +96,86 @@ def generate_answers(model, processor, adapter, samples, batch_size=8, max_new_t
     return texts
 
 
+class OptionForms:
+    """Each option word's surface forms and their token ids after the prompt
+    (adapter.option_forms), tokenised once per tokenizer; `table()` lists them for a report."""
+
+    def __init__(self, processor, adapter):
+        self.processor, self.adapter, self.forms = processor, adapter, {}
+
+    def __call__(self, option):
+        if option not in self.forms:
+            self.forms[option] = self.adapter.option_forms(self.processor, option)
+        return self.forms[option]
+
+    def table(self):
+        return {option: [{"text": text, "ids": ids} for text, ids in forms] for option, forms in self.forms.items()}
+
+
+def _form_logprobs(model, adapter, batch, row_forms, first_logprobs):
+    """[per row: the log-probability of each of its forms' whole token sequence]: the first token
+    from the prompt's last position (`first_logprobs`), the later tokens teacher-forced, one
+    extra forward per batch for each rank of multi-token form (rows append their k-th multi-token
+    form; rows with fewer repeat their last token, whose logits are not read)."""
+    out = [[float(first_logprobs[r, ids[0]]) for ids in forms] for r, forms in enumerate(row_forms)]
+    multi = [[(f, ids) for f, ids in enumerate(forms) if len(ids) > 1] for forms in row_forms]
+    for k in range(max(map(len, multi), default=0)):
+        length = max(len(m[k][1]) - 1 for m in multi if len(m) > k)
+        tails = []
+        for r, m in enumerate(multi):
+            tail = m[k][1][:-1] if len(m) > k else [int(batch["input_ids"][r, -1])]
+            tails.append(tail + [tail[-1]] * (length - len(tail)))
+        extended = adapter.extend_text(batch, torch.tensor(tails))
+        logits = model(**extended, logits_to_keep=length, use_cache=False).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)  # [B, length, V]: position t predicts token t + 1
+        for r, m in enumerate(multi):
+            if len(m) > k:
+                f, ids = m[k]
+                out[r][f] += sum(float(logprobs[r, t, ids[t + 1]]) for t in range(len(ids) - 1))
+    return out
+
+
 @torch.no_grad()
 def option_logprobs(model, processor, adapter, samples, batch_size=8, progress=True, desc="score",
-                    encode_images_once=False):
-    """[per sample: the log-probability of each option's first token at the answer position]: one
-    forward pass per batch, LM head at the last (answer) position only."""
+                    encode_images_once=False, forms=None, visual_tokens=None):
+    """[per sample: each option's log-probability as a whole word]: the log-sum-exp over its
+    surface forms (OptionForms: lowercase and Capitalised, as the answer follows the prompt) of
+    the probability of the form's full token sequence. One forward pass per batch (LM head at the
+    answer position) scores every single-token form; each rank of multi-token form ("beh"+"ind")
+    costs one more forward of the batch with those tokens appended (_form_logprobs)."""
+    forms = forms or OptionForms(processor, adapter)
     scores = []
-    option_ids = {}  # tokenise each option list once, not once per question
     for chunk, batch in _left_padded_batches(model, processor, adapter, samples, batch_size, progress, desc,
                                              encode_images_once):
-        logprobs = torch.log_softmax(last_position_logits(model, adapter, batch), dim=-1)
-        for row, sample in zip(logprobs, chunk):
-            options = tuple(sample["options"])
-            if options not in option_ids:
-                option_ids[options] = adapter.option_token_ids(processor, options)  # as the answer follows the prompt
-            scores.append(row[option_ids[options]].tolist())
+        if visual_tokens is not None:
+            visual_tokens += visual_token_counts(model, batch)
+        if "image_index" in batch:  # encode each distinct image once for every forward below
+            batch = adapter.encode_images_once(getattr(model, "module", model), batch)  # DDP keeps it in .module
+        first = torch.log_softmax(last_position_logits(model, adapter, batch), dim=-1)
+        row_forms = [[ids for option in s["options"] for _, ids in forms(option)] for s in chunk]
+        per_form = _form_logprobs(model, adapter, batch, row_forms, first)
+        for s, values in zip(chunk, per_form):
+            it = iter(values)
+            scores.append([scoring.logsumexp([next(it) for _ in forms(option)]) for option in s["options"]])
     return scores
 
 
 def score_answers(model, processor, adapter, samples, batch_size=8, progress=True, desc="score",
                   encode_images_once=False):
-    """The option whose first token has the highest log-probability at the answer position."""
+    """The option of highest whole-word log-probability (option_logprobs)."""
     scores = option_logprobs(model, processor, adapter, samples, batch_size, progress, desc, encode_images_once)
-    return [s["options"][max(range(len(row)), key=row.__getitem__)] for s, row in zip(samples, scores)]
+    return [scoring.best_option(s["options"], row) for s, row in zip(samples, scores)]
 
 
-def accuracy_report(samples, predictions):
-    """Accuracy overall and per relation (a sample's `relation`, else its gold answer), with counts."""
-    per = defaultdict(lambda: [0, 0])
-    for s, p in zip(samples, predictions):
-        relation = s.get("relation") or s["answer"]
-        per[relation][0] += int(p == s["answer"])
-        per[relation][1] += 1
-    correct = sum(c for c, _ in per.values())
-    n = sum(t for _, t in per.values())
-    return {
-        "accuracy": correct / n if n else float("nan"),
-        "correct": correct,
-        "n": n,
-        "per_relation": {rel: {"accuracy": c / t, "correct": c, "n": t}
-                         for rel, (c, t) in sorted(per.items())},
-    }
+def visual_token_counts(model, batch):
+    """[per row: how many image placeholder tokens its prompt holds] (the visual tokens of its image)."""
+    config = getattr(model, "config", None)
+    token = getattr(config, "image_token_id", None)
+    if token is None:
+        token = getattr(config, "image_token_index", None)
+    if token is None:
+        return [None] * batch["input_ids"].shape[0]
+    return (batch["input_ids"] == token).sum(dim=1).tolist()
 
 
 def evaluate(model, processor, adapter, samples, batch_size=8, mode="generate", max_new_tokens=5, progress=True,
@@ -161,31 +183,37 @@ def evaluate(model, processor, adapter, samples, batch_size=8, mode="generate", 
     """(report, prediction rows) for `samples`. The model is left in eval mode; callers that
     train switch it back.
 
-    mode="score" runs one forward pass per batch and nothing else; with agreement=True it also
-    generates, and the report gains "agreement_with_generate" and "generate_accuracy" (rows'
-    "generated" is None without it)."""
+    mode="score" picks the option of highest whole-word log-probability (option_logprobs); with
+    agreement=True it also generates, and the report gains "agreement_with_generate" and
+    "generate_accuracy" (rows' "generated" is None without it). Generated answers are read as
+    the original did (scoring.read_original)."""
     if mode not in ("generate", "score"):
         raise ValueError(f"mode must be 'generate' or 'score', not {mode!r}")
     model.eval()
     texts = parsed = None
+    forms = OptionForms(processor, adapter)
     if mode == "generate" or agreement:
         texts = generate_answers(model, processor, adapter, samples, batch_size, max_new_tokens, progress, desc)
-        parsed = [parse_answer(t, s["options"]) for t, s in zip(texts, samples)]
+        parsed = [scoring.read_original(t, s["options"])[0] for t, s in zip(texts, samples)]
     if mode == "generate":
         predictions = parsed
     else:
-        predictions = score_answers(model, processor, adapter, samples, batch_size, progress, desc + " (score)")
-    report = accuracy_report(samples, predictions)
-    if mode == "score" and agreement:
-        agree = sum(a == b for a, b in zip(predictions, parsed))
-        report["agreement_with_generate"] = agree / len(samples) if samples else float("nan")
-        report["generate_accuracy"] = accuracy_report(samples, parsed)["accuracy"]
+        scores = option_logprobs(model, processor, adapter, samples, batch_size, progress, desc + " (score)",
+                                 forms=forms)
+        predictions = [scoring.best_option(s["options"], row) for s, row in zip(samples, scores)]
     rows = []
     for i, (s, pred) in enumerate(zip(samples, predictions)):
         rows.append({k: s[k] for k in ("row", "image_id", "image_path") if k in s} | {
             "question": s["question"], "answer": s["answer"], "generated": texts[i] if texts else None,
             "prediction": pred, "correct": pred == s["answer"],
         })
+    report = scoring.report_from_rows(samples, rows)
+    if mode == "score":
+        report["option_forms"] = forms.table()
+    if mode == "score" and agreement:
+        agree = sum(a == b for a, b in zip(predictions, parsed))
+        report["agreement_with_generate"] = agree / len(samples) if samples else float("nan")
+        report["generate_accuracy"] = accuracy_report(samples, parsed)["accuracy"]
     return report, rows
 
 
@@ -198,137 +226,61 @@ def _grouped_by_image(questions):
     return sorted(range(len(questions)), key=lambda i: first[str(questions[i]["image_path"])])
 
 
-def evaluate_benchmark(model, processor, adapter, samples, batch_size=8, mode="generate", max_new_tokens=5,
-                       consistency=True, option_orders=1, parsing="strict", progress=True, desc="eval"):
-    """(report, prediction rows) for the samples of one benchmark (benchmarks.load), with the
-    checks: each two-object question also asked with the objects swapped (`consistency`) and
-    every question with its options rotated 1 .. option_orders-1 places. Questions of one image
-    are batched together and the image encoded once.
+def _listed_options(question):
+    """The question's options in its benchmark's own order, whatever order the prompt listed
+    them in, so that no reading depends on a rotation."""
+    bench = benchmarks.BENCHMARKS.get(question["benchmark"])
+    own = [o for o in bench.options if o in question["options"]] if bench else []
+    return own if len(own) == len(question["options"]) else sorted(question["options"])
 
-    generate mode reads answers with parse_strict (`parsing="original"`: parse_answer, the
-    original's reading of COCO-Spatial), score mode takes the option of highest log-probability;
-    VSR questions are also scored (ROC-AUC of P(true) - P(false)) in generate mode."""
+
+def evaluate_benchmark(model, processor, adapter, samples, batch_size=8, mode="generate", max_new_tokens=5,
+                       consistency=True, option_orders=1, parsing="strict", progress=True, desc="eval", mirror=True):
+    """(report, prediction rows) for the samples of one benchmark (benchmarks.load), with the
+    checks (benchmarks.with_checks): each two-object question of a symmetric relation also asked
+    with the objects swapped (`consistency`), each What'sUp question of the image flipped left to
+    right (`mirror`), and every question with its options rotated 1 .. option_orders-1 places.
+    Questions of one image are batched together and the image encoded once.
+
+    generate mode reads answers with the named reading (`parsing`: "strict", "substring" or
+    "original"; scoring.read), always in the benchmark's own option order; the report also has
+    the strict and substring readings side by side. score mode takes the option of highest
+    whole-word log-probability; VSR questions are also scored in generate mode (ROC-AUC of
+    log P(true) - log P(false))."""
     if mode not in ("generate", "score"):
         raise ValueError(f"mode must be 'generate' or 'score', not {mode!r}")
     model.eval()
-    questions = benchmarks.with_checks(samples, consistency, option_orders)
+    questions = benchmarks.with_checks(samples, consistency, option_orders, mirror)
     order = _grouped_by_image(questions)
     asked = [questions[i] for i in order]
     texts = statuses = scores = None
+    forms, visual = OptionForms(processor, adapter), []
     if mode == "generate":
         texts = generate_answers(model, processor, adapter, asked, batch_size, max_new_tokens, progress, desc,
-                                 encode_images_once=True)
-        if parsing == "original":
-            parsed = [parse_answer(t, q["options"]) for t, q in zip(texts, asked)]
-            statuses = ["ok" if p else "unparseable" for p in parsed]
-        else:
-            parsed, statuses = zip(*[parse_strict(t, q["options"]) for t, q in zip(texts, asked)]) if asked else ((), ())
-        predictions = list(parsed)
+                                 encode_images_once=True, visual_tokens=visual)
+        got = [scoring.read(parsing, t, _listed_options(q), q["answer"]) for t, q in zip(texts, asked)]
+        predictions, statuses = [p for p, _ in got], [st for _, st in got]
     if mode == "score" or any(q["kind"] == "vsr" for q in asked):
         scores = option_logprobs(model, processor, adapter, asked, batch_size, progress, desc + " (score)",
-                                 encode_images_once=True)
+                                 encode_images_once=True, forms=forms, visual_tokens=None if visual else visual)
         if mode == "score":
-            predictions = [q["options"][max(range(len(r)), key=r.__getitem__)] for q, r in zip(asked, scores)]
+            predictions = [scoring.best_option(q["options"], r) for q, r in zip(asked, scores)]
     rows = [None] * len(questions)
     for j, (i, q) in enumerate(zip(order, asked)):
         row = {k: q[k] for k in ("benchmark", "row", "image_id", "image_path", "relation", "order", "rotation")}
         row |= {"question": q["question"], "answer": q["answer"], "generated": texts[j] if texts else None,
-                "prediction": predictions[j], "correct": predictions[j] == q["answer"]}
+                "prediction": predictions[j], "correct": predictions[j] == q["answer"],
+                "visual_tokens": visual[j] if visual else None}
         if statuses is not None:
             row["parse"] = statuses[j]
         if scores is not None and q["kind"] == "vsr":
-            probs = dict(zip(q["options"], (float(torch.tensor(v).exp()) for v in scores[j])))
-            row["p_true_minus_p_false"] = probs["true"] - probs["false"]
+            logp = dict(zip(q["options"], scores[j]))
+            row["margin_true_false"] = logp["true"] - logp["false"]
         rows[i] = row
-    return benchmark_report(questions, rows), rows
-
-
-def vsr_auc(labels, margins):
-    """ROC-AUC of `margins` (P(true) - P(false)) against the gold labels (True = the caption holds);
-    NaN when only one class is present."""
-    from sklearn.metrics import roc_auc_score  # heavy (scipy); only VSR needs it
-
-    if len(set(labels)) < 2:
-        return float("nan")
-    return float(roc_auc_score([int(x) for x in labels], margins))
-
-
-def controlled_pair_set_accuracy(samples, correct):
-    """What'sUp's pair and set accuracy of a controlled set: a pair (left/right, or on/under resp.
-    front/behind, of one object pair) counts when both of its questions are right, a set when all
-    four are; over the pairs and sets present."""
-    by_key = defaultdict(dict)
-    for s, ok in zip(samples, correct):
-        by_key[s["pair_key"]][s["relation"]] = ok
-    opposites = [("left", "right"), tuple(samples[0]["options"][2:4])] if samples else []
-    pairs = [all(d[r] for r in pair) for d in by_key.values() for pair in opposites if all(r in d for r in pair)]
-    sets = [all(d.values()) for d in by_key.values() if len(d) == 4]
-    return {"pair_accuracy": sum(pairs) / len(pairs) if pairs else float("nan"), "pairs": len(pairs),
-            "set_accuracy": sum(sets) / len(sets) if sets else float("nan"), "sets": len(sets)}
-
-
-def benchmark_report(questions, rows):
-    """The report of evaluate_benchmark: accuracy overall and per relation on the questions as
-    asked, the share of answers that could not be parsed (and that named several options), the
-    consistency of the swapped questions, the accuracy under each option order and its spread,
-    What'sUp's pair and set accuracy (controlled sets), VSR's ROC-AUC."""
-    base = [(q, r) for q, r in zip(questions, rows) if r["order"] == "asked" and r["rotation"] == 0]
-    samples, base_rows = [q for q, _ in base], [r for _, r in base]
-    report = accuracy_report(samples, [r["prediction"] for r in base_rows])
-    report["benchmark"] = samples[0]["benchmark"] if samples else None
-    report["released_rows"] = benchmarks.BENCHMARKS[report["benchmark"]].released_rows if samples else None
-    if base_rows and "parse" in base_rows[0]:
-        report["unparseable"] = sum(r["parse"] == "unparseable" for r in base_rows) / len(base_rows)
-        report["several_options"] = sum(r["parse"] == "several" for r in base_rows) / len(base_rows)
-    swapped = {r["row"]: r for r in rows if r["order"] == "swapped" and r["rotation"] == 0}
-    if swapped:
-        pairs = [(r, swapped[r["row"]]) for r in base_rows if r["row"] in swapped]
-        report["consistency"] = {
-            "n_pairs": len(pairs),
-            "accuracy_asked": sum(a["correct"] for a, _ in pairs) / len(pairs),
-            "accuracy_swapped": sum(b["correct"] for _, b in pairs) / len(pairs),
-            # the two answers say the same thing: the swapped one is the first one's opposite
-            "consistent": sum(bool(a["prediction"]) and b["prediction"] == benchmarks.OPPOSITE[a["prediction"]]
-                              for a, b in pairs) / len(pairs),
-            "both_correct": sum(a["correct"] and b["correct"] for a, b in pairs) / len(pairs),
-        }
-    rotations = sorted({r["rotation"] for r in rows if r["order"] == "asked"})
-    if len(rotations) > 1:
-        accuracies = {}
-        for k in rotations:
-            got = [r["correct"] for r in rows if r["order"] == "asked" and r["rotation"] == k]
-            accuracies[k] = sum(got) / len(got)
-        report["option_order"] = {"accuracy_by_rotation": accuracies,
-                                  "spread": max(accuracies.values()) - min(accuracies.values())}
-    if samples and samples[0]["kind"] == "controlled":
-        report |= controlled_pair_set_accuracy(samples, [r["correct"] for r in base_rows])
-    if base_rows and "p_true_minus_p_false" in base_rows[0]:
-        report["auc"] = vsr_auc([s["answer"] == "true" for s in samples], [r["p_true_minus_p_false"] for r in base_rows])
-    return report
-
-
-def format_benchmark_report(report):
-    """One line: format_report's, then the checks that ran."""
-    name = report["benchmark"]
-    line = format_report(report, name)
-    extra = []
-    if report.get("released_rows") and report["n"] != report["released_rows"]:
-        extra.append(f"{report['n']} of the {report['released_rows']:,} released rows")
-    if "unparseable" in report:
-        extra.append(f"unparseable {report['unparseable']:.3f}, several options {report['several_options']:.3f}")
-    if "consistency" in report:
-        c = report["consistency"]
-        extra.append(f"swapped objects: accuracy {c['accuracy_asked']:.4f} as asked, {c['accuracy_swapped']:.4f} "
-                     f"swapped, consistent {c['consistent']:.4f} of {c['n_pairs']} pairs")
-    if "option_order" in report:
-        o = report["option_order"]
-        extra.append("option order: accuracy " + "/".join(f"{a:.4f}" for a in o["accuracy_by_rotation"].values())
-                     + f", spread {o['spread']:.4f}")
-    if "pair_accuracy" in report:
-        extra.append(f"pair accuracy {report['pair_accuracy']:.4f}, set accuracy {report['set_accuracy']:.4f}")
-    if "auc" in report:
-        extra.append(f"ROC-AUC {report['auc']:.4f}")
-    return line + "".join(f"; {e}" for e in extra)
+    report = benchmark_report(questions, rows)
+    if forms.forms:
+        report["option_forms"] = forms.table()
+    return report, rows
 
 
 def write_jsonl(path, rows):
@@ -339,21 +291,20 @@ def write_jsonl(path, rows):
             f.write(json.dumps(row) + "\n")
 
 
-def format_report(report, name="COCO-Spatial"):
-    parts = [f"{rel} {r['correct']}/{r['n']}" for rel, r in report["per_relation"].items()]
-    line = f"{name}: accuracy {report['accuracy']:.4f} ({report['correct']}/{report['n']}); " + ", ".join(parts)
-    if "agreement_with_generate" in report:
-        line += (f"; score vs generate agreement {report['agreement_with_generate']:.4f}"
-                 f" (generate accuracy {report['generate_accuracy']:.4f})")
-    return line
-
-
 def add_data_args(parser):
     """COCO-Spatial flags shared with train.py."""
     parser.add_argument("--val_json", default="data/coco_qa_two_obj.json",
                         help="COCO-Spatial rows [image_id, true_caption, false_caption]")
     parser.add_argument("--coco_val_dir", default="data/coco", help="folder of COCO val2017 {id:012d}.jpg images")
-    parser.add_argument("--eval_max_samples", type=int, default=None, help="evaluate the first N questions only")
+    parser.add_argument("--eval_max_samples", type=int, default=None,
+                        help="evaluate a random sample of N rows per benchmark, stratified by relation and seeded "
+                             "(--eval_sample_seed), never a prefix (default: every row)")
+    parser.add_argument("--eval_sample_seed", type=int, default=0,
+                        help="seed of --eval_max_samples' sample (default 0)")
+    parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="image budget: at most this many pixels per image, resized keeping its aspect (Qwen "
+                             "families: 28 x 28 pixels per visual token; fixed-size families resize anyway); default "
+                             f"{DEFAULT_MAX_PIXELS:,} = 1,024 visual tokens (docs/evaluation.md has the arithmetic)")
     parser.add_argument("--question_style", choices=data.QUESTION_STYLES, default=None,
                         help="COCO question wording: paper = the original code's exact wording, clean = "
                              "'the {name}' (default: --protocol)")
@@ -377,8 +328,15 @@ def add_benchmark_args(parser, flag="--benchmark", default=None, help_default="t
                              "HF_HUB_OFFLINE=1)")
     parser.add_argument("--consistency", action=argparse.BooleanOptionalAction, default=True,
                         help="also ask every two-object question with the objects swapped (default: on)")
+    parser.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=True,
+                        help="also ask every What'sUp question of its image flipped left to right, left and right "
+                             "swapped in the gold (default: on)")
     parser.add_argument("--option_orders", type=int, default=1,
-                        help="ask each question with its option list in this many rotations (default 1: as listed)")
+                        help="ask each question with its option list in this many rotations (default 1: as listed); "
+                             "above 1 the report adds circular accuracy (right under every rotation)")
+    parser.add_argument("--max_unparsed_share", type=float, default=0.01,
+                        help="stop before a model loads when more than this share of a benchmark's rows have a caption "
+                             "that does not parse (default 0.01); below it they are left out, counted and named")
 
 
 def data_roots(args):
@@ -387,9 +345,12 @@ def data_roots(args):
                                 vsr_dir=args.vsr_dir, hub_dir=args.hub_dir)
 
 
-def parsing_for(name, protocol):
-    """How generate mode reads answers: the original's reading for COCO-Spatial under the paper
-    protocol (today's numbers), strictly everywhere else."""
+def parsing_for(name, protocol, reading=None):
+    """How generate mode reads answers (the headline; the report has strict and substring side by
+    side anyway): `reading` when named, else the original's reading for COCO-Spatial under the
+    paper protocol (today's numbers) and strict everywhere else."""
+    if reading:
+        return reading
     return "original" if name == "coco_two_obj" and protocol == "paper" else "strict"
 
 
@@ -400,17 +361,64 @@ def load_benchmarks(names, args):
     missing = benchmarks.missing_files(names, roots, fetch_missing=True)
     if missing:
         sys.exit("error: missing benchmark files:\n" + "\n".join(missing))
-    loaded = {}
+    loaded, too_many = {}, []
+    limit = getattr(args, "max_unparsed_share", 0.01)
     for name in names:
-        unreadable = []
+        unreadable, unparsed = [], []
         try:
-            loaded[name] = benchmarks.load(name, roots, args.question_style, args.eval_max_samples, unreadable)
+            loaded[name] = benchmarks.load(name, roots, args.question_style, args.eval_max_samples, unreadable,
+                                           getattr(args, "eval_sample_seed", 0), unparsed)
         except (FileNotFoundError, ValueError) as err:
             sys.exit(f"error: {err}")
+        if unparsed:
+            total = loaded[name][0]["selection"]["of"]
+            line = (f"{name}: {len(unparsed)} of {total} rows have a caption that does not parse and are left out: "
+                    + "; ".join(f"row {row} {caption!r}" for row, caption, _ in unparsed[:5])
+                    + (f"; and {len(unparsed) - 5} more" if len(unparsed) > 5 else ""))
+            print(f"warning: {line}", file=sys.stderr)
+            if len(unparsed) > limit * total:
+                too_many.append(f"{line} (more than --max_unparsed_share {limit:g})")
         if unreadable:
             print(f"warning: {name}: left out {len(unreadable)} questions whose image cannot be read: "
                   f"{data.named_problems([(path, why) for _, path, why in unreadable])}", file=sys.stderr)
+    if too_many:
+        sys.exit("error: captions that do not parse:\n" + "\n".join(too_many))
     return loaded
+
+
+def images_over_budget(samples, max_pixels):
+    """[(path, width, height)] of the distinct images of `samples` with more than `max_pixels`
+    pixels (read from the file headers only)."""
+    over, seen = [], set()
+    for s in samples:
+        path = str(s["image_path"])
+        if path in seen or not max_pixels:
+            continue
+        seen.add(path)
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+        except OSError:
+            continue  # unreadable images are counted where they are left out
+        if width * height > max_pixels:
+            over.append((path, width, height))
+    return over
+
+
+def apply_image_budget(processor, adapter, max_pixels, samples_by_name):
+    """Bound the processor's pixels per image (adapter.image_budget) and warn, one line per
+    benchmark, naming the images the budget resizes; the bound in force (None: the family resizes
+    every image to its own fixed size)."""
+    bound = adapter.image_budget(processor, max_pixels)
+    if bound is None:
+        return None
+    for name, samples in samples_by_name.items():
+        over = images_over_budget(samples, bound)
+        if over:
+            path, width, height = over[0]
+            print(f"warning: {name}: {len(over)} images have more than the budget of {bound:,} pixels (--max_pixels) "
+                  f"and are resized to it (first: {path}, {width}x{height})", file=sys.stderr)
+    return bound
 
 
 def check_data_args(parser, args):
@@ -418,6 +426,10 @@ def check_data_args(parser, args):
         parser.error(f"argument --option_orders: must be >= 1, not {args.option_orders}")
     if args.eval_max_samples is not None and args.eval_max_samples < 1:
         parser.error(f"argument --eval_max_samples: must be >= 1 (or left out for all), not {args.eval_max_samples}")
+    if getattr(args, "max_pixels", 1) is not None and getattr(args, "max_pixels", 1) < 28 * 28:
+        parser.error(f"argument --max_pixels: must be at least {28 * 28} (one visual token), not {args.max_pixels}")
+    if not 0 <= getattr(args, "max_unparsed_share", 0) <= 1:
+        parser.error(f"argument --max_unparsed_share: must be between 0 and 1, not {args.max_unparsed_share}")
 
 
 def default_output(ckpt, mode):
@@ -452,11 +464,12 @@ def main_benchmarks(parser, args):
         parser.error(f"argument --output: {problem}")
     loaded = load_benchmarks(names, args)
     model, processor, adapter = load_model(args)
+    apply_image_budget(processor, adapter, args.max_pixels, loaded)
     reports = {}
     for name, samples in loaded.items():
         report, rows = evaluate_benchmark(model, processor, adapter, samples, args.batch_size, args.mode,
                                           args.max_new_tokens, args.consistency, args.option_orders,
-                                          parsing_for(name, args.protocol), desc=name)
+                                          parsing_for(name, args.protocol, args.reading), desc=name, mirror=args.mirror)
         reports[name] = report
         print(format_benchmark_report(report))
         write_jsonl(out_dir / f"{name}.jsonl", rows)
@@ -475,6 +488,10 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--mode", choices=["generate", "score"], default="generate")
     parser.add_argument("--max_new_tokens", type=int, default=5)
+    parser.add_argument("--reading", choices=scoring.READINGS, default=None,
+                        help="--benchmark, generate mode: the headline reading of answers (default: original for "
+                             "coco_two_obj under --protocol paper, else strict); strict and substring are always "
+                             "reported side by side")
     parser.add_argument("--agreement", action="store_true",
                         help="score mode: also generate and report how often score and generate agree (slower)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 weights (CUDA only; float32 on CPU)")
@@ -498,13 +515,14 @@ def main(argv=None):
     unreadable = []
     try:
         samples = data.load_coco_spatial(args.val_json, args.coco_val_dir, args.question_style, args.eval_max_samples,
-                                         unreadable=unreadable)
+                                         unreadable=unreadable, sample_seed=args.eval_sample_seed)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     if unreadable:
         print(f"warning: left out {len(unreadable)} of {len(samples) + len(unreadable)} questions whose image cannot "
               f"be read: {data.named_problems([(path, why) for _, path, why in unreadable])}", file=sys.stderr)
     model, processor, adapter = load_model(args)
+    apply_image_budget(processor, adapter, args.max_pixels, {"COCO-Spatial": samples})
     report, rows = evaluate(model, processor, adapter, samples, args.batch_size, args.mode, args.max_new_tokens,
                             agreement=args.agreement)
     if unreadable:

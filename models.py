@@ -149,6 +149,15 @@ class VLMAdapter:
                                    position of the token ending an object's name, checked by
                                    decoding it; errors name `label`
       option_token_ids(processor, options) first token of each option as it follows the prompt
+      option_forms(processor, option)      [(text, ids)]: each surface form of an option word
+                                   (lowercase, Capitalised; the leading space the template puts
+                                   before an answer) and its full token sequence after the prompt
+      extend_text(inputs, ids)     model inputs with tokens appended to every row (scoring an
+                                   option's later tokens)
+    Images
+      image_budget(processor, max_pixels)  bound the pixels (so visual tokens) per image; the
+                                   bound in force, or None for a family whose processor resizes
+                                   every image to a fixed size
     Processor
       build_processor(path)        image-only processor from a checkpoint folder or hub id
     Each distinct image encoded once per batch
@@ -299,6 +308,54 @@ class VLMAdapter:
             raise ValueError(f"options {options} share their first token; score mode cannot tell them apart")
         return ids
 
+    def option_forms(self, processor, option):
+        """[(text, ids)] of the option's surface forms as an answer after the generation prompt:
+        the word lowercase and Capitalised, each after the family's answer_prefix (the leading
+        space its template writes, or none), with its whole token sequence (a multi-token word
+        such as "beh"+"ind" included). Forms whose ids coincide are listed once."""
+        tokenizer = processor.tokenizer
+        prompt = self.render_prompt(processor, "?")
+        forms, seen = [], set()
+        for word in dict.fromkeys((option.lower(), option[:1].upper() + option[1:].lower())):
+            form = self.answer_prefix + word
+            text = prompt + form + self.end_of_turn
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            start, end = len(prompt), len(prompt) + len(form)
+            spans = [(i, a, b) for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if b > start and b > a]
+            ids = [i for i, a, b in spans if a < end]
+            # The form's first token must not reach back into the prompt (beyond the whitespace a
+            # trimmed offset leaves out): then the answer would not be a continuation of it.
+            if not spans or prompt[spans[0][1]:start].strip():
+                raise ValueError(f"option {option!r}: its form {form!r} merges with the prompt's last token")
+            if not ids or tokenizer.decode(ids).strip() != word:
+                raise ValueError(f"option {option!r}: the tokens of {form!r} after the prompt decode to "
+                                 f"{tokenizer.decode(ids)!r}")
+            if tuple(ids) not in seen:
+                seen.add(tuple(ids))
+                forms.append((form, ids))
+        return forms
+
+    def extend_text(self, inputs, ids):
+        """`inputs` with the [B, T] token ids `ids` appended to every row: the attention mask
+        continues with ones, and every other per-token input ([B, L, ...]: token types, Mllama's
+        cross-attention mask) repeats its last column (a text token's)."""
+        input_ids = inputs["input_ids"]
+        b, length = input_ids.shape
+        out = dict(inputs)
+        for key, value in inputs.items():
+            if key == "input_ids":
+                out[key] = torch.cat([value, ids.to(value.device, value.dtype)], dim=1)
+            elif (key not in self.pixel_keys and isinstance(value, torch.Tensor) and value.dim() >= 2
+                  and value.shape[0] == b and value.shape[1] == length):
+                tail = value[:, -1:].expand(-1, ids.shape[1], *value.shape[2:])
+                out[key] = torch.cat([value, torch.ones_like(tail) if key == "attention_mask" else tail], dim=1)
+        return out
+
+    def image_budget(self, processor, max_pixels):
+        """Fixed-size families (LLaVA, Mllama, InternVL, Gemma-3) resize every image to their own
+        size: no budget applies (None)."""
+        return None
+
     def prepare_config(self, config, raw):
         """Fix a loaded config before the weights load (`raw`: the config.json dict)."""
         return config
@@ -436,6 +493,18 @@ class QwenVLAdapter(VLMAdapter):
 
     def build_processor(self, path):
         return _build_qwen_processor(path)
+
+    def image_budget(self, processor, max_pixels):
+        """Qwen's processor keeps an image's aspect and resizes it to at most `longest_edge`
+        pixels (28 x 28 pixels per visual token after the 2 x 2 merge); the budget only lowers it."""
+        image_processor = processor.image_processor
+        longest = image_processor.size["longest_edge"]
+        if max_pixels is not None and max_pixels < longest:
+            longest = int(max_pixels)
+            image_processor.size["longest_edge"] = longest
+            if getattr(image_processor, "max_pixels", None) is not None:
+                image_processor.max_pixels = longest
+        return longest
 
     def save_processor(self, processor, folder):
         """Save under the standard class name with a video-processor config, so that plain

@@ -52,6 +52,7 @@ import data
 import grid_sources
 import launchers
 import run_folder
+import scoring
 import train_args
 from launchers import Run, TrainJob, run_changes, run_state
 from models import ModelUnavailableError, model_source
@@ -460,6 +461,18 @@ def benchmark_table(args, runs, evals):
                       "| with the spatial-ID loss |", "|---|---|---|---|", *rows])
 
 
+def rows_line(evals, set_names):
+    """"Rows evaluated: coco all 440 rows; vsr 500 of 1,222 rows, sampled (seed 0)" from the runs'
+    last evaluation reports ("" when none records its rows)."""
+    notes = {}
+    for name in set_names:
+        found = {scoring.selection_note(e[name]["selection"]) for events in evals.values() for e in events[-1:]
+                 if isinstance(e.get(name), dict) and e[name].get("selection")}
+        if found:
+            notes[name] = " / ".join(sorted(found))
+    return ("Rows evaluated: " + "; ".join(f"{name} {note}" for name, note in notes.items()) + ".") if notes else ""
+
+
 def stage_report(args, runs):
     out = args.runs_dir / "compare"
     report, summary = out / "report.md", args.runs_dir / "summary.md"
@@ -481,6 +494,9 @@ def stage_report(args, runs):
     if others:
         table += "\n\nOther benchmarks, strict reading of answers (eval_coco.py --benchmark; consistency and " \
                  "per-relation numbers in the runs' metrics.jsonl):\n\n" + others
+    rows = rows_line(evals, ["coco", *args.benchmarks])
+    if rows:
+        table += "\n\n" + rows
     strength = stage_diagnose(args, present) if args.diagnose_checkpoints else ""
     if strength:
         (out / "id_strength.md").write_text(strength)

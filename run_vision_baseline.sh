@@ -30,7 +30,6 @@ for seed in "${seeds[@]}"; do
     --param_budget_frac 0.3 \
     --batch_size 15 \
     --selector vision_mlp_lastk \
-    --eval_max_samples 500 \
     --bf16 \
     --log_every 5 \
     --eval_save_steps 200 \

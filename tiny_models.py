@@ -8,14 +8,16 @@ built once into a cache folder and then loaded through the same `from_pretrained
 checkpoint (`models.load_model_and_processor("tiny-llava")`).
 
 Aliases: `tiny` (Qwen2-VL, the original built-in model), `tiny-qwen2.5`, `tiny-llava`,
-`tiny-mllama`, `tiny-internvl`, `tiny-gemma3`; and `tiny-warm`, the tiny Qwen2-VL pretrained
-briefly on grid questions about its own objects, the one model here that can show training
-teaching something. Its weights ship in `weights/tiny-warm-v1/` (checked against `SHA256SUMS`
+`tiny-mllama`, `tiny-internvl`, `tiny-gemma3`; `tiny-realbpe`, the tiny Qwen2-VL with a
+vocabulary that splits "behind" into "beh" + "ind" as Qwen2's does (for the scoring tests); and
+`tiny-warm`, the tiny Qwen2-VL pretrained briefly on grid questions about its own objects, the
+one model here that can show training teaching something. Its weights ship in `weights/tiny-warm-v1/` (checked against `SHA256SUMS`
 there) and are never rebuilt on the fly: its recipe (`python tiny_warm.py`) is a training run,
 and another CPU's float arithmetic trains another model from the same seed.
 """
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -35,7 +37,7 @@ TINY_SEED = 0
 TINY_VERSIONS = {
     "tiny": "qwen2vl-v1", "tiny-qwen2.5": "qwen2.5vl-v1", "tiny-llava": "llava-v1",
     "tiny-mllama": "mllama-v2", "tiny-internvl": "internvl-v1", "tiny-gemma3": "gemma3-v2",
-    "tiny-warm": "qwen2vl-warm-v1", "tiny-spatial": "qwen2vl-spatial-v1",
+    "tiny-warm": "qwen2vl-warm-v1", "tiny-spatial": "qwen2vl-spatial-v1", "tiny-realbpe": "qwen2vl-realbpe-v1",
 }
 TINY_ALIASES = tuple(TINY_VERSIONS)
 
@@ -185,6 +187,29 @@ def build_qwen_tokenizer():
                            chat_template=QWEN2VL_CHAT_TEMPLATE)
 
 
+# Merges a real Qwen2 vocabulary has where ours has none: "behind" is "beh" + "ind" there (ids
+# 29898, 484), while "left" and "Left" are distinct single tokens in both. tiny-realbpe adds them so
+# tests meet a multi-token option word as real models do.
+REAL_STYLE_MERGES = (("be", "h"), ("Be", "h"), ("Ġbe", "h"), ("in", "d"))
+
+
+def build_real_style_qwen_tokenizer():
+    """build_qwen_tokenizer's vocabulary with REAL_STYLE_MERGES appended (new ids at the end)."""
+    base = build_qwen_tokenizer()
+    spec = json.loads(base.backend_tokenizer.to_str())
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    next_id = 1 + max([*vocab.values(), *(t["id"] for t in spec["added_tokens"])])
+    for a, b in REAL_STYLE_MERGES:
+        if a + b not in vocab:
+            vocab[a + b], next_id = next_id, next_id + 1
+        merges.append([a, b])
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer.from_str(json.dumps(spec)), eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", padding_side="left")
+    tokenizer.chat_template = QWEN2VL_CHAT_TEMPLATE
+    return tokenizer
+
+
 def _qwen_text_config(tokenizer, **overrides):
     ids = _ids(tokenizer, QWEN_SPECIAL_TOKENS)
     text = dict(TINY_TEXT, **overrides)
@@ -214,8 +239,8 @@ def _qwen_processor(tokenizer):
     return processors.image_only_qwen_processor_class()(image_processor, tokenizer, chat_template=QWEN2VL_CHAT_TEMPLATE)
 
 
-def build_tiny_qwen2vl(out_dir):
-    tokenizer = build_qwen_tokenizer()
+def build_tiny_qwen2vl(out_dir, tokenizer=None):
+    tokenizer = tokenizer or build_qwen_tokenizer()
     config = tiny_qwen2vl_config(tokenizer)
     torch.manual_seed(TINY_SEED)
     model = transformers.Qwen2VLForConditionalGeneration(config).eval()
@@ -405,6 +430,8 @@ BUILDERS = {
     "tiny-mllama": build_tiny_mllama,
     "tiny-internvl": build_tiny_internvl,
     "tiny-gemma3": build_tiny_gemma3,
+    # tiny Qwen2-VL whose vocabulary splits "behind" as Qwen2's does (scoring tests)
+    "tiny-realbpe": lambda out_dir: build_tiny_qwen2vl(out_dir, build_real_style_qwen_tokenizer()),
 }
 # Models whose weights ship with the repository instead of being built here (see the docstring).
 SHIPPED = {"tiny-warm": REPO_ROOT / "weights" / "tiny-warm-v1",

@@ -229,7 +229,7 @@ def _setup_data(args, accelerator):
         raise ValueError(f"{source}: the holdout split left no training samples")
     unreadable = []
     coco = data.load_coco_spatial(args.val_json, args.coco_val_dir, args.question_style, args.eval_max_samples,
-                                  unreadable=unreadable)
+                                  unreadable=unreadable, sample_seed=args.eval_sample_seed)
     if not coco:
         raise ValueError(f"{args.val_json}: no COCO-Spatial questions (an empty list?)")
     if unreadable:
@@ -287,6 +287,7 @@ def _setup_model(args, accelerator, resume_dir, source):
                       + (" (--bf16 applies on CUDA only)" if args.bf16 and dtype != torch.bfloat16 else ""))
     model, processor, adapter = load_model_and_processor(args.model_name, dtype=dtype, device=accelerator.device,
                                                          source=source)
+    adapter.image_budget(processor, args.max_pixels)  # --max_pixels (eval_coco.py's image budget)
     selection = param_selectors.select_from_args(model, adapter, args)
     accelerator.print(selection.summary())
     if resume_dir is not None:
@@ -532,7 +533,8 @@ def main(argv=None):
             report, set_rows = evaluate_benchmark(model, processor, adapter, samples, args.eval_batch_size,
                                                   args.eval_mode, consistency=args.consistency,
                                                   option_orders=args.option_orders,
-                                                  parsing=parsing_for(name, args.protocol), desc=f"{name} @{step}")
+                                                  parsing=parsing_for(name, args.protocol), desc=f"{name} @{step}",
+                                                  mirror=args.mirror)
             event[name] = report
             rows += [dict(r, set=name) for r in set_rows]
             accelerator.print(f"step {step} " + format_benchmark_report(report))

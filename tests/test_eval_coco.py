@@ -14,6 +14,7 @@ import data
 import eval_coco
 import make_grid_data as mg
 import models
+import scoring
 
 N = 12
 
@@ -85,7 +86,7 @@ LR, AB = ("left", "right"), ("above", "below")
     ("it is left", AB, ""),  # words of the other question type are not answers
 ])
 def test_parse_answer(text, options, expected):
-    assert eval_coco.parse_answer(text, options) == expected
+    assert scoring.read_original(text, options)[0] == expected
 
 
 @pytest.mark.fast
@@ -121,9 +122,11 @@ def test_rows_follow_the_samples(generated, standin):
     for s, row in zip(samples, rows):
         assert (row["row"], row["image_id"], row["question"], row["answer"]) == (
             s["row"], s["image_id"], s["question"], s["answer"])
-        assert row["prediction"] == eval_coco.parse_answer(row["generated"], s["options"])
+        assert row["prediction"] == scoring.read_original(row["generated"], s["options"])[0]
         assert row["correct"] == (row["prediction"] == s["answer"])
-    assert report == eval_coco.accuracy_report(samples, [r["prediction"] for r in rows])
+    assert report == eval_coco.accuracy_report(samples, [r["prediction"] for r in rows]) | {"selection": {
+        "n": N, "of": N, "sampled": False, "seed": None}, "readings": scoring.readings_report(
+        samples, [r["generated"] for r in rows])}
     assert report["n"] == N
     assert {rel: r["n"] for rel, r in report["per_relation"].items()} == {rel: 3 for rel in data.ANSWER_WORDS}
 
@@ -187,7 +190,7 @@ def test_known_answers_score_mode(tiny, standin):
     assert predictions == ["right" if s["options"] == LR else "below" for s in samples]
     assert report["accuracy"] == pytest.approx(6 / N)
     assert report["per_relation"]["below"]["correct"] == 3 and report["per_relation"]["above"]["correct"] == 0
-    parsed = [eval_coco.parse_answer(r["generated"], s["options"]) for r, s in zip(rows, samples)]
+    parsed = [scoring.read_original(r["generated"], s["options"])[0] for r, s in zip(rows, samples)]
     agreement = sum(p == q for p, q in zip(predictions, parsed)) / N
     assert agreement == pytest.approx(0.5)
     assert report["agreement_with_generate"] == pytest.approx(agreement)
@@ -203,7 +206,7 @@ def test_score_mode_on_the_plain_model(tiny_ro, standin):
     report, rows = eval_coco.evaluate(model, processor, adapter, samples, batch_size=4, mode="score",
                                       progress=False, agreement=True)
     assert all(r["prediction"] in s["options"] for r, s in zip(rows, samples))
-    parsed = [eval_coco.parse_answer(r["generated"], s["options"]) for r, s in zip(rows, samples)]
+    parsed = [scoring.read_original(r["generated"], s["options"])[0] for r, s in zip(rows, samples)]
     agreement = sum(r["prediction"] == p for r, p in zip(rows, parsed)) / len(samples)
     assert 0.0 <= report["agreement_with_generate"] <= 1.0
     assert report["agreement_with_generate"] == pytest.approx(agreement)
@@ -231,7 +234,7 @@ def test_cli_writes_predictions(standin, generated, tiny_path, tmp_path, capsys)
     for s, row in zip(samples, rows):
         assert {"question", "answer", "generated", "prediction", "correct"} <= set(row)
         assert (row["question"], row["answer"]) == (s["question"], s["answer"])
-        assert row["prediction"] == eval_coco.parse_answer(row["generated"], s["options"])
+        assert row["prediction"] == scoring.read_original(row["generated"], s["options"])[0]
         assert row["correct"] == (row["prediction"] == s["answer"])
     # the same answers as evaluate() in-process with another batch size
     assert report == generated[0]

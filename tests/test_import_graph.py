@@ -113,6 +113,17 @@ def test_the_layering_points_down():
     assert entry_script_importers(edges) == {}
 
 
+def test_scoring_is_a_room_of_rules_below_inference():
+    """DESIGN's scoring room: the rules of a measurement, imported by eval_coco and compare_runs,
+    importing at most benchmarks and data, and no torch of its own."""
+    edges, _ = import_graph(REPO)
+    assert edges["scoring"] <= {"benchmarks", "data"}
+    assert "scoring" in edges["eval_coco"] and "scoring" in edges["compare_runs"]
+    assert not {"eval_coco", "models", "tiny_models"} & edges["scoring"]
+    tree = ast.parse((REPO / "scoring.py").read_text())
+    assert not [n for node in ast.walk(tree) for n in _imported_names(node) if n.split(".")[0] == "torch"]
+
+
 @pytest.fixture
 def copy_of_modules(tmp_path):
     for path in REPO.glob("*.py"):

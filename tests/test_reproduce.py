@@ -70,6 +70,7 @@ def test_killed_after_first_stage_resumes_and_skips_it(tmp_path, standin, reprod
     summary = (tmp_path / "runs" / "summary.md").read_text()
     assert "| the paper's published figures (Kang et al., ICLR 2026; Qwen2-VL-2B-Instruct) | 0.77 | 0.85 | 0.91 |" in summary
     assert "| ours: tiny-warm, --protocol paper, seeds 0 |" in summary
+    assert "Rows evaluated: coco all " in summary  # every row by default, and summary.md says so
     for kind in ("baseline", "spatial_w1"):
         card = (tmp_path / "runs" / f"{kind}_seed0" / "final" / "README.md").read_text()
         front = yaml.safe_load(card.split("---\n")[1])
