@@ -28,10 +28,20 @@ import benchmarks
 LEADING_PHRASES = ("the answer is", "answer is", "answer", "it is", "it's", "they are", "to the", "at the", "in the",
                    "on the", "towards the", "the", "to", "at", "in", "on")
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+_CASED_WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")
+# lmms-eval's reading of a lettered answer (cv_bench, blink, embspatial utils): a letter at the
+# start, bracketed or not ("B", "(B)", "B. left").
+_HARNESS_LETTER = re.compile(r"[\(\s]*([A-Z])[\)\.\s]*")
 
 
-def _words(text):
-    return _WORD.findall(text.lower())
+def lettered(options):
+    """Whether the options are multiple-choice letters (the hub's sets): read as written, so that
+    "a" or "A chair" is not the letter A."""
+    return bool(options) and all(len(o) == 1 and o.isupper() for o in options)
+
+
+def _words(text, keep_case=False):
+    return _CASED_WORD.findall(text) if keep_case else _WORD.findall(text.lower())
 
 
 def read_original(text, options):
@@ -66,14 +76,15 @@ def read_strict(text, options):
     """The answer states exactly one option: its first word, after up to two leading phrases of
     LEADING_PHRASES, is an option, and no later word names another one. The answer is read as it
     stands first ("On the table" is on in a set with on), then with leading phrases dropped ("On
-    the left" is left)."""
-    candidates = [_words(text)]
+    the left" is left). Letters (`lettered`) are read as written: "B", "(B)", "The answer is B"
+    are B; "b" is not."""
+    candidates = [_words(text, keep_case=lettered(options))]
     for _ in range(2):
         stripped = []
         for words in candidates[-1:]:
             for phrase in LEADING_PHRASES:
                 p = phrase.split()
-                if words[:len(p)] == p and len(words) > len(p):
+                if [w.lower() for w in words[:len(p)]] == p and len(words) > len(p):
                     stripped.append(words[len(p):])
                     break
         if not stripped:
@@ -94,7 +105,11 @@ def read_strict(text, options):
 def read_substring(text, options, gold):
     """AdaptVis's rule: right when the gold word is a substring of the lowercased answer ("on" not
     when the answer says "front"); a wrong answer's prediction is the first option found the same
-    way, else "" (unparseable)."""
+    way, else "" (unparseable). Letters (`lettered`): the harness's rule for them, lmms-eval's
+    letter at the start of the answer."""
+    if lettered(options):
+        found = _HARNESS_LETTER.match(text)
+        return (found[1], "ok") if found and found[1] in options else ("", "unparseable")
     low = text.lower()
 
     def found(option):

@@ -189,7 +189,9 @@ IDENTITY_ARGS = (
     "seed", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_frac", "max_grad_norm", "epochs",
     "max_steps", "bf16",
     # what the recorded accuracies measure
-    "val_json", "coco_val_dir", "eval_max_samples", "holdout_max_samples", "eval_mode",
+    "val_json", "coco_val_dir", "eval_max_samples", "eval_sample_seed", "holdout_max_samples", "eval_mode",
+    # what the model sees of an image (the budget applies to the processor, in training too)
+    "max_pixels",
 )
 
 # Every other argument, with why it may differ between the runs of one identity.
@@ -223,6 +225,8 @@ NOT_IDENTITY = {
     "hub_dir": "where --eval_benchmarks' files are",
     "consistency": "extra measurements of --eval_benchmarks",
     "option_orders": "extra measurements of --eval_benchmarks",
+    "mirror": "extra measurements of --eval_benchmarks",
+    "max_unparsed_share": "a gate on --eval_benchmarks' files before the model loads; what passes is the same",
     "protocol_choices": "derived: the resolved choices are flags of the identity",
 }
 

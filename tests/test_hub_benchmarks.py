@@ -21,6 +21,7 @@ import pytest
 import benchmarks
 import data
 import eval_coco
+import scoring
 import make_grid_data as mg
 
 N = 12
@@ -255,9 +256,19 @@ def test_a_missing_file_is_fetched_into_the_hub_cache(roots, tmp_path):
 @pytest.mark.fast
 @pytest.mark.parametrize("text, expected", [("B", ("B", "ok")), ("(A) left", ("A", "ok")), ("C.", ("C", "ok")),
                                             ("B is a chair", ("B", "ok")), ("B or A", ("", "several")),
-                                            ("The answer is B", ("", "unparseable")), ("b", ("", "unparseable"))])
+                                            ("The answer is B", ("B", "ok")), ("b", ("", "unparseable")),
+                                            ("A chair", ("A", "ok")), ("a chair", ("", "unparseable"))])
 def test_lettered_answers_read_strictly(text, expected):
-    assert eval_coco.parse_strict(text, ("A", "B", "C", "D")) == expected
+    """Letters as written, after the strict reading's leading phrases (scoring.LEADING_PHRASES)."""
+    assert scoring.read_strict(text, ("A", "B", "C", "D")) == expected
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("text, expected", [("B", "B"), ("(C) the chair", "C"), (" B.", "B"), ("The answer is B", ""),
+                                            ("b", ""), ("E", "")])
+def test_lettered_answers_read_the_harness_way(text, expected):
+    """The second reading of a lettered set is lmms-eval's: the letter at the answer's start."""
+    assert scoring.read_substring(text, ("A", "B", "C", "D"), gold="B")[0] == expected
 
 
 def test_evaluation_keeps_images_in_memory_and_rows_json(loaded, sensitive, tmp_path, monkeypatch):
