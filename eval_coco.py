@@ -65,16 +65,24 @@ def parse_strict(text, options):
     return words[0], "ok"
 
 
+class EvaluationInterrupted(Exception):
+    """A stop was requested (the caller's `should_stop()` turned true) between two batches: the
+    evaluation is incomplete and must not be reported (train.py saves and exits, and redoes it on
+    resume)."""
+
+
 def _batches(items, size):
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
 
-def _left_padded_batches(model, processor, adapter, samples, batch_size, progress, desc, encode_images_once=False):
+def _left_padded_batches(model, processor, adapter, samples, batch_size, progress, desc, encode_images_once=False,
+                         should_stop=None):
     """(samples, model inputs on the model's device) for each batch of generation prompts, padded
     on the left so every row's answer position is the last column; the tokenizer's padding side
     is restored afterwards. With `encode_images_once`, each distinct image of a batch is kept once
-    (the caller hands the batch to adapter.encode_images_once)."""
+    (the caller hands the batch to adapter.encode_images_once). Before each batch `should_stop()`
+    (when given) is asked; true raises EvaluationInterrupted."""
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     collate = data.VLMCollator(processor, adapter, with_answer=False, encode_images_once=encode_images_once)
@@ -84,6 +92,8 @@ def _left_padded_batches(model, processor, adapter, samples, batch_size, progres
         # cursor-movement codes in a log file.
         for chunk in tqdm(list(_batches(samples, batch_size)), desc=desc, disable=None if progress else True,
                           leave=False):
+            if should_stop is not None and should_stop():
+                raise EvaluationInterrupted(f"{desc}: stopped before a batch, on request")
             yield chunk, data.split_batch(collate(chunk), device)[0]
     finally:
         tokenizer.padding_side = side
@@ -91,14 +101,15 @@ def _left_padded_batches(model, processor, adapter, samples, batch_size, progres
 
 @torch.no_grad()
 def generate_answers(model, processor, adapter, samples, batch_size=8, max_new_tokens=5, progress=True, desc="eval",
-                     encode_images_once=False):
+                     encode_images_once=False, should_stop=None):
     """Greedy answers for `samples`, batched with left padding and the KV cache; with
     `encode_images_once` (and an adapter whose generate takes precomputed image features), each
     distinct image of a batch goes through the vision tower once."""
     tokenizer = processor.tokenizer
     texts = []
     once = encode_images_once and adapter.generate_takes_image_features
-    for _, batch in _left_padded_batches(model, processor, adapter, samples, batch_size, progress, desc, once):
+    for _, batch in _left_padded_batches(model, processor, adapter, samples, batch_size, progress, desc, once,
+                                         should_stop):
         prompt_len = batch["input_ids"].shape[1]
         if once:
             batch = adapter.encode_images_once(model, batch)
@@ -110,13 +121,13 @@ def generate_answers(model, processor, adapter, samples, batch_size=8, max_new_t
 
 @torch.no_grad()
 def option_logprobs(model, processor, adapter, samples, batch_size=8, progress=True, desc="score",
-                    encode_images_once=False):
+                    encode_images_once=False, should_stop=None):
     """[per sample: the log-probability of each option's first token at the answer position]: one
     forward pass per batch, LM head at the last (answer) position only."""
     scores = []
     option_ids = {}  # tokenise each option list once, not once per question
     for chunk, batch in _left_padded_batches(model, processor, adapter, samples, batch_size, progress, desc,
-                                             encode_images_once):
+                                             encode_images_once, should_stop):
         logprobs = torch.log_softmax(last_position_logits(model, adapter, batch), dim=-1)
         for row, sample in zip(logprobs, chunk):
             options = tuple(sample["options"])
@@ -127,9 +138,10 @@ def option_logprobs(model, processor, adapter, samples, batch_size=8, progress=T
 
 
 def score_answers(model, processor, adapter, samples, batch_size=8, progress=True, desc="score",
-                  encode_images_once=False):
+                  encode_images_once=False, should_stop=None):
     """The option whose first token has the highest log-probability at the answer position."""
-    scores = option_logprobs(model, processor, adapter, samples, batch_size, progress, desc, encode_images_once)
+    scores = option_logprobs(model, processor, adapter, samples, batch_size, progress, desc, encode_images_once,
+                             should_stop)
     return [s["options"][max(range(len(row)), key=row.__getitem__)] for s, row in zip(samples, scores)]
 
 
@@ -152,9 +164,9 @@ def accuracy_report(samples, predictions):
 
 
 def evaluate(model, processor, adapter, samples, batch_size=8, mode="generate", max_new_tokens=5, progress=True,
-             desc="eval", agreement=False):
+             desc="eval", agreement=False, should_stop=None):
     """(report, prediction rows) for `samples`. The model is left in eval mode; callers that
-    train switch it back.
+    train switch it back. `should_stop`: see _left_padded_batches.
 
     mode="score" runs one forward pass per batch and nothing else; with agreement=True it also
     generates, and the report gains "agreement_with_generate" and "generate_accuracy" (rows'
@@ -164,12 +176,14 @@ def evaluate(model, processor, adapter, samples, batch_size=8, mode="generate", 
     model.eval()
     texts = parsed = None
     if mode == "generate" or agreement:
-        texts = generate_answers(model, processor, adapter, samples, batch_size, max_new_tokens, progress, desc)
+        texts = generate_answers(model, processor, adapter, samples, batch_size, max_new_tokens, progress, desc,
+                                 should_stop=should_stop)
         parsed = [parse_answer(t, s["options"]) for t, s in zip(texts, samples)]
     if mode == "generate":
         predictions = parsed
     else:
-        predictions = score_answers(model, processor, adapter, samples, batch_size, progress, desc + " (score)")
+        predictions = score_answers(model, processor, adapter, samples, batch_size, progress, desc + " (score)",
+                                    should_stop=should_stop)
     report = accuracy_report(samples, predictions)
     if mode == "score" and agreement:
         agree = sum(a == b for a, b in zip(predictions, parsed))
@@ -194,7 +208,8 @@ def _grouped_by_image(questions):
 
 
 def evaluate_benchmark(model, processor, adapter, samples, batch_size=8, mode="generate", max_new_tokens=5,
-                       consistency=True, option_orders=1, parsing="strict", progress=True, desc="eval"):
+                       consistency=True, option_orders=1, parsing="strict", progress=True, desc="eval",
+                       should_stop=None):
     """(report, prediction rows) for the samples of one benchmark (benchmarks.load), with the
     checks: each two-object question also asked with the objects swapped (`consistency`) and
     every question with its options rotated 1 .. option_orders-1 places. Questions of one image
@@ -212,7 +227,7 @@ def evaluate_benchmark(model, processor, adapter, samples, batch_size=8, mode="g
     texts = statuses = scores = None
     if mode == "generate":
         texts = generate_answers(model, processor, adapter, asked, batch_size, max_new_tokens, progress, desc,
-                                 encode_images_once=True)
+                                 encode_images_once=True, should_stop=should_stop)
         if parsing == "original":
             parsed = [parse_answer(t, q["options"]) for t, q in zip(texts, asked)]
             statuses = ["ok" if p else "unparseable" for p in parsed]
@@ -221,7 +236,7 @@ def evaluate_benchmark(model, processor, adapter, samples, batch_size=8, mode="g
         predictions = list(parsed)
     if mode == "score" or any(q["kind"] == "vsr" for q in asked):
         scores = option_logprobs(model, processor, adapter, asked, batch_size, progress, desc + " (score)",
-                                 encode_images_once=True)
+                                 encode_images_once=True, should_stop=should_stop)
         if mode == "score":
             predictions = [q["options"][max(range(len(r)), key=r.__getitem__)] for q, r in zip(asked, scores)]
     rows = [None] * len(questions)
