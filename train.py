@@ -617,9 +617,11 @@ def _stop_requested(stop, accelerator):
 def _image_share(samples, processes, index):
     """The indices of `samples` that process `index` evaluates: every `processes`-th image in order
     of first appearance, with all of its questions, so that an image is encoded once and the
-    swapped and rotated twins evaluate_benchmark derives from a question stay with it."""
+    swapped and rotated twins evaluate_benchmark derives from a question stay with it. A question
+    without an image path (an image given as bytes) counts as an image of its own."""
     first = {}
-    return [i for i, s in enumerate(samples) if first.setdefault(str(s["image_path"]), len(first)) % processes == index]
+    keys = [str(s["image_path"]) if s.get("image_path") else ("row", i) for i, s in enumerate(samples)]
+    return [i for i, key in enumerate(keys) if first.setdefault(key, len(first)) % processes == index]
 
 
 def _evaluate_split(run, name, samples, desc):
