@@ -59,6 +59,10 @@ class StopRequest:
         self.signal = None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
+    def requested(self):
+        """Whether a stop signal has arrived (in this process)."""
+        return self.signal is not None
+
     def _handle(self, signum, frame):
         self.signal = self.signal or signal.Signals(signum).name
 

@@ -217,7 +217,8 @@ def evaluate_benchmark(model, processor, adapter, samples, batch_size=8, mode="g
 
     generate mode reads answers with parse_strict (`parsing="original"`: parse_answer, the
     original's reading of COCO-Spatial), score mode takes the option of highest log-probability;
-    VSR questions are also scored (ROC-AUC of P(true) - P(false)) in generate mode."""
+    VSR questions are also scored (ROC-AUC of P(true) - P(false)) in generate mode. `should_stop`:
+    see _left_padded_batches."""
     if mode not in ("generate", "score"):
         raise ValueError(f"mode must be 'generate' or 'score', not {mode!r}")
     model.eval()

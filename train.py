@@ -7,9 +7,9 @@ optionally with the spatial-ID auxiliary loss, and watch COCO-Spatial accuracy m
 
 Read `main` top to bottom: arguments -> run folder -> data (checked before the model loads) ->
 model and the trainable slice -> spatial loss -> optimiser -> evaluate / train / evaluate -> save;
-each step is a function of its own, and `Run` is what they share. A stop signal (preemption)
-ends the run at the next safe point, after an optimizer step or between evaluation batches, with a
-checkpoint of that step and exit status 75 (_stop_for_resume).
+each step is a function of its own, and `TrainingRun` is what they share. A stop signal
+(preemption) ends the run at the next safe point, after an optimizer step or between evaluation
+batches, with a checkpoint of that step and exit status 75 (_stop_for_resume).
 The run folder gets config.json, metrics.jsonl, predictions/step-N.jsonl, checkpoint-N/ and final/.
 
 Several processes: every process takes whole batches (a grouped batch stays one group, so the
@@ -518,7 +518,7 @@ EVAL_SPLIT_TITLES = {"coco": "COCO-Spatial", "holdout": "holdout pairs"}  # the 
 
 
 @dataclass
-class Run:
+class TrainingRun:
     """What the steps of a run share once main has set it up."""
     args: argparse.Namespace
     accelerator: Accelerator
@@ -609,8 +609,8 @@ def _stop_requested(stop, accelerator):
     """True on every process once any of them got a stop signal (SIGTERM, SIGUSR1): the flag is
     summed across processes after each optimizer step, so that all of them stop after the same one."""
     if accelerator.num_processes == 1:
-        return stop.signal is not None
-    flag = torch.tensor([float(stop.signal is not None)], device=accelerator.device)
+        return stop.requested()
+    flag = torch.tensor([float(stop.requested())], device=accelerator.device)
     return accelerator.reduce(flag, reduction="sum").item() > 0
 
 
@@ -637,18 +637,18 @@ def _evaluate_split(run, name, samples, desc):
     mine = (_image_share(samples, processes, accelerator.process_index) if benchmark
             else list(range(accelerator.process_index, len(samples), processes)))
     share = [samples[i] for i in mine]
-    should_stop = lambda: run.stop.signal is not None  # noqa: E731
     try:
         if benchmark:
             report, rows = evaluate_benchmark(run.model, run.processor, run.adapter, share, args.eval_batch_size,
                                               args.eval_mode, consistency=args.consistency,
                                               option_orders=args.option_orders,
-                                              parsing=parsing_for(name, args.protocol), progress=accelerator.is_main_process,
-                                              desc=desc, should_stop=should_stop)
+                                              parsing=parsing_for(name, args.protocol),
+                                              progress=accelerator.is_main_process, desc=desc,
+                                              should_stop=run.stop.requested)
         else:
             report, rows = evaluate(run.model, run.processor, run.adapter, share, args.eval_batch_size,
                                     args.eval_mode, progress=accelerator.is_main_process, desc=desc,
-                                    should_stop=should_stop)
+                                    should_stop=run.stop.requested)
     except EvaluationInterrupted:
         if processes == 1:
             raise
@@ -858,11 +858,11 @@ def main(argv=None):
     plan = {"num_processes": processes, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch}
     config = _run_config(args, grid, train_idx, holdout_idx, selection, plan, speed, loader_settings)
     out = Path(args.output_dir)
-    run = Run(args, accelerator, out, model, processor, adapter, spatial_loss, optimizer, scheduler, progress,
-              total_steps, {"coco": coco, "holdout": holdout, **benchmark_sets}, checkpoints.StopRequest(),
-              "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-              _start_metrics(args, out, config, progress, resume_dir) if is_main else None,
-              _setup_reporter(args, out, config) if is_main else None)
+    run = TrainingRun(args, accelerator, out, model, processor, adapter, spatial_loss, optimizer, scheduler,
+                      progress, total_steps, {"coco": coco, "holdout": holdout, **benchmark_sets},
+                      checkpoints.StopRequest(), "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+                      _start_metrics(args, out, config, progress, resume_dir) if is_main else None,
+                      _setup_reporter(args, out, config) if is_main else None)
     if state is not None:
         accelerator.print(f"resuming from {resume_dir}: step {progress.step}, epoch {progress.epoch}, "
                           f"{progress.batches_done} batches into it")
