@@ -655,16 +655,17 @@ def _evaluate_split(run, name, samples, desc):
         report, rows = None, None
     if processes == 1:
         return report, rows
-    shares = gather_object([(mine, rows)])
-    if any(rows is None for _, rows in shares):
+    shares = gather_object([(mine, rows)])  # [(indices, rows) of each process]
+    if any(share_rows is None for _, share_rows in shares):
         raise EvaluationInterrupted(f"{desc}: a process was asked to stop")
     if benchmark:  # the questions each process asked, in the order of its rows
         questions = [q for idx, _ in shares
                      for q in benchmarks.with_checks([samples[i] for i in idx], args.consistency, args.option_orders)]
-        rows = [row for _, rows in shares for row in rows]
+        rows = [row for _, share_rows in shares for row in share_rows]
         return benchmark_report(questions, rows), rows
-    rows = [row for _, row in sorted(((i, row) for idx, rows in shares for i, row in zip(idx, rows)),
-                                     key=lambda pair: pair[0])]
+    by_index = sorted(((i, row) for idx, share_rows in shares for i, row in zip(idx, share_rows)),
+                      key=lambda pair: pair[0])
+    rows = [row for _, row in by_index]
     return accuracy_report(samples, [r["prediction"] for r in rows]), rows
 
 

@@ -136,7 +136,8 @@ def test_a_stop_during_an_evaluation_saves_the_step_and_the_resume_redoes_the_ev
         dataset, bench_roots, tmp_path, train_here, sigterm_during):
     """Between two benchmarks (step 2) and between two batches of the final evaluation (step 4):
     the step is saved, the evaluation is not logged, the run exits 75; each resume redoes the
-    interrupted evaluation, and the run ends as an uninterrupted one."""
+    interrupted evaluation. A stop after the final evaluation: its checkpoint is saved, final/ is
+    left to the resume. The run ends as an uninterrupted one."""
     flags = ("--max_steps", "4", "--eval_save_steps", "2", "--eval_batch_size", "2",
              "--eval_benchmarks", "vg_two_obj", "--whatsup_dir", bench_roots.whatsup_dir)
     straight, cut = tmp_path / "straight", tmp_path / "cut"
@@ -160,6 +161,13 @@ def test_a_stop_during_an_evaluation_saves_the_step_and_the_resume_redoes_the_ev
     assert stop.value.code == checkpoints.PREEMPTED_EXIT_CODE
     assert list(evals(cut)) == [0, 2] and _events(cut)[-1]["event"] == "preempted"
     assert [s for s, _ in checkpoints.list_checkpoints(cut)] == [0, 2, 4] and not (cut / "final").exists()
+
+    sigterm_during("vg_two_obj @4 (score)", 4)  # its last batch: the evaluation is complete, final/ is not
+    with pytest.raises(SystemExit) as stop:
+        train_here(_cmd(dataset, cut, *flags, "--resume_from_checkpoint", "latest")[2:])
+    assert stop.value.code == checkpoints.PREEMPTED_EXIT_CODE
+    assert list(evals(cut)) == [0, 2, 4] and _events(cut)[-1]["event"] == "preempted"
+    assert not (cut / "final").exists()
 
     sigterm_during("none", 0)
     assert train_here(_cmd(dataset, cut, *flags, "--resume_from_checkpoint", "latest")[2:])["step"] == 4
