@@ -194,57 +194,50 @@ def _worker_pids(proc):
     return sorted(int(pid) for pid in children)
 
 
-def test_under_torchrun_a_signal_to_one_process_stops_all_after_the_same_step(dataset, tmp_path):
+def test_under_preemptible_torchrun_a_signal_to_the_agent_or_one_process_stops_all_and_the_agent_exits_75(
+        dataset, bench_roots, tmp_path):
+    """Two processes evaluating a benchmark, each its share. The cluster signals the agent: every
+    process stops at its next safe point (after a step, or between evaluation batches: that
+    evaluation stays unlogged) and the agent exits 75. The resumed run redoes what was interrupted
+    and goes on until a signal to ONE process stops both: after the same step, or, when it comes
+    during an evaluation, through that evaluation's gather. The evaluations logged are one
+    process's reports on the same checkpoint."""
     run = tmp_path / "multi"
-    # SIGUSR1 to the second process only: the first learns it through the per-step all-reduce.
-    code, output = _signal_after_step(_cmd(dataset, run, launcher=(*PREEMPTIBLE_TORCHRUN, "--master_port",
-                                                                   str(_free_port()))),
-                                      run, signal.SIGUSR1, 1, pid_of=lambda proc: _worker_pids(proc)[-1])
-    assert code == checkpoints.PREEMPTED_EXIT_CODE, output[-3000:]  # the agent's status, not torchrun's 1
-    events = _events(run)
-    assert events[-1]["event"] == "preempted" and events[-1]["signal"] == "another process's"
-    stopped_at = events[-1]["step"]
-    assert 1 <= stopped_at < STEPS and not any(e["event"] == "end" for e in events)
-    assert [s for s, _ in checkpoints.list_checkpoints(run)] == [0, stopped_at]
+    flags = ("--eval_save_steps", "2", "--eval_benchmarks", "vg_two_obj", "--whatsup_dir", bench_roots.whatsup_dir)
 
+    def launch(*extra):
+        return _cmd(dataset, run, *flags, *extra, launcher=(*PREEMPTIBLE_TORCHRUN, "--master_port", str(_free_port())))
 
-def test_a_signal_to_the_agent_stops_every_process_and_the_resume_evaluates_as_one_process(dataset, bench_roots,
-                                                                                          tmp_path):
-    """The cluster signals the agent (preemptible_torchrun): every process stops at its next safe
-    point, in training or between evaluation batches, the agent exits 75, and the resumed run
-    evaluates each step once, each process its share, with the reports of one process."""
-    run = tmp_path / "multi"
-    flags = ("--max_steps", "3", "--eval_save_steps", "2", "--eval_benchmarks", "vg_two_obj",
-             "--whatsup_dir", bench_roots.whatsup_dir)
-    launcher = (*PREEMPTIBLE_TORCHRUN, "--master_port", str(_free_port()))
-    # After step 1 is logged: the processes stop after step 1, or at step 2's evaluation, which
-    # then stays unlogged.
-    code, output = _signal_after_step(_cmd(dataset, run, *flags, launcher=launcher), run, signal.SIGUSR1, 1)
-    assert code == checkpoints.PREEMPTED_EXIT_CODE, output[-3000:]
+    # After step 1 is logged: the processes stop after step 1, or at step 2's evaluation.
+    code, output = _signal_after_step(launch(), run, signal.SIGUSR1, 1)
+    assert code == checkpoints.PREEMPTED_EXIT_CODE, output[-3000:]  # plain torchrun: killed by SIGUSR1
     assert "the workers saved and exited 75" in output
     events = _events(run)
     assert events[-1]["event"] == "preempted" and events[-1]["signal"] == "SIGUSR1"  # the agent passed it on
-    stopped_at = events[-1]["step"]
-    assert stopped_at in (1, 2) and [e["step"] for e in events if e["event"] == "eval"] == [0]
-    assert [s for s, _ in checkpoints.list_checkpoints(run)] == [0, stopped_at]
+    first_stop = events[-1]["step"]
+    assert first_stop in (1, 2) and [e["step"] for e in events if e["event"] == "eval"] == [0]
+    assert [s for s, _ in checkpoints.list_checkpoints(run)] == [0, first_stop]
 
-    resume = _cmd(dataset, run, *flags, "--resume_from_checkpoint", "latest",
-                  launcher=(*PREEMPTIBLE_TORCHRUN, "--master_port", str(_free_port())))
-    proc = subprocess.run(resume, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # SIGTERM to the second process only, after step 3: both stop after step 3, or at step 4's
+    # evaluation, where the first process finishes its share and learns of the stop in the gather.
+    code, output = _signal_after_step(launch("--resume_from_checkpoint", "latest"), run, signal.SIGTERM, 3,
+                                      pid_of=lambda proc: _worker_pids(proc)[-1])
+    assert code == checkpoints.PREEMPTED_EXIT_CODE, output[-3000:]  # plain torchrun: 1
     events = _events(run)
+    assert events[-1]["event"] == "preempted" and events[-1]["signal"] == "another process's"
+    assert events[-1]["step"] in (3, 4) and not any(e["event"] == "end" for e in events)
     evals = [e for e in events if e["event"] == "eval"]
-    assert [e["step"] for e in evals] == [0, 2, 3] and events[-1]["event"] == "end"
+    assert [e["step"] for e in evals] == [0, 2]  # step 2's once, whether or not the first stop interrupted it
     assert all(e["weights_in_sync"] for e in events if e["event"] == "train")
-    assert [s for s, _ in checkpoints.list_checkpoints(run)] == sorted({0, stopped_at, 2, 3})
-    # Each process answered its share; gathered, the reports are one process's on the same checkpoint.
-    reports = eval_coco.main(["--ckpt", str(run / "checkpoint-3"), "--protocol", "clean", "--mode", "score",
+    assert [s for s, _ in checkpoints.list_checkpoints(run)] == sorted({0, first_stop, 2, events[-1]["step"]})
+
+    reports = eval_coco.main(["--ckpt", str(run / "checkpoint-2"), "--protocol", "clean", "--mode", "score",
                               "--benchmark", "coco_two_obj", "vg_two_obj", "--whatsup_dir", bench_roots.whatsup_dir,
                               "--val_json", str(dataset / "standin" / "coco_qa_two_obj_standin.json"),
                               "--coco_val_dir", str(dataset / "standin"), "--eval_max_samples", "4",
                               "--output", str(tmp_path / "eval")])
-    assert reports["vg_two_obj"] == evals[-1]["vg_two_obj"] and reports["vg_two_obj"]["consistency"]["n_pairs"] == 4
-    assert reports["coco_two_obj"]["correct"] == evals[-1]["coco"]["correct"]
-    rows = [json.loads(line) for line in (run / "predictions" / "step-3.jsonl").read_text().splitlines()]
+    assert reports["vg_two_obj"] == evals[1]["vg_two_obj"] and reports["vg_two_obj"]["consistency"]["n_pairs"] == 4
+    assert reports["coco_two_obj"]["correct"] == evals[1]["coco"]["correct"]
+    rows = [json.loads(line) for line in (run / "predictions" / "step-2.jsonl").read_text().splitlines()]
     assert Counter((r["set"], r.get("order")) for r in rows) == {("coco", None): 4, ("vg_two_obj", "asked"): 4,
                                                                   ("vg_two_obj", "swapped"): 4}  # no pair held out
