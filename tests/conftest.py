@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Modules in the order they start under `make test` (pytest-xdist, `--dist loadscope`: each module
 # runs whole on one worker, so its module fixtures are built once): the heaviest first, by their
 # measured CPU seconds on the 2-core machine (2026-12-03: test_sweeps ~110, test_runs 60,
-# test_reproduce 35, ...; 2026-12-06, loaded: test_preemption ~45 with its two-process agent
+# test_reproduce 35, ...; 2026-12-06, loaded: test_preemption ~40 with its two-process agent
 # test), so that no long module starts last while the other worker idles. A module not listed
 # starts after these, in file order. This changes only when a test runs, never what it checks;
 # refresh it from `make test`'s slowest-tests list when a module grows.
