@@ -16,9 +16,9 @@ umask, so a run can be read by the rest of a group.
 
 Preemption: a cluster that is about to stop a job sends SIGTERM (SLURM's preemption and time
 limit) or the signal the job asked for (`sbatch --signal=USR1@90`). `StopRequest` turns either into
-a flag that the loop reads after each optimizer step; the run then saves a checkpoint, logs a
-`preempted` event and exits with PREEMPTED_EXIT_CODE, and `--resume_from_checkpoint latest`
-continues it exactly.
+a flag that the loop reads after each optimizer step and the evaluation before each batch; the run
+then saves a checkpoint, logs a `preempted` event and exits with PREEMPTED_EXIT_CODE, and
+`--resume_from_checkpoint latest` continues it exactly (an interrupted evaluation is redone).
 """
 import contextlib
 import json
@@ -52,12 +52,16 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class StopRequest:
     """Remembers that SIGTERM or SIGUSR1 arrived (`.signal`: its name, None until then) instead of
-    dying at once; the loop decides when to stop (after the current optimizer step). `restore()`
-    puts the previous handlers back."""
+    dying at once; the run decides when to stop (after the current optimizer step, or before the
+    next evaluation batch). `restore()` puts the previous handlers back."""
 
     def __init__(self, signals=STOP_SIGNALS):
         self.signal = None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+
+    def requested(self):
+        """Whether a stop signal has arrived (in this process)."""
+        return self.signal is not None
 
     def _handle(self, signum, frame):
         self.signal = self.signal or signal.Signals(signum).name

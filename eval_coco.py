@@ -50,16 +50,24 @@ from scoring import accuracy_report, benchmark_report, format_benchmark_report, 
 DEFAULT_MAX_PIXELS = 1024 * 28 * 28
 
 
+class EvaluationInterrupted(Exception):
+    """A stop was requested (the caller's `should_stop()` turned true) between two batches: the
+    evaluation is incomplete and must not be reported (train.py saves and exits, and redoes it on
+    resume)."""
+
+
 def _batches(items, size):
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
 
-def _left_padded_batches(model, processor, adapter, samples, batch_size, progress, desc, encode_images_once=False):
+def _left_padded_batches(model, processor, adapter, samples, batch_size, progress, desc, encode_images_once=False,
+                         should_stop=None):
     """(samples, model inputs on the model's device) for each batch of generation prompts, padded
     on the left so every row's answer position is the last column; the tokenizer's padding side
     is restored afterwards. With `encode_images_once`, each distinct image of a batch is kept once
-    (the caller hands the batch to adapter.encode_images_once)."""
+    (the caller hands the batch to adapter.encode_images_once). Before each batch `should_stop()`
+    (when given) is asked; true raises EvaluationInterrupted."""
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     collate = data.VLMCollator(processor, adapter, with_answer=False, encode_images_once=encode_images_once)
@@ -69,6 +77,8 @@ def _left_padded_batches(model, processor, adapter, samples, batch_size, progres
         # cursor-movement codes in a log file.
         for chunk in tqdm(list(_batches(samples, batch_size)), desc=desc, disable=None if progress else True,
                           leave=False):
+            if should_stop is not None and should_stop():
+                raise EvaluationInterrupted(f"{desc}: stopped before a batch, on request")
             yield chunk, data.split_batch(collate(chunk), device)[0]
     finally:
         tokenizer.padding_side = side
@@ -76,7 +86,7 @@ def _left_padded_batches(model, processor, adapter, samples, batch_size, progres
 
 @torch.no_grad()
 def generate_answers(model, processor, adapter, samples, batch_size=8, max_new_tokens=5, progress=True, desc="eval",
-                     encode_images_once=False, visual_tokens=None):
+                     encode_images_once=False, visual_tokens=None, should_stop=None):
     """Greedy answers for `samples`, batched with left padding and the KV cache; with
     `encode_images_once` (and an adapter whose generate takes precomputed image features), each
     distinct image of a batch goes through the vision tower once. A list as `visual_tokens` gets
@@ -84,7 +94,8 @@ def generate_answers(model, processor, adapter, samples, batch_size=8, max_new_t
     tokenizer = processor.tokenizer
     texts = []
     once = encode_images_once and adapter.generate_takes_image_features
-    for _, batch in _left_padded_batches(model, processor, adapter, samples, batch_size, progress, desc, once):
+    for _, batch in _left_padded_batches(model, processor, adapter, samples, batch_size, progress, desc, once,
+                                         should_stop):
         if visual_tokens is not None:
             visual_tokens += visual_token_counts(model, batch)
         prompt_len = batch["input_ids"].shape[1]
@@ -137,7 +148,7 @@ def _form_logprobs(model, adapter, batch, row_forms, first_logprobs):
 
 @torch.no_grad()
 def option_logprobs(model, processor, adapter, samples, batch_size=8, progress=True, desc="score",
-                    encode_images_once=False, forms=None, visual_tokens=None):
+                    encode_images_once=False, forms=None, visual_tokens=None, should_stop=None):
     """[per sample: each option's log-probability as a whole word]: the log-sum-exp over its
     surface forms (OptionForms: lowercase and Capitalised, as the answer follows the prompt) of
     the probability of the form's full token sequence. One forward pass per batch (LM head at the
@@ -146,7 +157,7 @@ def option_logprobs(model, processor, adapter, samples, batch_size=8, progress=T
     forms = forms or OptionForms(processor, adapter)
     scores = []
     for chunk, batch in _left_padded_batches(model, processor, adapter, samples, batch_size, progress, desc,
-                                             encode_images_once):
+                                             encode_images_once, should_stop):
         if visual_tokens is not None:
             visual_tokens += visual_token_counts(model, batch)
         if "image_index" in batch:  # encode each distinct image once for every forward below
@@ -161,9 +172,10 @@ def option_logprobs(model, processor, adapter, samples, batch_size=8, progress=T
 
 
 def score_answers(model, processor, adapter, samples, batch_size=8, progress=True, desc="score",
-                  encode_images_once=False):
+                  encode_images_once=False, should_stop=None):
     """The option of highest whole-word log-probability (option_logprobs)."""
-    scores = option_logprobs(model, processor, adapter, samples, batch_size, progress, desc, encode_images_once)
+    scores = option_logprobs(model, processor, adapter, samples, batch_size, progress, desc, encode_images_once,
+                             should_stop=should_stop)
     return [scoring.best_option(s["options"], row) for s, row in zip(samples, scores)]
 
 
@@ -179,9 +191,9 @@ def visual_token_counts(model, batch):
 
 
 def evaluate(model, processor, adapter, samples, batch_size=8, mode="generate", max_new_tokens=5, progress=True,
-             desc="eval", agreement=False):
+             desc="eval", agreement=False, should_stop=None):
     """(report, prediction rows) for `samples`. The model is left in eval mode; callers that
-    train switch it back.
+    train switch it back. `should_stop`: see _left_padded_batches.
 
     mode="score" picks the option of highest whole-word log-probability (option_logprobs); with
     agreement=True it also generates, and the report gains "agreement_with_generate" and
@@ -193,13 +205,14 @@ def evaluate(model, processor, adapter, samples, batch_size=8, mode="generate", 
     texts = parsed = None
     forms = OptionForms(processor, adapter)
     if mode == "generate" or agreement:
-        texts = generate_answers(model, processor, adapter, samples, batch_size, max_new_tokens, progress, desc)
+        texts = generate_answers(model, processor, adapter, samples, batch_size, max_new_tokens, progress, desc,
+                                 should_stop=should_stop)
         parsed = [scoring.read_original(t, s["options"])[0] for t, s in zip(texts, samples)]
     if mode == "generate":
         predictions = parsed
     else:
         scores = option_logprobs(model, processor, adapter, samples, batch_size, progress, desc + " (score)",
-                                 forms=forms)
+                                 forms=forms, should_stop=should_stop)
         predictions = [scoring.best_option(s["options"], row) for s, row in zip(samples, scores)]
     rows = []
     for i, (s, pred) in enumerate(zip(samples, predictions)):
@@ -235,7 +248,8 @@ def _listed_options(question):
 
 
 def evaluate_benchmark(model, processor, adapter, samples, batch_size=8, mode="generate", max_new_tokens=5,
-                       consistency=True, option_orders=1, parsing="strict", progress=True, desc="eval", mirror=True):
+                       consistency=True, option_orders=1, parsing="strict", progress=True, desc="eval", mirror=True,
+                       should_stop=None):
     """(report, prediction rows) for the samples of one benchmark (benchmarks.load), with the
     checks (benchmarks.with_checks): each two-object question of a symmetric relation also asked
     with the objects swapped (`consistency`), each What'sUp question of the image flipped left to
@@ -246,7 +260,7 @@ def evaluate_benchmark(model, processor, adapter, samples, batch_size=8, mode="g
     "original"; scoring.read), always in the benchmark's own option order; the report also has
     the strict and substring readings side by side. score mode takes the option of highest
     whole-word log-probability; VSR questions are also scored in generate mode (ROC-AUC of
-    log P(true) - log P(false))."""
+    log P(true) - log P(false)). `should_stop`: see _left_padded_batches."""
     if mode not in ("generate", "score"):
         raise ValueError(f"mode must be 'generate' or 'score', not {mode!r}")
     model.eval()
@@ -257,12 +271,14 @@ def evaluate_benchmark(model, processor, adapter, samples, batch_size=8, mode="g
     forms, visual = OptionForms(processor, adapter), []
     if mode == "generate":
         texts = generate_answers(model, processor, adapter, asked, batch_size, max_new_tokens, progress, desc,
-                                 encode_images_once=True, visual_tokens=visual)
+                                 encode_images_once=True, visual_tokens=visual,
+                                 should_stop=should_stop)
         got = [scoring.read(parsing, t, _listed_options(q), q["answer"]) for t, q in zip(texts, asked)]
         predictions, statuses = [p for p, _ in got], [st for _, st in got]
     if mode == "score" or any(q["kind"] == "vsr" for q in asked):
         scores = option_logprobs(model, processor, adapter, asked, batch_size, progress, desc + " (score)",
-                                 encode_images_once=True, forms=forms, visual_tokens=None if visual else visual)
+                                 encode_images_once=True, forms=forms, visual_tokens=None if visual else visual,
+                                 should_stop=should_stop)
         if mode == "score":
             predictions = [scoring.best_option(q["options"], r) for q, r in zip(asked, scores)]
     rows = [None] * len(questions)

@@ -3,16 +3,21 @@ optionally with the spatial-ID auxiliary loss, and watch COCO-Spatial accuracy m
 
     python train.py --model_name tiny --train_dir data/grid --val_json data/coco_standin/coco_qa_two_obj_standin.json \\
         --coco_val_dir data/coco_standin --max_steps 20 --eval_save_steps 10
-    torchrun --nproc_per_node 4 train.py ...        # or: accelerate launch --num_processes 4 train.py ...
+    python preemptible_torchrun.py --nproc_per_node 4 train.py ...   # torchrun, preemptible (docs/training.md)
 
 Read `main` top to bottom: arguments -> run folder -> data (checked before the model loads) ->
-model and the trainable slice -> spatial loss -> optimiser -> evaluate / train / evaluate -> save.
+model and the trainable slice -> spatial loss -> optimiser -> evaluate / train / evaluate -> save;
+each step is a function of its own, and `TrainingRun` is what they share. A stop signal
+(preemption) ends the run at the next safe point, after an optimizer step or between evaluation
+batches, with a checkpoint of that step and exit status 75 (_stop_for_resume).
 The run folder gets config.json, metrics.jsonl, predictions/step-N.jsonl, checkpoint-N/ and final/.
 
 Several processes: every process takes whole batches (a grouped batch stays one group, so the
 spatial loss centres within it with no communication), N batches per step; gradients are
 averaged, so N processes train exactly like one process with N times the gradient accumulation.
+Each process evaluates its share of every evaluation set (_evaluate_split) and the rows are gathered.
 """
+import argparse
 import contextlib
 import functools
 import json
@@ -37,10 +42,12 @@ import data
 import grid_sources
 import param_selectors
 import run_folder
+import scoring
 import spatial_loss as sl
 import speedups
 import train_args
-from eval_coco import (accuracy_report, evaluate, evaluate_benchmark, format_benchmark_report, format_report,
+from eval_coco import (EvaluationInterrupted, benchmark_report, evaluate, evaluate_benchmark,
+                       format_benchmark_report, format_report,
                        load_benchmarks, parsing_for, write_jsonl)
 from lm_loss import supervised_lm_loss
 from models import ModelUnavailableError, load_model_and_processor, merge_lora, model_source
@@ -421,25 +428,313 @@ def _weights_in_sync(params, accelerator):
     return all(other == sums for other in gather_object([sums]))
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's shared state, and the steps main calls with it
+# ---------------------------------------------------------------------------------------------
+
+EVAL_SPLIT_TITLES = {"coco": "COCO-Spatial", "holdout": "holdout pairs"}  # the rest of eval_sets: benchmark names
+
+
+@dataclass
+class TrainingRun:
+    """What the steps of a run share once main has set it up."""
+    args: argparse.Namespace
+    accelerator: Accelerator
+    out: Path
+    model: torch.nn.Module
+    processor: object
+    adapter: object
+    spatial_loss: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    progress: Progress
+    total_steps: int
+    eval_sets: dict  # {"coco": samples, "holdout": samples, benchmark name: samples, ...}, evaluated in this order
+    stop: checkpoints.StopRequest
+    command: str  # how this run was started, for the model card
+    metrics: object = None  # the open metrics.jsonl (main process only)
+    reporter: object = None  # mirrors events to --report_to (main process only)
+    saved_steps: set = field(default_factory=set)  # steps whose checkpoint-N this run folder holds
+
+    def log(self, event):
+        if self.accelerator.is_main_process:
+            self.metrics.write(json.dumps(event) + "\n")
+            self.metrics.flush()
+            if self.reporter is not None:
+                self.reporter(event)
+
+
+class TrainWindow:
+    """The losses and wall time of the optimizer steps since the last `train` event (the loader's
+    waits included, evaluation and checkpoints not): train.py's own throughput, against
+    bench/full_size_step.py's step."""
+
+    def __init__(self):
+        self.losses = {"loss": [], "lm_loss": [], "spatial_loss": []}
+        self.restart_clock()
+
+    def restart_clock(self):
+        self.start, self.steps = time.perf_counter(), 0
+
+    def add(self, loss, lm_loss, aux):
+        self.losses["loss"].append(loss.item())
+        self.losses["lm_loss"].append(lm_loss.item())
+        if aux is not None:
+            self.losses["spatial_loss"].append(aux.item())
+
+    def close(self):
+        """{mean loss per kind, seconds_per_step}; starts the next window."""
+        means = {k: sum(v) / len(v) for k, v in self.losses.items() if v}
+        means["seconds_per_step"] = (time.perf_counter() - self.start) / max(self.steps, 1)
+        self.__init__()
+        return means
+
+
+def _setup_accelerator():
+    # Unused-parameter handling: a selected block whose output the LM never reads (LLaVA's last
+    # vision block under --protocol paper) gets no gradient, which plain DDP treats as an error.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        sys.exit(f"error: train.py trains data-parallel (DDP), not {accelerator.distributed_type.name}: the trained "
+                 "slice is small, so sharding its optimizer state saves nothing, and every model here fits one "
+                 "GPU in bf16. Launch with a MULTI_GPU config (configs/accelerate/) or torchrun")
+    return accelerator
+
+
+def _setup_speedups(args, model, adapter, accelerator):
+    speed = {"encode_images_once": args.encode_images_once,
+             **speedups.compile_blocks(model, adapter, args.compile_blocks)}
+    if args.liger_kernel:
+        speed.update(speedups.apply_liger(model, accelerator.device))
+    return speed
+
+
+def _run_config(args, grid, train_idx, holdout_idx, selection, plan, speed, loader_settings):
+    """config.json's content: the arguments, the resolved protocol, what produced the run, the plan
+    (`plan`: processes, total and per-epoch steps) and what it trains on."""
+    return {"args": vars(args), "protocol": args.protocol, "protocol_choices": args.protocol_choices,
+            **run_metadata(), **plan, "selected_parameters": selection.names,
+            "selected_count": selection.selected_params, "total_parameters": selection.total_params,
+            "train_images": args.train_dir or grid.folder,
+            "train_questions": len(train_idx), "holdout_questions": len(holdout_idx),
+            "speedups": speed, "loader": loader_settings,
+            "holdout_pairs": sorted({" | ".join(sorted((grid.samples[i]["obj1"], grid.samples[i]["obj2"])))
+                                     for i in holdout_idx})}
+
+
 def _stop_requested(stop, accelerator):
     """True on every process once any of them got a stop signal (SIGTERM, SIGUSR1): the flag is
     summed across processes after each optimizer step, so that all of them stop after the same one."""
     if accelerator.num_processes == 1:
-        return stop.signal is not None
-    flag = torch.tensor([float(stop.signal is not None)], device=accelerator.device)
+        return stop.requested()
+    flag = torch.tensor([float(stop.requested())], device=accelerator.device)
     return accelerator.reduce(flag, reduction="sum").item() > 0
 
 
-def _evaluate_split(model, processor, adapter, samples, args, accelerator, desc):
-    """(report, rows) of `samples`, each process answering every N-th question."""
-    if accelerator.num_processes == 1:
-        return evaluate(model, processor, adapter, samples, args.eval_batch_size, args.eval_mode, desc=desc)
-    mine = list(range(accelerator.process_index, len(samples), accelerator.num_processes))
-    _, rows = evaluate(model, processor, adapter, [samples[i] for i in mine], args.eval_batch_size, args.eval_mode,
-                       progress=accelerator.is_main_process, desc=desc)
-    gathered = sorted(gather_object(list(zip(mine, rows))), key=lambda pair: pair[0])
-    rows = [row for _, row in gathered]
-    return accuracy_report(samples, [r["prediction"] for r in rows]), rows
+def _image_share(samples, processes, index):
+    """The indices of `samples` that process `index` evaluates: every `processes`-th image in order
+    of first appearance, with all of its questions, so that an image is encoded once and the
+    swapped and rotated twins evaluate_benchmark derives from a question stay with it. A question
+    without an image path (an image given as bytes) counts as an image of its own."""
+    first = {}
+    keys = [str(s["image_path"]) if s.get("image_path") else ("row", i) for i, s in enumerate(samples)]
+    return [i for i, key in enumerate(keys) if first.setdefault(key, len(first)) % processes == index]
+
+
+def _evaluate_split(run, name, samples, desc):
+    """(report, rows) of one evaluation set, each process answering its share (COCO-Spatial and the
+    holdout: every N-th question; a benchmark: every N-th image, see _image_share); the rows are
+    gathered and the report built from all of them on every process, as one process would.
+
+    A stop request is read between batches, on each process alone; the processes then agree in the
+    one gather every set ends with, so all of them raise EvaluationInterrupted after the same set
+    and none waits in a collective the others never reach."""
+    args, accelerator = run.args, run.accelerator
+    processes, benchmark = accelerator.num_processes, name not in EVAL_SPLIT_TITLES
+    mine = (_image_share(samples, processes, accelerator.process_index) if benchmark
+            else list(range(accelerator.process_index, len(samples), processes)))
+    share = [samples[i] for i in mine]
+    try:
+        if benchmark:
+            report, rows = evaluate_benchmark(run.model, run.processor, run.adapter, share, args.eval_batch_size,
+                                              args.eval_mode, consistency=args.consistency,
+                                              option_orders=args.option_orders,
+                                              parsing=parsing_for(name, args.protocol),
+                                              progress=accelerator.is_main_process, desc=desc,
+                                              mirror=args.mirror, should_stop=run.stop.requested)
+        else:
+            report, rows = evaluate(run.model, run.processor, run.adapter, share, args.eval_batch_size,
+                                    args.eval_mode, progress=accelerator.is_main_process, desc=desc,
+                                    should_stop=run.stop.requested)
+    except EvaluationInterrupted:
+        if processes == 1:
+            raise
+        report, rows = None, None
+    if processes == 1:
+        return report, rows
+    shares = gather_object([(mine, rows)])  # [(indices, rows) of each process]
+    if any(share_rows is None for _, share_rows in shares):
+        raise EvaluationInterrupted(f"{desc}: a process was asked to stop")
+    if benchmark:  # the questions each process asked, in the order of its rows
+        questions = [q for idx, _ in shares for q in benchmarks.with_checks([samples[i] for i in idx], args.consistency,
+                                                                           args.option_orders, args.mirror)]
+        rows = [row for _, share_rows in shares for row in share_rows]
+        gathered = benchmark_report(questions, rows)
+    else:
+        by_index = sorted(((i, row) for idx, share_rows in shares for i, row in zip(idx, share_rows)),
+                          key=lambda pair: pair[0])
+        rows = [row for _, row in by_index]
+        gathered = scoring.report_from_rows(samples, rows)
+    if "option_forms" in report:  # one tokenizer for all processes: the forms this one scored
+        gathered["option_forms"] = report["option_forms"]
+    return gathered, rows
+
+
+def _evaluate(run, step):
+    """The `eval` event of `step` (every set of run.eval_sets) and predictions/step-N.jsonl; the
+    model is back in training mode after it. EvaluationInterrupted leaves nothing written."""
+    event, rows = {"event": "eval", "step": step}, []
+    for name, samples in run.eval_sets.items():
+        if not samples:
+            continue
+        title = EVAL_SPLIT_TITLES.get(name, name)
+        report, set_rows = _evaluate_split(run, name, samples, desc=f"{title} @{step}")
+        event[name] = report
+        rows += [dict(r, set=name) for r in set_rows]
+        line = format_report(report, title) if name in EVAL_SPLIT_TITLES else format_benchmark_report(report)
+        run.accelerator.print(f"step {step} {line}")
+    if run.accelerator.is_main_process:
+        write_jsonl(run.out / "predictions" / f"step-{step}.jsonl", rows)
+    run.progress.last_eval = event
+    run.model.train()
+    return event
+
+
+def _model_card(run, step):
+    """The model card of the model at `step` (main process: it reads the run folder's files)."""
+    events = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return checkpoints.model_card(json.loads((run.out / "config.json").read_text()),
+                                  [e for e in events if e["event"] == "eval"], step, run.command)
+
+
+def _save_checkpoint(run, step):
+    """checkpoint-N of `step`: the trained tensors and the training state (main process), rotation,
+    a `checkpoint` event; every process waits for it."""
+    args, progress = run.args, run.progress
+    run.saved_steps.add(step)
+    state = training_state(args, progress, run.optimizer, run.scheduler, run.accelerator)
+    if run.accelerator.is_main_process:
+        folder = run.out / f"checkpoint-{step}"
+        info = {"base_model": args.model_name, "step": step,
+                "coco_accuracy": progress.last_eval.get("coco", {}).get("accuracy")
+                if progress.last_eval.get("step") == step else None}
+        checkpoints.save_checkpoint(folder, run.model, run.processor, run.adapter, state, info, run.spatial_loss,
+                                    full=args.save_full_checkpoints,
+                                    card=_model_card(run, step) if args.save_full_checkpoints else None)
+        for deleted in checkpoints.rotate(run.out, args.save_total_limit, args.keep_best):
+            run.accelerator.print(f"removed {deleted} (--save_total_limit {args.save_total_limit})")
+        run.log({"event": "checkpoint", "step": step, "checkpoint": str(folder)})
+    run.accelerator.wait_for_everyone()
+
+
+def _evaluate_and_save_as_scheduled(run, step, resumed=False):
+    """The schedule at `step` (0, after an optimizer step, or the step a run resumes at): evaluate
+    every --eval_save_steps and checkpoint every --save_steps, both before the last step (_finish
+    does that one). At a resumed step only an evaluation still missing (one a stop interrupted)
+    runs, and its checkpoint is written again to record it. Returns whether anything ran."""
+    args, progress = run.args, run.progress
+    if step >= run.total_steps:
+        return False
+    evaluated = step % args.eval_save_steps == 0 and progress.last_eval.get("step") != step
+    if evaluated:
+        run.log(_evaluate(run, step))
+    saving = step % args.save_steps == 0 and (evaluated or not (resumed or step in run.saved_steps))
+    if saving:
+        _save_checkpoint(run, step)
+    return evaluated or saving
+
+
+def _optimizer_step(run, params):
+    """Clip, step (unless no gradient is finite: then skipped, and counted), zero; returns the
+    gradient norm."""
+    progress = run.progress
+    grad_norm = run.accelerator.clip_grad_norm_(params, run.args.max_grad_norm)
+    if torch.isfinite(grad_norm):
+        run.optimizer.step()
+        run.scheduler.step()
+        progress.optimizer_steps += 1
+    else:
+        progress.skipped_steps += 1
+    run.optimizer.zero_grad(set_to_none=True)
+    progress.step += 1
+    return grad_norm
+
+
+def _log_train(run, window, grad_norm, params):
+    """A `train` event every --log_every steps and at the last: the window's mean losses and the
+    counters (and whether the processes' weights agree)."""
+    progress = run.progress
+    if progress.step % run.args.log_every and progress.step != run.total_steps:
+        return
+    event = {"event": "train", "step": progress.step, "epoch": progress.epoch, "lr": run.scheduler.get_last_lr()[0],
+             "grad_norm": float(grad_norm), "optimizer_steps": progress.optimizer_steps,
+             "skipped_steps": progress.skipped_steps, "nonfinite_losses": progress.nonfinite_losses,
+             "unreadable_images": progress.unreadable_images, **window.close()}
+    if run.accelerator.num_processes > 1:
+        event["weights_in_sync"] = _weights_in_sync(params, run.accelerator)
+    run.log(event)
+
+
+def _stop_for_resume(run):
+    """A stop was requested: checkpoint this step (unless it is saved), log `preempted` (an
+    interrupted evaluation stays unlogged, so the resume redoes it) and exit PREEMPTED_EXIT_CODE."""
+    step, signal_name = run.progress.step, run.stop.signal or "another process's"
+    if step not in run.saved_steps:
+        _save_checkpoint(run, step)
+    run.log({"event": "preempted", "step": step, "signal": signal_name, "exit_code": checkpoints.PREEMPTED_EXIT_CODE})
+    if run.accelerator.is_main_process:
+        run.metrics.close()
+    run.accelerator.print(f"preempted ({run.stop.signal or 'another process'}): stopped after step {step}, saved "
+                          f"{run.out / f'checkpoint-{step}'}; continue with --resume_from_checkpoint latest")
+    run.stop.restore()
+    run.accelerator.wait_for_everyone()
+    raise SystemExit(checkpoints.PREEMPTED_EXIT_CODE)
+
+
+def _finish(run, speed):
+    """The last step's evaluation and checkpoint, then (unless a stop came meanwhile: _stop_for_resume)
+    final/ and the `end` event, whose summary it returns."""
+    args, progress = run.args, run.progress
+    evaluated = progress.last_eval.get("step") != progress.step
+    if evaluated:
+        run.log(_evaluate(run, progress.step))
+    if evaluated or progress.step not in run.saved_steps:
+        _save_checkpoint(run, progress.step)
+    if _stop_requested(run.stop, run.accelerator):
+        _stop_for_resume(run)  # final/ comes from this checkpoint on resume
+    run.stop.restore()
+    if run.accelerator.is_main_process:
+        if args.merge_lora:
+            merge_lora(run.model)  # after the last checkpoint: final/ becomes a plain full model
+        checkpoints.save_final(run.out / "final", run.model, run.processor, run.adapter,
+                               card=_model_card(run, progress.step))
+    summary = {"event": "end", "step": progress.step, "speedups": speed, "optimizer_steps": progress.optimizer_steps,
+               "skipped_steps": progress.skipped_steps, "nonfinite_losses": progress.nonfinite_losses,
+               "unreadable_images": progress.unreadable_images,
+               "scheduler_steps": run.scheduler.last_epoch, "coco_accuracy": progress.last_eval["coco"]["accuracy"],
+               "holdout_accuracy": progress.last_eval.get("holdout", {}).get("accuracy")}
+    run.log(summary)
+    if run.accelerator.is_main_process:
+        run.metrics.close()
+    run.accelerator.print(f"done: {progress.step} steps, {progress.optimizer_steps} optimizer updates "
+                          f"({progress.skipped_steps} skipped: no finite gradient; {progress.nonfinite_losses} "
+                          f"micro-batches with a non-finite loss; {progress.unreadable_images} unreadable training "
+                          f"images left out); run folder {run.out}")
+    run.accelerator.wait_for_everyone()
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,18 +744,9 @@ def _evaluate_split(model, processor, adapter, samples, args, accelerator, desc)
 @_releases_run_lock
 def main(argv=None):
     args = parse_args(argv)
-
-    # Unused-parameter handling: a selected block whose output the LM never reads (LLaVA's last
-    # vision block under --protocol paper) gets no gradient, which plain DDP treats as an error.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        sys.exit(f"error: train.py trains data-parallel (DDP), not {accelerator.distributed_type.name}: the trained "
-                 "slice is small, so sharding its optimizer state saves nothing, and every model here fits one "
-                 "GPU in bf16. Launch with a MULTI_GPU config (configs/accelerate/) or torchrun")
-    is_main = accelerator.is_main_process
+    accelerator = _setup_accelerator()
+    is_main, processes = accelerator.is_main_process, accelerator.num_processes
     set_seed(args.seed)
-    out = Path(args.output_dir)
 
     # 1. run folder and resume point, 2. data: every input problem stops us here, before the model
     try:
@@ -471,14 +757,13 @@ def main(argv=None):
         sys.exit(f"error: {err}")
     # --eval_benchmarks: every file checked now (one line per missing one), before the model loads
     benchmark_sets = load_benchmarks(benchmarks.resolve_names(args.eval_benchmarks), args) if args.eval_benchmarks else {}
-    processes = accelerator.num_processes
     steps_per_epoch = math.ceil(len(batch_sampler) / args.grad_accum)
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
     accelerator.print(f"train: {len(train_idx)} questions in {len(batch_sampler) * processes} batches/epoch "
                       f"({processes} process(es) x {len(batch_sampler)}); holdout: {len(holdout_idx)} questions "
                       f"({len(holdout)} evaluated); COCO-Spatial: {len(coco)}; {total_steps} optimizer steps")
 
-    # 3. model and trainable slice, 4. spatial loss, 5. optimiser and schedule
+    # 3. model and trainable slice, 4. spatial loss, 5. optimiser, schedule and speed-ups
     try:
         model, processor, adapter, selection = _setup_model(args, accelerator, resume_dir, source)
         spatial_loss = _setup_spatial_loss(args, ids, accelerator, resume_dir, model)
@@ -488,217 +773,83 @@ def main(argv=None):
     progress = Progress(unreadable_images=len(grid.unreadable))
     if state is not None:
         progress = restore_training_state(state, optimizer, scheduler, accelerator)
-    speed = {"encode_images_once": args.encode_images_once,
-             **speedups.compile_blocks(model, adapter, args.compile_blocks)}
-    if args.liger_kernel:
-        speed.update(speedups.apply_liger(model, accelerator.device))
+    speed = _setup_speedups(args, model, adapter, accelerator)
     forward_model = accelerator.prepare(model) if processes > 1 else model
     loader, loader_settings = make_loader(grid, batch_sampler, processor, adapter, args, accelerator.device.type,
                                           processes)
 
-    # 6. run folder files (main process only)
-    config = {"args": vars(args), "protocol": args.protocol, "protocol_choices": args.protocol_choices,
-              **run_metadata(), "num_processes": processes, "total_steps": total_steps,
-              "steps_per_epoch": steps_per_epoch, "selected_parameters": selection.names,
-              "selected_count": selection.selected_params, "total_parameters": selection.total_params,
-              "train_images": args.train_dir or grid.folder,
-              "train_questions": len(train_idx), "holdout_questions": len(holdout_idx),
-              "speedups": speed, "loader": loader_settings,
-              "holdout_pairs": sorted({" | ".join(sorted((grid.samples[i]["obj1"], grid.samples[i]["obj2"])))
-                                       for i in holdout_idx})}
-    metrics = _start_metrics(args, out, config, progress, resume_dir) if is_main else None
-    report = _setup_reporter(args, out, config) if is_main else None
-
-    def log(event):
-        if is_main:
-            metrics.write(json.dumps(event) + "\n")
-            metrics.flush()
-            if report is not None:
-                report(event)
-
-    def evaluate_and_save(step):
-        event = {"event": "eval", "step": step}
-        rows = []
-        for name, samples, title in (("coco", coco, "COCO-Spatial"), ("holdout", holdout, "holdout pairs")):
-            if not samples:
-                continue
-            report, set_rows = _evaluate_split(model, processor, adapter, samples, args, accelerator,
-                                               desc=f"{title} @{step}")
-            event[name] = report
-            rows += [dict(r, set=name) for r in set_rows]
-            accelerator.print(format_report(report, f"step {step} {title}"))
-        # The named benchmarks, with their checks, on the main process (a handful of questions
-        # next to a training run; the others go on training and wait at the next gradient sync).
-        for name, samples in benchmark_sets.items() if is_main else ():
-            report, set_rows = evaluate_benchmark(model, processor, adapter, samples, args.eval_batch_size,
-                                                  args.eval_mode, consistency=args.consistency,
-                                                  option_orders=args.option_orders,
-                                                  parsing=parsing_for(name, args.protocol), desc=f"{name} @{step}",
-                                                  mirror=args.mirror)
-            event[name] = report
-            rows += [dict(r, set=name) for r in set_rows]
-            accelerator.print(f"step {step} " + format_benchmark_report(report))
-        if is_main:
-            write_jsonl(out / "predictions" / f"step-{step}.jsonl", rows)
-        progress.last_eval = event
-        model.train()
-        return event
-
-    saved_steps = set()
-    command = "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-
-    def card(step):
-        """The model card of the model at `step` (main process: it reads the run folder's files)."""
-        events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        return checkpoints.model_card(json.loads((out / "config.json").read_text()),
-                                      [e for e in events if e["event"] == "eval"], step, command)
-
-    def save_checkpoint(step):
-        saved_steps.add(step)
-        train_state = training_state(args, progress, optimizer, scheduler, accelerator)
-        if is_main:
-            folder = out / f"checkpoint-{step}"
-            info = {"base_model": args.model_name, "step": step,
-                    "coco_accuracy": progress.last_eval.get("coco", {}).get("accuracy")
-                    if progress.last_eval.get("step") == step else None}
-            checkpoints.save_checkpoint(folder, model, processor, adapter, train_state, info, spatial_loss,
-                                        full=args.save_full_checkpoints,
-                                        card=card(step) if args.save_full_checkpoints else None)
-            for deleted in checkpoints.rotate(out, args.save_total_limit, args.keep_best):
-                accelerator.print(f"removed {deleted} (--save_total_limit {args.save_total_limit})")
-            log({"event": "checkpoint", "step": step, "checkpoint": str(folder)})
-        accelerator.wait_for_everyone()
-
-    # From here a stop signal (preemption, time limit) lets the current optimizer step finish,
-    # then the run saves and exits (8b).
-    stop = checkpoints.StopRequest()
-
-    # 7. evaluate before training (or pick up where the checkpoint left off)
-    if state is None:
-        log(evaluate_and_save(0))
-        save_checkpoint(0)
-    else:
+    # 6. run folder files (main process only). From here a stop signal (preemption, time limit)
+    # ends the run at the next safe point: after an optimizer step, or between two evaluation
+    # batches; it then saves this step and exits PREEMPTED_EXIT_CODE (_stop_for_resume).
+    plan = {"num_processes": processes, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch}
+    config = _run_config(args, grid, train_idx, holdout_idx, selection, plan, speed, loader_settings)
+    out = Path(args.output_dir)
+    run = TrainingRun(args, accelerator, out, model, processor, adapter, spatial_loss, optimizer, scheduler,
+                      progress, total_steps, {"coco": coco, "holdout": holdout, **benchmark_sets},
+                      checkpoints.StopRequest(), "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+                      _start_metrics(args, out, config, progress, resume_dir) if is_main else None,
+                      _setup_reporter(args, out, config) if is_main else None)
+    if state is not None:
         accelerator.print(f"resuming from {resume_dir}: step {progress.step}, epoch {progress.epoch}, "
                           f"{progress.batches_done} batches into it")
 
-    # 8. the loop: micro-batches -> one optimizer step -> log / evaluate / save
-    model.train()
-    window = {"loss": [], "lm_loss": [], "spatial_loss": []}
-    bar = tqdm(total=total_steps, initial=progress.step, desc="train", disable=not is_main, dynamic_ncols=True,
-               mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
-    micro = 0
-    # Wall time of the optimizer steps since the last log (the loader's waits included, evaluation
-    # and checkpoints not): train.py's own throughput, against bench/full_size_step.py's step.
-    step_clock = [time.perf_counter(), 0]
-    stopped = False
-    for epoch in range(progress.epoch, args.epochs):
-        if progress.step >= total_steps or stopped:
-            break
-        first = progress.batches_done if epoch == progress.epoch else 0  # global batches already trained
-        batch_sampler.set_epoch(epoch, skip=first)
-        local_batches = len(batch_sampler)
-        for b, batch in enumerate(loader):
-            if micro == 0:  # the epoch's last step may gather fewer micro-batches
-                accum_n = min(args.grad_accum, local_batches - b)
-            for path in batch.pop("unreadable_images", []):
-                progress.unreadable_images += 1
-                print(f"warning: skipped unreadable training image {path}", file=sys.stderr)
-            last_micro = micro + 1 == accum_n
-            sync = contextlib.nullcontext() if last_micro or processes == 1 else accelerator.no_sync(forward_model)
-            with sync:
-                loss, lm_loss, aux = _loss_step(forward_model, model, adapter, batch, spatial_loss, args,
-                                                accelerator.device)
-                # Backward even when the loss is not finite, so that every process joins the
-                # gradient exchange; the step is then skipped below on all of them alike.
-                accelerator.backward(loss / accum_n)
-            if torch.isfinite(loss):
-                window["loss"].append(loss.item())
-                window["lm_loss"].append(lm_loss.item())
-                if aux is not None:
-                    window["spatial_loss"].append(aux.item())
-            else:
-                progress.nonfinite_losses += 1
-            micro += 1
-            if not last_micro:
-                continue
-
-            grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            if torch.isfinite(grad_norm):
-                optimizer.step()
-                scheduler.step()
-                progress.optimizer_steps += 1
-            else:
-                progress.skipped_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            micro = 0
-            progress.step += 1
-            step_clock[1] += 1
-            progress.epoch, progress.batches_done = epoch, first + (b + 1) * processes
-            bar.update(1)
-            if window["loss"]:
-                bar.set_postfix(loss=f"{window['loss'][-1]:.4f}")
-            if progress.step % args.log_every == 0 or progress.step == total_steps:
-                event = {"event": "train", "step": progress.step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                         "grad_norm": float(grad_norm), "optimizer_steps": progress.optimizer_steps,
-                         "skipped_steps": progress.skipped_steps, "nonfinite_losses": progress.nonfinite_losses,
-                         "unreadable_images": progress.unreadable_images}
-                event.update({k: sum(v) / len(v) for k, v in window.items() if v})
-                event["seconds_per_step"] = (time.perf_counter() - step_clock[0]) / step_clock[1]
-                if processes > 1:
-                    event["weights_in_sync"] = _weights_in_sync(params, accelerator)
-                log(event)
-                window = {k: [] for k in window}
-                step_clock = [time.perf_counter(), 0]
-            if progress.step < total_steps:
-                if progress.step % args.eval_save_steps == 0:
-                    log(evaluate_and_save(progress.step))
-                    step_clock = [time.perf_counter(), 0]
-                if progress.step % args.save_steps == 0:
-                    save_checkpoint(progress.step)
-                    step_clock = [time.perf_counter(), 0]
-            stopped = _stop_requested(stop, accelerator)
+    # 7. evaluate before training (or what a stop interrupted at the resumed step), 8. the loop:
+    # micro-batches -> one optimizer step -> log / evaluate / save -> stop?
+    try:
+        _evaluate_and_save_as_scheduled(run, progress.step, resumed=state is not None)
+        model.train()
+        window, micro, stopped = TrainWindow(), 0, False
+        bar = tqdm(total=total_steps, initial=progress.step, desc="train", disable=not is_main, dynamic_ncols=True,
+                   mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
+        for epoch in range(progress.epoch, args.epochs):
             if progress.step >= total_steps or stopped:
                 break
-    bar.close()
+            first = progress.batches_done if epoch == progress.epoch else 0  # global batches already trained
+            batch_sampler.set_epoch(epoch, skip=first)
+            local_batches = len(batch_sampler)
+            for b, batch in enumerate(loader):
+                if micro == 0:  # the epoch's last step may gather fewer micro-batches
+                    accum_n = min(args.grad_accum, local_batches - b)
+                for path in batch.pop("unreadable_images", []):
+                    progress.unreadable_images += 1
+                    print(f"warning: skipped unreadable training image {path}", file=sys.stderr)
+                micro += 1
+                sync = (contextlib.nullcontext() if micro == accum_n or processes == 1
+                        else accelerator.no_sync(forward_model))
+                with sync:
+                    loss, lm_loss, aux = _loss_step(forward_model, model, adapter, batch, spatial_loss, args,
+                                                    accelerator.device)
+                    # Backward even when the loss is not finite, so that every process joins the
+                    # gradient exchange; the step is then skipped below on all of them alike.
+                    accelerator.backward(loss / accum_n)
+                if torch.isfinite(loss):
+                    window.add(loss, lm_loss, aux)
+                else:
+                    progress.nonfinite_losses += 1
+                if micro < accum_n:
+                    continue
 
-    # 8b. stopped by a signal: checkpoint this step, log it, exit with PREEMPTED_EXIT_CODE
-    if stopped:
-        if progress.step not in saved_steps:
-            save_checkpoint(progress.step)
-        log({"event": "preempted", "step": progress.step, "signal": stop.signal or "another process's",
-             "exit_code": checkpoints.PREEMPTED_EXIT_CODE})
-        if is_main:
-            metrics.close()
-        accelerator.print(f"preempted ({stop.signal or 'another process'}): stopped after step {progress.step}, "
-                          f"saved {out / f'checkpoint-{progress.step}'}; continue with --resume_from_checkpoint latest")
-        stop.restore()
-        accelerator.wait_for_everyone()
-        raise SystemExit(checkpoints.PREEMPTED_EXIT_CODE)
-    stop.restore()
-
-    # 9. final evaluation, checkpoint and model
-    if progress.last_eval.get("step") != progress.step:
-        log(evaluate_and_save(progress.step))
-    if progress.step not in saved_steps:
-        save_checkpoint(progress.step)
-    if is_main:
-        if args.merge_lora:
-            merge_lora(model)  # after the last checkpoint: final/ becomes a plain full model
-        checkpoints.save_final(out / "final", model, processor, adapter, card=card(progress.step))
-    summary = {"event": "end", "step": progress.step, "speedups": speed, "optimizer_steps": progress.optimizer_steps,
-               "skipped_steps": progress.skipped_steps, "nonfinite_losses": progress.nonfinite_losses,
-               "unreadable_images": progress.unreadable_images,
-               "scheduler_steps": scheduler.last_epoch, "coco_accuracy": progress.last_eval["coco"]["accuracy"],
-               "holdout_accuracy": progress.last_eval.get("holdout", {}).get("accuracy")}
-    log(summary)
-    if is_main:
-        metrics.close()
-    accelerator.print(f"done: {progress.step} steps, {progress.optimizer_steps} optimizer updates "
-                      f"({progress.skipped_steps} skipped: no finite gradient; {progress.nonfinite_losses} "
-                      f"micro-batches with a non-finite loss; {progress.unreadable_images} unreadable training images "
-                      f"left out); run folder {out}")
-    accelerator.wait_for_everyone()
-    return summary
+                grad_norm, micro = _optimizer_step(run, params), 0
+                progress.epoch, progress.batches_done = epoch, first + (b + 1) * processes
+                window.steps += 1
+                bar.update(1)
+                if window.losses["loss"]:
+                    bar.set_postfix(loss=f"{window.losses['loss'][-1]:.4f}")
+                _log_train(run, window, grad_norm, params)
+                if _evaluate_and_save_as_scheduled(run, progress.step):
+                    window.restart_clock()
+                stopped = _stop_requested(run.stop, accelerator)
+                if progress.step >= total_steps or stopped:
+                    break
+        bar.close()
+        if stopped:
+            _stop_for_resume(run)
+        # 9. final evaluation, checkpoint and model
+        return _finish(run, speed)
+    except EvaluationInterrupted:
+        _stop_for_resume(run)
+    finally:
+        run.stop.restore()
 
 
 if __name__ == "__main__":

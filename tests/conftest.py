@@ -12,10 +12,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Modules in the order they start under `make test` (pytest-xdist, `--dist loadscope`: each module
 # runs whole on one worker, so its module fixtures are built once): the heaviest first, by their
 # measured CPU seconds on the 2-core machine (2026-12-03: test_sweeps ~110, test_runs 60,
-# test_reproduce 35, ...), so that no long module starts last while the other worker idles. A
-# module not listed starts after these, in file order. This changes only when a test runs, never
-# what it checks; refresh it from `make test`'s slowest-tests list when a module grows.
-HEAVIEST_FIRST = ("test_sweeps.py", "test_runs.py", "test_reproduce.py", "test_preemption.py", "test_bad_inputs.py",
+# test_reproduce 35, ...; 2026-12-06, loaded: test_preemption ~40 with its two-process agent
+# test), so that no long module starts last while the other worker idles. A module not listed
+# starts after these, in file order. This changes only when a test runs, never what it checks;
+# refresh it from `make test`'s slowest-tests list when a module grows.
+HEAVIEST_FIRST = ("test_sweeps.py", "test_runs.py", "test_preemption.py", "test_reproduce.py", "test_bad_inputs.py",
                   "test_run_identity.py", "test_id_diagnostics.py", "test_gpu_paths.py", "test_learning.py",
                   "test_tiny_spatial.py", "test_seeds_and_reporting.py", "test_train.py", "test_spatial_optimisation.py",
                   "test_perf_paths.py", "test_families.py", "test_grid_sources.py", "test_protocols.py")

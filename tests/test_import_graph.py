@@ -11,7 +11,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Entry points (DESIGN.md): scripts that stand on the rooms and that no module imports.
-ENTRY_SCRIPTS = {"train", "make_grid_data", "compare_runs", "tiny_warm", "tiny_spatial", "id_diagnostics", "reproduce"}
+ENTRY_SCRIPTS = {"train", "make_grid_data", "compare_runs", "tiny_warm", "tiny_spatial", "id_diagnostics", "reproduce",
+                 "preemptible_torchrun"}
 # Imported inside the function that needs them: each is heavy or installed only for some runs.
 OPTIONAL_LATE_IMPORTS = {"peft", "matplotlib", "wandb", "torch.utils.tensorboard", "liger_kernel", "sklearn", "pyarrow"}
 

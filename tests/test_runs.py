@@ -94,6 +94,20 @@ def test_two_processes_train_like_one_with_twice_the_accumulation(dataset, tmp_p
     assert report["correct"] == last["coco"]["correct"] and report["n"] == last["coco"]["n"] == 6
 
 
+@pytest.mark.fast
+def test_each_process_evaluates_whole_images_and_together_all_questions():
+    import train
+
+    samples = [{"image_path": f"img{i % 5}.png"} for i in range(12)] + [{"image_path": None}, {"image": b"x"}]
+    shares = [train._image_share(samples, 3, rank) for rank in range(3)]
+    assert sorted(i for share in shares for i in share) == list(range(len(samples)))  # each question once
+    for share in shares:  # an image's questions on one process
+        paths = {samples[i]["image_path"] for i in share if samples[i].get("image_path")}
+        assert all(samples[j].get("image_path") not in paths for other in shares if other is not share for j in other)
+    # round robin over images in order of first appearance: img0, img3, the bytes / img1, img4 / img2, the None
+    assert [len(share) for share in shares] == [3 + 2 + 1, 3 + 2, 2 + 1]
+
+
 def _trainable(run, step):
     return load_file(str(Path(run) / f"checkpoint-{step}" / checkpoints.TRAINABLE))
 
