@@ -162,7 +162,9 @@ def test_a_stop_during_an_evaluation_saves_the_step_and_the_resume_redoes_the_ev
     assert list(evals(cut)) == [0, 2] and _events(cut)[-1]["event"] == "preempted"
     assert [s for s, _ in checkpoints.list_checkpoints(cut)] == [0, 2, 4] and not (cut / "final").exists()
 
-    sigterm_during("vg_two_obj @4 (score)", 4)  # its last batch: the evaluation is complete, final/ is not
+    # its last batch (4 questions asked, 4 swapped, 4 mirrored: 6 batches of 2): the evaluation is
+    # complete, final/ is not
+    sigterm_during("vg_two_obj @4 (score)", 6)
     with pytest.raises(SystemExit) as stop:
         train_here(_cmd(dataset, cut, *flags, "--resume_from_checkpoint", "latest")[2:])
     assert stop.value.code == checkpoints.PREEMPTED_EXIT_CODE
@@ -240,4 +242,5 @@ def test_under_preemptible_torchrun_a_signal_to_the_agent_or_one_process_stops_a
     assert reports["coco_two_obj"]["correct"] == evals[1]["coco"]["correct"]
     rows = [json.loads(line) for line in (run / "predictions" / "step-2.jsonl").read_text().splitlines()]
     assert Counter((r["set"], r.get("order")) for r in rows) == {("coco", None): 4, ("vg_two_obj", "asked"): 4,
-                                                                  ("vg_two_obj", "swapped"): 4}  # no pair held out
+                                                                  ("vg_two_obj", "swapped"): 4,
+                                                                  ("vg_two_obj", "mirrored"): 4}  # no pair held out
