@@ -13,6 +13,7 @@ to train.py, which finishes its step, saves and exits 75 (checkpoints.PREEMPTED_
 then requeues the job. train.py itself ignores USR2 (a cluster signals every process of a job), and
 handles the SIGTERM of a preemption on its own.
 """
+import contextlib
 import json
 import os
 import queue
@@ -20,6 +21,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -86,17 +88,23 @@ class CommandJob:
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    """One run as a job (see the module docstring); returns "skipped" or "done"."""
+    """One run as a job (see the module docstring); returns "skipped" or "done".
+
+    train.py is waited for by a thread of the job's own, never by the main thread: submitit calls
+    `checkpoint` from a signal handler on the main thread, and had that thread been inside
+    Popen.wait(), the handler could neither poll nor wait (Popen's lock is held by the frame it
+    interrupted) and would sit out its whole grace. The main thread waits on an Event instead,
+    which a signal interrupts; the handler waits on the same Event."""
 
     def __init__(self, run, cwd, log_dir):
         self.run, self.cwd, self.log_dir = run, str(cwd), str(log_dir)
-        self._process = None
+        self._process, self._ended = None, None
 
-    def __getstate__(self):  # what submitit pickles: never the live process
-        return {k: v for k, v in self.__dict__.items() if k != "_process"}
+    def __getstate__(self):  # what submitit pickles: never the live process or its waiter
+        return {k: v for k, v in self.__dict__.items() if k not in ("_process", "_ended")}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _process=None)
+        self.__dict__.update(state, _process=None, _ended=None)
 
     def _record(self, **event):
         Path(self.log_dir).mkdir(parents=True, exist_ok=True)
@@ -104,6 +112,19 @@ class TrainJob(submitit.helpers.Checkpointable):
                 "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), **event}
         with open(Path(self.log_dir) / LAUNCHES, "a") as f:
             f.write(json.dumps(line) + "\n")
+
+    def _start(self, command):
+        """Start `command` and a thread that reaps it and then sets self._ended (no zombie stays)."""
+        self._ended = threading.Event()
+        # Same process group as this one: a terminal's Ctrl-C (serial launcher) still reaches train.py.
+        self._process = subprocess.Popen(command, cwd=self.cwd, preexec_fn=_ignore_warning_signal)
+        process, ended = self._process, self._ended
+
+        def reap():
+            process.wait()
+            ended.set()
+
+        threading.Thread(target=reap, name=f"wait for {self.run.name}", daemon=True).start()
 
     def __call__(self):
         state = run_state(self.run.folder)
@@ -113,9 +134,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         resume = ["--resume_from_checkpoint", "latest"] if state == "interrupted" else ["--overwrite_output_dir"]
         self._record(event="start", state=state)
         print("[reproduce] $ " + shlex.join([*self.run.command, *resume]), flush=True)
-        self._process = subprocess.Popen([*self.run.command, *resume], cwd=self.cwd,
-                                         preexec_fn=_ignore_warning_signal)
-        code = self._process.wait()
+        self._start([*self.run.command, *resume])
+        self._ended.wait()
+        code = self._process.returncode
         self._record(event="end", exit_code=code)
         if code == checkpoints.PREEMPTED_EXIT_CODE:
             raise RunFailed(f"{self.run.name}: preempted after saving a checkpoint (exit {code}); it resumes when "
@@ -125,14 +146,15 @@ class TrainJob(submitit.helpers.Checkpointable):
         return "done"
 
     def checkpoint(self, *args, **kwargs):
-        """submitit calls this on the warning signal: stop train.py at a saved step, then be requeued
-        as the same job (which resumes from that checkpoint)."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.send_signal(signal.SIGTERM)
-            try:
-                self._process.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                pass  # the scheduler's kill follows; the previous checkpoint stays
+        """submitit calls this on the warning signal, from its handler: stop train.py at a saved
+        step (SIGTERM; the run scripts hand it over or forward it), wait for it to exit (at most
+        STOP_GRACE_S), then be requeued as the same job, which resumes from that checkpoint."""
+        if self._process is not None and not self._ended.is_set():
+            with contextlib.suppress(ProcessLookupError):  # it ended since: nothing to stop
+                os.kill(self._process.pid, signal.SIGTERM)
+            if not self._ended.wait(timeout=STOP_GRACE_S):
+                print(f"[reproduce] {self.run.name}: train.py did not stop within {STOP_GRACE_S} s of SIGTERM; "
+                      "its previous checkpoint stays", flush=True)
         return super().checkpoint(*args, **kwargs)
 
 
