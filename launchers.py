@@ -14,6 +14,7 @@ then requeues the job. train.py itself ignores USR2 (a cluster signals every pro
 handles the SIGTERM of a preemption on its own.
 """
 import contextlib
+import io
 import json
 import os
 import queue
@@ -33,7 +34,9 @@ import checkpoints
 
 LAUNCHERS = ("serial", "local", "slurm")
 LAUNCHES = "launches.jsonl"  # one line per run started and ended: where, when, how it ended
-STOP_GRACE_S = 80  # train.py's time to finish a step and save after SIGTERM (submitit warns 90 s ahead)
+STOP_GRACE_S = 80  # the least time train.py is given to finish its step and save after SIGTERM
+REQUEUE_MARGIN_S = 10  # after train.py has saved: submitit pickles the job and asks for the requeue
+MIN_SIGNAL_DELAY_S = STOP_GRACE_S + REQUEUE_MARGIN_S
 
 
 class RunFailed(RuntimeError):
@@ -96,8 +99,9 @@ class TrainJob(submitit.helpers.Checkpointable):
     interrupted) and would sit out its whole grace. The main thread waits on an Event instead,
     which a signal interrupts; the handler waits on the same Event."""
 
-    def __init__(self, run, cwd, log_dir):
+    def __init__(self, run, cwd, log_dir, grace_s=STOP_GRACE_S):
         self.run, self.cwd, self.log_dir = run, str(cwd), str(log_dir)
+        self.grace_s = grace_s  # how long the warning handler waits for train.py to save and exit
         self._process, self._ended = None, None
 
     def __getstate__(self):  # what submitit pickles: never the live process or its waiter
@@ -148,12 +152,12 @@ class TrainJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args, **kwargs):
         """submitit calls this on the warning signal, from its handler: stop train.py at a saved
         step (SIGTERM; the run scripts hand it over or forward it), wait for it to exit (at most
-        STOP_GRACE_S), then be requeued as the same job, which resumes from that checkpoint."""
+        grace_s), then be requeued as the same job, which resumes from that checkpoint."""
         if self._process is not None and not self._ended.is_set():
             with contextlib.suppress(ProcessLookupError):  # it ended since: nothing to stop
                 os.kill(self._process.pid, signal.SIGTERM)
-            if not self._ended.wait(timeout=STOP_GRACE_S):
-                print(f"[reproduce] {self.run.name}: train.py did not stop within {STOP_GRACE_S} s of SIGTERM; "
+            if not self._ended.wait(timeout=self.grace_s):
+                print(f"[reproduce] {self.run.name}: train.py did not stop within {self.grace_s} s of SIGTERM; "
                       "its previous checkpoint stays", flush=True)
         return super().checkpoint(*args, **kwargs)
 
@@ -181,10 +185,11 @@ def visible_gpus(device_count):
     return [int(x) for x in listed.split(",") if x.strip().isdigit()][:device_count]
 
 
-def launch_local(jobs, log, log_dir, max_parallel, gpus, timeout_min):
+def launch_local(jobs, log, log_dir, max_parallel, gpus, timeout_min, signal_delay_s=MIN_SIGNAL_DELAY_S):
     """Up to `max_parallel` jobs at once through submitit's LocalExecutor, each given one of `gpus`
-    (CUDA device indices) or, with none, the CPU. Returns the failures [(run name, RunFailed or
-    other error)] after every job has ended."""
+    (CUDA device indices) or, with none, the CPU, and warned (USR2) `signal_delay_s` before its
+    `timeout_min` (submitit's own default, 30 s, is less than a save needs). Returns the failures
+    [(run name, RunFailed or other error)] after every job has ended."""
     slots = queue.Queue()
     for gpu in (list(gpus)[:max_parallel] if gpus else [None] * max_parallel):
         slots.put(gpu)
@@ -193,7 +198,8 @@ def launch_local(jobs, log, log_dir, max_parallel, gpus, timeout_min):
         gpu = slots.get()
         try:
             executor = submitit.LocalExecutor(folder=log_dir)
-            executor.update_parameters(timeout_min=timeout_min, gpus_per_node=0 if gpu is None else 1,
+            executor.update_parameters(timeout_min=timeout_min, signal_delay_s=signal_delay_s,
+                                       gpus_per_node=0 if gpu is None else 1,
                                        visible_gpus=() if gpu is None else (gpu,))
             submitted = executor.submit(job)
             where = "the CPU" if gpu is None else f"GPU {gpu}"
@@ -213,6 +219,45 @@ def launch_local(jobs, log, log_dir, max_parallel, gpus, timeout_min):
                 failures.append((job.run.name, err))
                 log(f"run {job.run.name}: FAILED ({str(err).strip().splitlines()[-1]})")
     return failures
+
+
+def launch_flag_problem(args):
+    """One line on what is wrong with reproduce.py's launcher flags, or None."""
+    if args.gpus_per_run > 1:
+        return (f"argument --gpus_per_run: {args.gpus_per_run} GPUs per run, but train.py runs as one process under "
+                "these launchers and would use one of them; pass 0 or 1 (several GPUs for one run: torchrun, "
+                "docs/training.md)")
+    if args.launcher == "serial":
+        return None  # no time limit, no warning
+    if args.signal_delay_s < MIN_SIGNAL_DELAY_S:
+        return (f"argument --signal_delay_s: a warning {args.signal_delay_s} s ahead cannot cover a save: train.py is "
+                f"given {STOP_GRACE_S} s to finish its step and save, and the requeue needs {REQUEUE_MARGIN_S} s more; "
+                f"pass >= {MIN_SIGNAL_DELAY_S}")
+    if args.signal_delay_s >= args.timeout_min * 60:
+        return (f"argument --signal_delay_s: a warning {args.signal_delay_s} s ahead of a {args.timeout_min}-minute "
+                "time limit (--timeout_min) would come before the run starts; pass a longer --timeout_min")
+    return None
+
+
+# What sbatch's refusals mean in reproduce.py's flags: (words in its message, the flag and what to do).
+SBATCH_REFUSALS = (
+    ("generic resource", "--gpus_per_run {gpus_per_run} asks for GPUs the partition does not have: pass "
+                         "--gpus_per_run 0 or a GPU partition (--slurm_partition)"),
+    ("partition", "--slurm_partition {slurm_partition}: not a partition of this cluster (sinfo lists them)"),
+    ("account", "--slurm_account {slurm_account}: not an account you may use (sacctmgr show assoc user=$USER)"),
+    ("qos", "--slurm_extra qos=...: not a QOS you may use"),
+    ("time limit", "--timeout_min {timeout_min}: beyond the partition's time limit (sinfo -o '%P %l')"),
+    ("node configuration", "--gpus_per_run {gpus_per_run} / --cpus_per_run {cpus_per_run}: no node has that many"),
+)
+
+
+def sbatch_refusal(message, args):
+    """One line for sbatch's error `message`: the reproduce.py flag it is about, when we know it."""
+    said = " ".join(line.strip() for line in message.strip().splitlines() if "error" in line.lower()) or message.strip()
+    for words, advice in SBATCH_REFUSALS:
+        if words in said.lower():
+            return f"sbatch refused the job ({said}): {advice.format(**vars(args))}"
+    return f"sbatch refused the job ({said}); check the --slurm_* flags, --gpus_per_run and --cpus_per_run"
 
 
 def slurm_parameters(args, array_size=None):
@@ -247,7 +292,14 @@ def launch_slurm(args, jobs, ids_job, report_job, log_dir, log):
             params["additional_parameters"] = {**params["additional_parameters"], "dependency": dependency}
         executor = submitit.SlurmExecutor(folder=log_dir)  # one per submission: parameters only accumulate
         executor.update_parameters(**params)
-        return executor.submit_array(functions)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's error, then raises it
+                return executor.submit_array(functions)
+        except submitit.core.utils.FailedJobError as err:
+            if queued:  # nothing half-queued stays behind: the same command, fixed, queues it all
+                subprocess.run(["scancel", *queued.values()], check=False)
+            sys.exit(f"error: {sbatch_refusal(str(err), args)}" + (
+                f" (cancelled the jobs queued before it: {', '.join(queued.values())})" if queued else ""))
 
     after = None
     if ids_job is not None:

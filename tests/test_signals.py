@@ -110,12 +110,11 @@ def _zombie(pid):
 
 
 @pytest.mark.fast
-def test_the_warning_handler_on_the_main_thread_returns_once_train_py_has_exited(tmp_path, monkeypatch):
-    monkeypatch.setattr(launchers, "STOP_GRACE_S", 10)  # a blocked handler would sit out all of it
+def test_the_warning_handler_on_the_main_thread_returns_once_train_py_has_exited(tmp_path):
     ready = tmp_path / "ready"
     run = launchers.Run("baseline_seed0", "baseline", None, 0, tmp_path / "run",
                         [sys.executable, "-c", STAND_IN, str(ready)])
-    job = launchers.TrainJob(run, tmp_path, tmp_path / "logs")
+    job = launchers.TrainJob(run, tmp_path, tmp_path / "logs", grace_s=10)  # a blocked handler sits out all 10 s
     seen = {}
 
     def handler(signum, frame):  # what submitit's SignalHandler does with the job on its warning signal
@@ -141,3 +140,34 @@ def test_the_warning_handler_on_the_main_thread_returns_once_train_py_has_exited
     assert stopped.value.code == 75 and "preempted" in str(stopped.value)
     requeued = pickle.loads(pickle.dumps(seen["resubmission"].function))  # submitit pickles it for the requeue
     assert isinstance(requeued, launchers.TrainJob) and requeued.run == run and requeued._process is None
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("flags, message", [
+    (["--gpus_per_run", "2"], "argument --gpus_per_run: 2 GPUs per run, but train.py runs as one process"),
+    (["--launcher", "local", "--signal_delay_s", "30"], "argument --signal_delay_s: a warning 30 s ahead cannot "
+                                                         "cover a save"),
+    (["--launcher", "slurm", "--signal_delay_s", "85"], "pass >= 90"),
+    (["--launcher", "local", "--timeout_min", "1"], "argument --signal_delay_s: a warning 90 s ahead of a 1-minute"),
+])
+def test_launcher_flags_that_leave_no_time_to_save_or_waste_gpus_stop_with_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        reproduce.parse_args(["--model", "tiny-warm", *flags])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err and len(err) < 300, err
+    # The same launcher with room to save parses, and its jobs wait that long for train.py.
+    args = reproduce.parse_args(["--model", "tiny-warm", *flags[:2], "--timeout_min", "3", "--signal_delay_s", "100",
+                                 "--gpus_per_run", "1"])
+    assert args.signal_delay_s == 100
+
+
+@pytest.mark.fast
+def test_sbatch_refusals_become_one_line_naming_the_flag():
+    args = reproduce.parse_args(["--model", "tiny-warm", "--launcher", "slurm", "--slurm_partition", "gpu"])
+    line = launchers.sbatch_refusal("sbatch: error: Invalid generic resource (gres) specification\n", args)
+    assert line == ("sbatch refused the job (sbatch: error: Invalid generic resource (gres) specification): "
+                    "--gpus_per_run 1 asks for GPUs the partition does not have: pass --gpus_per_run 0 or a GPU "
+                    "partition (--slurm_partition)")
+    line = launchers.sbatch_refusal("sbatch: error: invalid partition specified: gpu\n", args)
+    assert "--slurm_partition gpu: not a partition of this cluster" in line and "\n" not in line
