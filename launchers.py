@@ -37,6 +37,7 @@ LAUNCHES = "launches.jsonl"  # one line per run started and ended: where, when, 
 STOP_GRACE_S = 80  # the least time train.py is given to finish its step and save after SIGTERM
 REQUEUE_MARGIN_S = 10  # after train.py has saved: submitit pickles the job and asks for the requeue
 MIN_SIGNAL_DELAY_S = STOP_GRACE_S + REQUEUE_MARGIN_S
+SLURM_RECORDED = ("SLURM_JOB_ID", "SLURM_RESTART_COUNT")  # in launches.jsonl: which job, which requeue
 
 
 class RunFailed(RuntimeError):
@@ -113,19 +114,21 @@ class TrainJob(submitit.helpers.Checkpointable):
     def _record(self, **event):
         Path(self.log_dir).mkdir(parents=True, exist_ok=True)
         line = {"run": self.run.name, "time": time.time(), "pid": os.getpid(),
-                "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), **event}
+                "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                **{k: os.environ[k] for k in SLURM_RECORDED if k in os.environ}, **event}
         with open(Path(self.log_dir) / LAUNCHES, "a") as f:
             f.write(json.dumps(line) + "\n")
 
     def _start(self, command):
-        """Start `command` and a thread that reaps it and then sets self._ended (no zombie stays)."""
+        """Start `command` and a thread that reaps it, records its end and then sets self._ended (no
+        zombie stays; the end is recorded even when submitit exits from its handler)."""
         self._ended = threading.Event()
         # Same process group as this one: a terminal's Ctrl-C (serial launcher) still reaches train.py.
         self._process = subprocess.Popen(command, cwd=self.cwd, preexec_fn=_ignore_warning_signal)
         process, ended = self._process, self._ended
 
         def reap():
-            process.wait()
+            self._record(event="end", exit_code=process.wait())
             ended.set()
 
         threading.Thread(target=reap, name=f"wait for {self.run.name}", daemon=True).start()
@@ -141,7 +144,6 @@ class TrainJob(submitit.helpers.Checkpointable):
         self._start([*self.run.command, *resume])
         self._ended.wait()
         code = self._process.returncode
-        self._record(event="end", exit_code=code)
         if code == checkpoints.PREEMPTED_EXIT_CODE:
             raise RunFailed(f"{self.run.name}: preempted after saving a checkpoint (exit {code}); it resumes when "
                             "requeued or when the same command is run again", code)

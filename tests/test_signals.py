@@ -33,10 +33,6 @@ def _events(run):
         return []
 
 
-def _trained_steps(run):
-    return max((e["step"] for e in _events(run) if e["event"] == "train"), default=0)
-
-
 def _script_cmd(root, out):
     # The run script's defaults, with a tiny model and data, and steps enough to be stopped midway.
     return ["bash", "run_vision_baseline.sh", "tiny", "--train_dir", str(root / "grid"),
@@ -46,7 +42,7 @@ def _script_cmd(root, out):
             "--eval_save_steps", "1000"]
 
 
-def _sigterm_the_script_after_a_step(cmd, run, env):
+def _sigterm_the_script_after_a_step(cmd, run, env, trained_steps):
     """Start `cmd` in a session of its own, SIGTERM its own process once `run` has trained a step;
     (its exit status, its output, the pids of its session still running once it has ended, which
     are then killed)."""
@@ -54,7 +50,7 @@ def _sigterm_the_script_after_a_step(cmd, run, env):
                             start_new_session=True)
     try:
         deadline = time.time() + 300
-        while _trained_steps(run) < 1:
+        while trained_steps(run) < 1:
             assert proc.poll() is None, "the run ended before the signal: " + proc.stdout.read()[-3000:]
             assert time.time() < deadline
             time.sleep(0.02)
@@ -73,18 +69,20 @@ def _assert_saved_and_preempted(run):
     assert [s for s, _ in checkpoints.list_checkpoints(run)][-1] == last["step"] >= 1
 
 
-def test_sigterm_to_the_run_script_reaches_train_py_which_saves_and_exits_75(three_object_grid, tmp_path):
+def test_sigterm_to_the_run_script_reaches_train_py_which_saves_and_exits_75(three_object_grid, tmp_path,
+                                                                             trained_steps):
     out = tmp_path / "one"
-    code, output, left = _sigterm_the_script_after_a_step(_script_cmd(three_object_grid, out), out, ENV)
+    code, output, left = _sigterm_the_script_after_a_step(_script_cmd(three_object_grid, out), out, ENV,
+                                                          trained_steps)
     assert (code, left) == (checkpoints.PREEMPTED_EXIT_CODE, []), output[-3000:]
     _assert_saved_and_preempted(out)
 
 
 def test_with_several_seeds_the_script_forwards_sigterm_and_stops_before_the_next_seed(three_object_grid,
-                                                                                        tmp_path):
+                                                                                        tmp_path, trained_steps):
     out = tmp_path / "seeds"
     code, output, left = _sigterm_the_script_after_a_step(_script_cmd(three_object_grid, out),
-                                                          Path(f"{out}_seed0"), dict(ENV, SEEDS="0 1"))
+                                                          Path(f"{out}_seed0"), dict(ENV, SEEDS="0 1"), trained_steps)
     assert (code, left) == (checkpoints.PREEMPTED_EXIT_CODE, []), output[-3000:]
     _assert_saved_and_preempted(Path(f"{out}_seed0"))
     assert not Path(f"{out}_seed1").exists()  # the next seed never started
