@@ -8,10 +8,13 @@
 
 Every run is a `TrainJob`: train.py's command, resumed from the run's latest checkpoint when it has
 one and skipped when it is complete, decided when the job starts (a requeued job resumes). On the
-scheduler's warning signal (submitit's USR2, --signal_delay_s before the end) the job sends SIGTERM
-to train.py, which finishes its step, saves and exits 75 (checkpoints.PREEMPTED_EXIT_CODE); submitit
-then requeues the job. train.py itself ignores USR2 (a cluster signals every process of a job), and
-handles the SIGTERM of a preemption on its own.
+scheduler's warning signal (submitit's USR2, --signal_delay_s before the end, on SLURM and under
+the local launcher alike) the job sends SIGTERM to train.py (the run script execs it, or forwards
+the signal with several seeds), which finishes its step, saves and exits 75
+(checkpoints.PREEMPTED_EXIT_CODE); the job waits for that (up to the delay less REQUEUE_MARGIN_S)
+and submitit requeues it. train.py itself ignores USR2 (a cluster signals every process of a job's
+step), and handles the SIGTERM of a preemption on its own. launch_flag_problem refuses a delay too
+short to save in, and sbatch_refusal turns sbatch's refusals into one line naming the flag.
 """
 import contextlib
 import io

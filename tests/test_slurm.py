@@ -78,11 +78,13 @@ def _queued(out, what):
 
 
 def test_a_sweep_runs_to_its_report_and_a_warned_run_requeues_and_ends_as_if_uninterrupted(
-        standin, tmp_path, reproduce_here, train_here, trained_steps, preempted_then_resumed):
+        standin, tmp_path, reproduce_here, train_here, trained_steps, preempted_then_resumed, request):
     runs_dir = tmp_path / "runs"
     code, out, err = reproduce_here("tiny-warm", *_sweep_flags(standin, runs_dir, "--gpus_per_run", "0"))
     assert code == 0, out[-3000:] + err[-3000:]
     ids_job, array, report_job = _queued(out, "ids"), _queued(out, "runs"), _queued(out, "report")
+    # Should the test fail, nothing it queued is left to run.
+    request.addfinalizer(lambda: subprocess.run(["scancel", ids_job, array, report_job], capture_output=True))
     warned = runs_dir / "baseline_seed0"  # the array's task 0
 
     # The warning, as the scheduler sends it: to the job's step (submitit's process, and train.py,
@@ -124,6 +126,8 @@ def test_a_sweep_runs_to_its_report_and_a_warned_run_requeues_and_ends_as_if_uni
 
 
 def test_a_gpu_asked_of_a_partition_without_gpus_is_refused_in_one_line(standin, tmp_path, reproduce_here):
+    if "gpu" in subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True).stdout:
+        pytest.skip("this cluster's default partition has GPUs (sinfo -o %G): nothing to refuse")
     runs_dir = tmp_path / "runs"
     code, out, err = reproduce_here("tiny-warm", *_sweep_flags(standin, runs_dir))  # --gpus_per_run 1, the default
     assert code == 1

@@ -1,9 +1,10 @@
 """reproduce.py's sweeps (seeds x arms x spatial weights) and launchers (launchers.py, submitit), on
 tiny-warm and the demo's inputs drawn on the fly: the local launcher runs 4 runs 2 at a time and
-reports all 4; a killed sweep, rerun, skips what finished; the SLURM launcher hands a stand-in
+reports all 4, one of them warned as a job nearing its time limit is (saved, requeued, resumed);
+a killed sweep, rerun, skips what finished; the SLURM launcher hands a stand-in
 `sbatch` one job array with the partition, the warning signal and requeue, after the ID job and
-before the report job; a job warned by the scheduler stops train.py at a saved step and asks to be
-requeued."""
+before the report job (tests/test_slurm.py runs sweeps on a real one-node SLURM); a job warned by
+the scheduler stops train.py at a saved step and asks to be requeued."""
 import fcntl
 import json
 import os
@@ -255,6 +256,11 @@ def test_a_warned_job_stops_train_py_at_a_saved_step_and_asks_to_be_requeued(tmp
 
 @pytest.mark.fast
 @pytest.mark.parametrize("flags, message", [
+    (["--gpus_per_run", "2"], "argument --gpus_per_run: 2 GPUs per run, but train.py runs as one process"),
+    (["--launcher", "local", "--signal_delay_s", "30"], "argument --signal_delay_s: a warning 30 s ahead cannot "
+                                                         "cover a save"),
+    (["--launcher", "slurm", "--signal_delay_s", "85"], "pass >= 90"),
+    (["--launcher", "local", "--timeout_min", "1"], "argument --signal_delay_s: a warning 90 s ahead of a 1-minute"),
     (["--arm", "lm_slice"], "argument --arm: NAME=\"FLAGS\""),
     (["--arm", "spatial=--selector lm_mlp_lastk"], "other than baseline and spatial"),
     (["--arm", "lm=--spatial_id_weights 0 10"], "argument --arm lm: gives no train.py flag"),
