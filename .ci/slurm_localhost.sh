@@ -14,16 +14,28 @@ NODE="$(hostname -s)"
 
 fail() { echo "slurm_localhost: $*" >&2; exit 1; }
 
-up() {  # the controller answers and this node takes jobs
-  scontrol ping 2>/dev/null | grep -q "is UP" &&
-    sinfo -h -N -n "$NODE" -o "%t" 2>/dev/null | grep -Eq "^(idle|mix|alloc)"
+up() {  # the controller answers and this node takes jobs (a client waits ~10 s for a dead controller)
+  local ping states
+  ping="$(timeout 5 scontrol ping 2>/dev/null || true)"
+  states="$(timeout 5 sinfo -h -N -n "$NODE" -o "%t" 2>/dev/null || true)"
+  [[ "$ping" == *"is UP"* ]] && grep -Eq "^(idle|mix|alloc)" <<< "$states"
+}
+
+stop() {  # stop() DAEMON: SIGTERM, then wait up to 20 s for it to have saved its state and exited
+  local pid
+  pid="$(pgrep -x "$1" || true)"
+  if [[ -z "$pid" ]]; then return 0; fi
+  kill $pid
+  for _ in $(seq 100); do
+    if ! pgrep -x "$1" > /dev/null; then return 0; fi
+    sleep 0.2
+  done
+  fail "$1 (pid $pid) did not exit within 20 s of SIGTERM"
 }
 
 if [[ "${1:-}" == "--stop" ]]; then
-  for daemon in slurmd slurmctld munged; do
-    pid="$(pgrep -x "$daemon" || true)"
-    if [[ -n "$pid" ]]; then kill $pid; fi
-  done
+  for daemon in slurmd slurmctld munged; do stop "$daemon"; done
+  echo "slurm_localhost: stopped"
   exit 0
 fi
 
@@ -91,13 +103,17 @@ start() {  # start() NAME COMMAND...: unless NAME runs already
 start munged runuser -u munge -- /usr/sbin/munged
 start slurmctld /usr/sbin/slurmctld
 start slurmd /usr/sbin/slurmd
-for _ in $(seq 60); do
+deadline=$((SECONDS + 30))
+while ((SECONDS < deadline)); do
   if up; then
     echo "slurm_localhost: running (node $NODE, $cpus CPUs, partition debug; logs in $LOGS)"
     exit 0
   fi
+  for daemon in munged slurmctld slurmd; do
+    pgrep -x "$daemon" > /dev/null || { tail -n 5 "$LOGS/$daemon.log" >&2 2>/dev/null || true; fail "$daemon exited"; }
+  done
   # A node left down by an earlier run of the daemons comes back.
-  scontrol update nodename="$NODE" state=resume > /dev/null 2>&1 || true
+  timeout 5 scontrol update nodename="$NODE" state=resume > /dev/null 2>&1 || true
   sleep 0.5
 done
 tail -n 5 "$LOGS/slurmctld.log" "$LOGS/slurmd.log" >&2 || true
