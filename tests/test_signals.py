@@ -2,8 +2,9 @@
 hand the process over (one seed) or forward SIGTERM/SIGUSR1/SIGUSR2 to it (several seeds, and a
 seed stopped at a saved step ends the script with 75 before the next starts); a launcher's
 warning handler (TrainJob.checkpoint, called by submitit from a signal handler on the main thread)
-never blocks on the Popen lock and leaves no zombie; the local launcher's warning leaves train.py
-time to save, and a warned run is requeued and finishes."""
+never blocks on the Popen lock and leaves no zombie; launcher flags that leave no time to save
+parse only when they do, and sbatch's refusals read as one line naming the flag. (A warned local
+job that requeues: test_sweeps.py; a warned SLURM job: test_slurm.py.)"""
 import contextlib
 import json
 import os

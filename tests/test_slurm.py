@@ -6,7 +6,6 @@ save, the job is requeued (SLURM_RESTART_COUNT 1) and resumes from that checkpoi
 the trainable weights of an uninterrupted run; sbatch's refusal of a GPU on a partition without
 GPUs is one line naming --gpus_per_run. Skipped, with the reason, where no cluster answers."""
 import json
-import os
 import re
 import subprocess
 import sys
