@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # test_reproduce 35, ...), so that no long module starts last while the other worker idles. A
 # module not listed starts after these, in file order. This changes only when a test runs, never
 # what it checks; refresh it from `make test`'s slowest-tests list when a module grows.
-# test_slurm mostly waits (~100 s) while its jobs run on the cluster's own processes: it starts first.
+# test_slurm mostly waits (70-150 s) while its jobs run in the cluster's own processes: it starts first.
 HEAVIEST_FIRST = ("test_slurm.py", "test_sweeps.py", "test_runs.py", "test_reproduce.py", "test_preemption.py",
                   "test_signals.py", "test_bad_inputs.py",
                   "test_id_diagnostics.py", "test_gpu_paths.py", "test_learning.py", "test_tiny_spatial.py",
