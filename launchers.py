@@ -248,8 +248,10 @@ def launch_flag_problem(args):
 SBATCH_REFUSALS = (
     ("generic resource", "--gpus_per_run {gpus_per_run} asks for GPUs the partition does not have: pass "
                          "--gpus_per_run 0 or a GPU partition (--slurm_partition)"),
+    # before "partition": sbatch says "Invalid account or account/partition combination specified"
+    ("account", "--slurm_account {slurm_account} (with --slurm_partition {slurm_partition}): not an account you "
+                "may use there (sacctmgr show assoc user=$USER)"),
     ("partition", "--slurm_partition {slurm_partition}: not a partition of this cluster (sinfo lists them)"),
-    ("account", "--slurm_account {slurm_account}: not an account you may use (sacctmgr show assoc user=$USER)"),
     ("qos", "--slurm_extra qos=...: not a QOS you may use"),
     ("time limit", "--timeout_min {timeout_min}: beyond the partition's time limit (sinfo -o '%P %l')"),
     ("node configuration", "--gpus_per_run {gpus_per_run} / --cpus_per_run {cpus_per_run}: no node has that many"),

@@ -159,3 +159,6 @@ def test_sbatch_refusals_become_one_line_naming_the_flag():
                     "partition (--slurm_partition)")
     line = launchers.sbatch_refusal("sbatch: error: invalid partition specified: gpu\n", args)
     assert "--slurm_partition gpu: not a partition of this cluster" in line and "\n" not in line
+    line = launchers.sbatch_refusal("sbatch: error: Batch job submission failed: Invalid account or "
+                                    "account/partition combination specified\n", args)
+    assert "): --slurm_account None (with --slurm_partition gpu): not an account you may use" in line
