@@ -32,7 +32,7 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest tests -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=15
+	$(PY) -m pytest tests -q -rs -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=15
 
 test-fast: install
 	$(PY) -m pytest tests -q -n $(TEST_WORKERS) -m fast

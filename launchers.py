@@ -9,12 +9,17 @@
 Every run is a `TrainJob`: train.py's command, resumed from the run's latest checkpoint when it has
 one and skipped when it is complete or another process holds its folder's lock, decided when the
 job starts (a requeued job resumes); a folder holding the run with other arguments is refused, or
-trained again from the start when the sweep was asked to (reproduce.py --restart_changed_runs). On the
-scheduler's warning signal (submitit's USR2, --signal_delay_s before the end) the job sends SIGTERM
-to train.py, which finishes its step, saves and exits 75 (checkpoints.PREEMPTED_EXIT_CODE); submitit
-then requeues the job. train.py itself ignores USR2 (a cluster signals every process of a job), and
-handles the SIGTERM of a preemption on its own.
+trained again from the start when the sweep was asked to (reproduce.py --restart_changed_runs). On
+the scheduler's warning signal (submitit's USR2, --signal_delay_s before the end, on SLURM and under
+the local launcher alike) the job sends SIGTERM to train.py (the run script execs it, or forwards
+the signal with several seeds), which finishes its step, saves and exits 75
+(checkpoints.PREEMPTED_EXIT_CODE); the job waits for that (up to the delay less REQUEUE_MARGIN_S)
+and submitit requeues it. train.py itself ignores USR2 (a cluster signals every process of a job's
+step), and handles the SIGTERM of a preemption on its own. launch_flag_problem refuses a delay too
+short to save in, and sbatch_refusal turns sbatch's refusals into one line naming the flag.
 """
+import contextlib
+import io
 import json
 import os
 import queue
@@ -22,6 +27,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,7 +40,10 @@ import run_folder
 
 LAUNCHERS = ("serial", "local", "slurm")
 LAUNCHES = "launches.jsonl"  # one line per run started and ended: where, when, how it ended
-STOP_GRACE_S = 80  # train.py's time to finish a step and save after SIGTERM (submitit warns 90 s ahead)
+STOP_GRACE_S = 80  # the least time train.py is given to finish its step and save after SIGTERM
+REQUEUE_MARGIN_S = 10  # after train.py has saved: submitit pickles the job and asks for the requeue
+MIN_SIGNAL_DELAY_S = STOP_GRACE_S + REQUEUE_MARGIN_S
+SLURM_RECORDED = ("SLURM_JOB_ID", "SLURM_RESTART_COUNT")  # in launches.jsonl: which job, which requeue
 
 
 class RunFailed(RuntimeError):
@@ -106,24 +115,46 @@ class CommandJob:
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    """One run as a job (see the module docstring); returns "skipped" or "done"."""
+    """One run as a job (see the module docstring); returns "skipped" or "done".
 
-    def __init__(self, run, cwd, log_dir):
+    train.py is waited for by a thread of the job's own, never by the main thread: submitit calls
+    `checkpoint` from a signal handler on the main thread, and had that thread been inside
+    Popen.wait(), the handler could neither poll nor wait (Popen's lock is held by the frame it
+    interrupted) and would sit out its whole grace. The main thread waits on an Event instead,
+    which a signal interrupts; the handler waits on the same Event."""
+
+    def __init__(self, run, cwd, log_dir, grace_s=STOP_GRACE_S):
         self.run, self.cwd, self.log_dir = run, str(cwd), str(log_dir)
-        self._process = None
+        self.grace_s = grace_s  # how long the warning handler waits for train.py to save and exit
+        self._process, self._ended = None, None
 
-    def __getstate__(self):  # what submitit pickles: never the live process
-        return {k: v for k, v in self.__dict__.items() if k != "_process"}
+    def __getstate__(self):  # what submitit pickles: never the live process or its waiter
+        return {k: v for k, v in self.__dict__.items() if k not in ("_process", "_ended")}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _process=None)
+        self.__dict__.update(state, _process=None, _ended=None)
 
     def _record(self, **event):
         Path(self.log_dir).mkdir(parents=True, exist_ok=True)
         line = {"run": self.run.name, "time": time.time(), "pid": os.getpid(),
-                "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), **event}
+                "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                **{k: os.environ[k] for k in SLURM_RECORDED if k in os.environ}, **event}
         with open(Path(self.log_dir) / LAUNCHES, "a") as f:
             f.write(json.dumps(line) + "\n")
+
+    def _start(self, command):
+        """Start `command` and a thread that reaps it, records its end and then sets self._ended (no
+        zombie stays; the end is recorded even when submitit exits from its handler)."""
+        self._ended = threading.Event()
+        # Same process group as this one: a terminal's Ctrl-C (serial launcher) still reaches train.py.
+        self._process = subprocess.Popen(command, cwd=self.cwd, preexec_fn=_ignore_warning_signal)
+        process, ended = self._process, self._ended
+
+        def reap():
+            self._record(event="end", exit_code=process.wait())
+            ended.set()
+
+        threading.Thread(target=reap, name=f"wait for {self.run.name}", daemon=True).start()
 
     def __call__(self):
         state = run_state(self.run.folder, self.run.identity)
@@ -138,10 +169,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         resume = ["--resume_from_checkpoint", "latest"] if state == "interrupted" else ["--overwrite_output_dir"]
         self._record(event="start", state=state)
         print("[reproduce] $ " + shlex.join([*self.run.command, *resume]), flush=True)
-        self._process = subprocess.Popen([*self.run.command, *resume], cwd=self.cwd,
-                                         preexec_fn=_ignore_warning_signal)
-        code = self._process.wait()
-        self._record(event="end", exit_code=code)
+        self._start([*self.run.command, *resume])
+        self._ended.wait()
+        code = self._process.returncode
         if code == checkpoints.PREEMPTED_EXIT_CODE:
             raise RunFailed(f"{self.run.name}: preempted after saving a checkpoint (exit {code}); it resumes when "
                             "requeued or when the same command is run again", code)
@@ -150,14 +180,15 @@ class TrainJob(submitit.helpers.Checkpointable):
         return "done"
 
     def checkpoint(self, *args, **kwargs):
-        """submitit calls this on the warning signal: stop train.py at a saved step, then be requeued
-        as the same job (which resumes from that checkpoint)."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.send_signal(signal.SIGTERM)
-            try:
-                self._process.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                pass  # the scheduler's kill follows; the previous checkpoint stays
+        """submitit calls this on the warning signal, from its handler: stop train.py at a saved
+        step (SIGTERM; the run scripts hand it over or forward it), wait for it to exit (at most
+        grace_s), then be requeued as the same job, which resumes from that checkpoint."""
+        if self._process is not None and not self._ended.is_set():
+            with contextlib.suppress(ProcessLookupError):  # it ended since: nothing to stop
+                os.kill(self._process.pid, signal.SIGTERM)
+            if not self._ended.wait(timeout=self.grace_s):
+                print(f"[reproduce] {self.run.name}: train.py did not stop within {self.grace_s} s of SIGTERM; "
+                      "its previous checkpoint stays", flush=True)
         return super().checkpoint(*args, **kwargs)
 
 
@@ -184,10 +215,11 @@ def visible_gpus(device_count):
     return [int(x) for x in listed.split(",") if x.strip().isdigit()][:device_count]
 
 
-def launch_local(jobs, log, log_dir, max_parallel, gpus, timeout_min):
+def launch_local(jobs, log, log_dir, max_parallel, gpus, timeout_min, signal_delay_s=MIN_SIGNAL_DELAY_S):
     """Up to `max_parallel` jobs at once through submitit's LocalExecutor, each given one of `gpus`
-    (CUDA device indices) or, with none, the CPU. Returns the failures [(run name, RunFailed or
-    other error)] after every job has ended."""
+    (CUDA device indices) or, with none, the CPU, and warned (USR2) `signal_delay_s` before its
+    `timeout_min` (submitit's own default, 30 s, is less than a save needs). Returns the failures
+    [(run name, RunFailed or other error)] after every job has ended."""
     slots = queue.Queue()
     for gpu in (list(gpus)[:max_parallel] if gpus else [None] * max_parallel):
         slots.put(gpu)
@@ -196,7 +228,8 @@ def launch_local(jobs, log, log_dir, max_parallel, gpus, timeout_min):
         gpu = slots.get()
         try:
             executor = submitit.LocalExecutor(folder=log_dir)
-            executor.update_parameters(timeout_min=timeout_min, gpus_per_node=0 if gpu is None else 1,
+            executor.update_parameters(timeout_min=timeout_min, signal_delay_s=signal_delay_s,
+                                       gpus_per_node=0 if gpu is None else 1,
                                        visible_gpus=() if gpu is None else (gpu,))
             submitted = executor.submit(job)
             where = "the CPU" if gpu is None else f"GPU {gpu}"
@@ -216,6 +249,47 @@ def launch_local(jobs, log, log_dir, max_parallel, gpus, timeout_min):
                 failures.append((job.run.name, err))
                 log(f"run {job.run.name}: FAILED ({str(err).strip().splitlines()[-1]})")
     return failures
+
+
+def launch_flag_problem(args):
+    """One line on what is wrong with reproduce.py's launcher flags, or None."""
+    if args.gpus_per_run > 1:
+        return (f"argument --gpus_per_run: {args.gpus_per_run} GPUs per run, but train.py runs as one process under "
+                "these launchers and would use one of them; pass 0 or 1 (several GPUs for one run: torchrun, "
+                "docs/training.md)")
+    if args.launcher == "serial":
+        return None  # no time limit, no warning
+    if args.signal_delay_s < MIN_SIGNAL_DELAY_S:
+        return (f"argument --signal_delay_s: a warning {args.signal_delay_s} s ahead cannot cover a save: train.py is "
+                f"given {STOP_GRACE_S} s to finish its step and save, and the requeue needs {REQUEUE_MARGIN_S} s more; "
+                f"pass >= {MIN_SIGNAL_DELAY_S}")
+    if args.signal_delay_s >= args.timeout_min * 60:
+        return (f"argument --signal_delay_s: a warning {args.signal_delay_s} s ahead of a {args.timeout_min}-minute "
+                "time limit (--timeout_min) would come before the run starts; pass a longer --timeout_min")
+    return None
+
+
+# What sbatch's refusals mean in reproduce.py's flags: (words in its message, the flag and what to do).
+SBATCH_REFUSALS = (
+    ("generic resource", "--gpus_per_run {gpus_per_run} asks for GPUs the partition does not have: pass "
+                         "--gpus_per_run 0 or a GPU partition (--slurm_partition)"),
+    # before "partition": sbatch says "Invalid account or account/partition combination specified"
+    ("account", "--slurm_account {slurm_account} (with --slurm_partition {slurm_partition}): not an account you "
+                "may use there (sacctmgr show assoc user=$USER)"),
+    ("partition", "--slurm_partition {slurm_partition}: not a partition of this cluster (sinfo lists them)"),
+    ("qos", "--slurm_extra qos=...: not a QOS you may use"),
+    ("time limit", "--timeout_min {timeout_min}: beyond the partition's time limit (sinfo -o '%P %l')"),
+    ("node configuration", "--gpus_per_run {gpus_per_run} / --cpus_per_run {cpus_per_run}: no node has that many"),
+)
+
+
+def sbatch_refusal(message, args):
+    """One line for sbatch's error `message`: the reproduce.py flag it is about, when we know it."""
+    said = " ".join(line.strip() for line in message.strip().splitlines() if "error" in line.lower()) or message.strip()
+    for words, advice in SBATCH_REFUSALS:
+        if words in said.lower():
+            return f"sbatch refused the job ({said}): {advice.format(**vars(args))}"
+    return f"sbatch refused the job ({said}); check the --slurm_* flags, --gpus_per_run and --cpus_per_run"
 
 
 def slurm_parameters(args, array_size=None):
@@ -250,7 +324,14 @@ def launch_slurm(args, jobs, ids_job, report_job, log_dir, log):
             params["additional_parameters"] = {**params["additional_parameters"], "dependency": dependency}
         executor = submitit.SlurmExecutor(folder=log_dir)  # one per submission: parameters only accumulate
         executor.update_parameters(**params)
-        return executor.submit_array(functions)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's error, then raises it
+                return executor.submit_array(functions)
+        except submitit.core.utils.FailedJobError as err:
+            if queued:  # nothing half-queued stays behind: the same command, fixed, queues it all
+                subprocess.run(["scancel", *queued.values()], check=False)
+            sys.exit(f"error: {sbatch_refusal(str(err), args)}" + (
+                f" (cancelled the jobs queued before it: {', '.join(queued.values())})" if queued else ""))
 
     after = None
     if ids_job is not None:

@@ -122,13 +122,16 @@ def parse_args(argv=None):
                              "machine, one GPU each (or CPU processes); slurm: a job array")
     launch.add_argument("--max_parallel", type=int, default=None,
                         help="runs at once (local: default the number of GPUs, 1 on a CPU; slurm: the array's %%N)")
-    launch.add_argument("--gpus_per_run", type=int, default=1, help="slurm: GPUs per job")
+    launch.add_argument("--gpus_per_run", type=int, default=1,
+                        help="slurm: GPUs per job, 0 or 1 (train.py is one process; 0 on a partition without GPUs)")
     launch.add_argument("--cpus_per_run", type=int, default=None, help="slurm: CPUs per job (--cpus-per-task)")
     launch.add_argument("--timeout_min", type=int, default=24 * 60,
                         help="a job's time limit in minutes (slurm --time; a local job's too); a run that reaches "
                              "it is stopped at a saved step and requeued")
     launch.add_argument("--signal_delay_s", type=int, default=90,
-                        help="slurm: the warning signal's lead on the end of a job (--signal=USR2@N)")
+                        help="local and slurm: the warning signal's lead on the end of a job (--signal=USR2@N); "
+                             f"at least {launchers.MIN_SIGNAL_DELAY_S}, the time train.py is given to save plus the "
+                             "requeue's")
     launch.add_argument("--slurm_partition", default=None)
     launch.add_argument("--slurm_account", default=None)
     launch.add_argument("--slurm_extra", nargs="+", default=[], metavar="KEY=VALUE",
@@ -153,6 +156,8 @@ def parse_args(argv=None):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "gpus_per_run" else 1):
             p.error(f"argument --{flag}: must be >= {0 if flag == 'gpus_per_run' else 1}, not {value}")
+    if problem := launchers.launch_flag_problem(args):
+        p.error(problem)
     args.gpus = launchers.visible_gpus(torch.cuda.device_count()) if args.launcher == "local" else []
     if args.launcher == "local":
         args.max_parallel = args.max_parallel or max(1, len(args.gpus))
@@ -621,7 +626,8 @@ def stage_runs(args, runs, renderer):
                 log(f"run {r.name}: {r.folder} holds it with other arguments "
                     f"({run_folder.describe_changes(run_changes(r.folder, r.identity))}): training it again from "
                     "the start (--restart_changed_runs)")
-            pending.append(TrainJob(r, REPO, log_dir))
+            # The warning's lead, less the requeue's margin, is train.py's time to save.
+            pending.append(TrainJob(r, REPO, log_dir, grace_s=args.signal_delay_s - launchers.REQUEUE_MARGIN_S))
     if args.launcher == "slurm":
         ids_job = None
         if ids_provenance_problem(args, renderer) is not None:
@@ -637,7 +643,8 @@ def stage_runs(args, runs, renderer):
         return True
     log(f"runs: {len(pending)} to train, up to {args.max_parallel} at once on "
         + (f"GPUs {args.gpus}" if args.gpus else "the CPU") + f" (local launcher; logs in {log_dir})")
-    failures = launchers.launch_local(pending, log, log_dir, args.max_parallel, args.gpus, args.timeout_min)
+    failures = launchers.launch_local(pending, log, log_dir, args.max_parallel, args.gpus, args.timeout_min,
+                                      args.signal_delay_s)
     if failures:
         log(f"stopped: {len(failures)} run(s) did not finish ({', '.join(name for name, _ in failures)}); "
             "rerun the same command to continue")

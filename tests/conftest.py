@@ -16,9 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # test), so that no long module starts last while the other worker idles. A module not listed
 # starts after these, in file order. This changes only when a test runs, never what it checks;
 # refresh it from `make test`'s slowest-tests list when a module grows.
-HEAVIEST_FIRST = ("test_sweeps.py", "test_runs.py", "test_preemption.py", "test_reproduce.py", "test_bad_inputs.py",
-                  "test_run_identity.py", "test_id_diagnostics.py", "test_gpu_paths.py", "test_learning.py",
-                  "test_tiny_spatial.py", "test_seeds_and_reporting.py", "test_train.py", "test_spatial_optimisation.py",
+# test_slurm mostly waits (70-150 s) while its jobs run in the cluster's own processes: it starts first.
+HEAVIEST_FIRST = ("test_slurm.py", "test_sweeps.py", "test_runs.py", "test_preemption.py", "test_reproduce.py",
+                  "test_signals.py", "test_bad_inputs.py", "test_run_identity.py",
+                  "test_id_diagnostics.py", "test_gpu_paths.py", "test_learning.py", "test_tiny_spatial.py",
+                  "test_seeds_and_reporting.py", "test_train.py", "test_spatial_optimisation.py",
                   "test_perf_paths.py", "test_families.py", "test_grid_sources.py", "test_protocols.py")
 
 
@@ -144,6 +146,40 @@ def kill_at_line():
         return proc.returncode, seen
 
     return run
+
+
+@pytest.fixture(scope="session")
+def trained_steps():
+    """trained_steps(run folder): the last step its metrics.jsonl logs as trained; 0 before the
+    first, and while the file is missing or its last line half-written (a test polls it while the
+    run writes)."""
+    import json
+
+    def steps(run):
+        try:
+            events = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+        except (OSError, ValueError):
+            return 0
+        return max((e["step"] for e in events if e["event"] == "train"), default=0)
+
+    return steps
+
+
+@pytest.fixture(scope="session")
+def preempted_then_resumed():
+    """preempted_then_resumed(run folder): asserts that the run was stopped once by SIGTERM at a
+    saved step, resumed from that step and ended; returns that step."""
+    import json
+
+    def check(run):
+        events = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+        preempted = [e for e in events if e["event"] == "preempted"]
+        assert len(preempted) == 1 and preempted[0]["signal"] == "SIGTERM", preempted
+        assert events[-1]["event"] == "end"
+        assert json.loads((Path(run) / "config.json").read_text())["resumed"][0]["step"] == preempted[0]["step"]
+        return preempted[0]["step"]
+
+    return check
 
 
 @pytest.fixture

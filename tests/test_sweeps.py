@@ -1,9 +1,10 @@
 """reproduce.py's sweeps (seeds x arms x spatial weights) and launchers (launchers.py, submitit), on
 tiny-warm and the demo's inputs drawn on the fly: the local launcher runs 4 runs 2 at a time and
-reports all 4; a killed sweep, rerun, skips what finished; the SLURM launcher hands a stand-in
+reports all 4, one of them warned as a job nearing its time limit is (saved, requeued, resumed);
+a killed sweep, rerun, skips what finished; the SLURM launcher hands a stand-in
 `sbatch` one job array with the partition, the warning signal and requeue, after the ID job and
-before the report job; a job warned by the scheduler stops train.py at a saved step and asks to be
-requeued."""
+before the report job (tests/test_slurm.py runs sweeps on a real one-node SLURM); a job warned by
+the scheduler stops train.py at a saved step and asks to be requeued."""
 import fcntl
 import json
 import os
@@ -77,17 +78,43 @@ def _most_at_once(launches):
     return most
 
 
-def test_local_launcher_runs_four_two_at_a_time_and_reports_all(shared, tmp_path, reproduce_here):
+def test_local_launcher_runs_four_two_at_a_time_and_reports_all(shared, tmp_path, reproduce_here, trained_steps,
+                                                                preempted_then_resumed):
+    """...and one run, warned as the launcher warns a job --signal_delay_s before its --timeout_min,
+    saves, is requeued, resumes and finishes; the sweep completes."""
     runs_dir = tmp_path / "runs"
     cmd = _command(shared, runs_dir, "--seeds", "0 1", "--launcher", "local", "--max_parallel", "2")
+    cmd[cmd.index("--max_steps") + 1] = "12"  # long enough to be warned while it trains
+    cmd += ["--log_every", "1"]  # the warning comes once a step is logged
+    warned = runs_dir / "baseline_seed0"
+    seen = {}
+
+    def warn():  # the USR2 submitit's local controller sends --signal_delay_s before --timeout_min
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            starts = [e for e in _launches(runs_dir) if e["run"] == warned.name and e["event"] == "start"]
+            if starts and trained_steps(warned) >= 1:
+                environ = Path(f"/proc/{starts[0]['pid']}/environ").read_bytes().split(b"\0")
+                seen["timing"] = sorted(v.decode() for v in environ if v.startswith(b"SUBMITIT_LOCAL_") and b"_S=" in v)
+                os.kill(starts[0]["pid"], signal.SIGUSR2)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=warn, daemon=True)
+    watcher.start()
     code, out, err = reproduce_here(*cmd[2:])
+    watcher.join()
     assert code == 0, out[-3000:] + err[-3000:]
     names = ["baseline_seed0", "spatial_w1_seed0", "baseline_seed1", "spatial_w1_seed1"]
     launches = _launches(runs_dir)
-    assert sorted(e["run"] for e in launches if e["event"] == "start") == sorted(names)
-    assert all(e["exit_code"] == 0 for e in launches if e["event"] == "end")
+    assert sorted(e["run"] for e in launches if e["event"] == "start") == sorted(names + [warned.name])
+    assert [e.get("exit_code") for e in launches if e["run"] == warned.name] == [None, 75, None, 0]
+    assert all(e["exit_code"] == 0 for e in launches if e["event"] == "end" and e["run"] != warned.name)
     assert _most_at_once(launches) == 2  # two at a time: never more, and they did overlap
     assert {e["CUDA_VISIBLE_DEVICES"] for e in launches} == {""}  # no GPU here: processes on the CPU
+    # The job's time limit and its warning's lead are reproduce.py's flags (a day, 90 s).
+    assert seen["timing"] == ["SUBMITIT_LOCAL_SIGNAL_DELAY_S=90", "SUBMITIT_LOCAL_TIMEOUT_S=86400"]
+    assert 1 <= preempted_then_resumed(warned) < 12
     report = (runs_dir / "compare" / "report.md").read_text()
     for name in names:
         assert launchers.run_state(runs_dir / name) == "complete"
@@ -232,6 +259,11 @@ def test_a_warned_job_stops_train_py_at_a_saved_step_and_asks_to_be_requeued(tmp
 
 @pytest.mark.fast
 @pytest.mark.parametrize("flags, message", [
+    (["--gpus_per_run", "2"], "argument --gpus_per_run: 2 GPUs per run, but train.py runs as one process"),
+    (["--launcher", "local", "--signal_delay_s", "30"], "argument --signal_delay_s: a warning 30 s ahead cannot "
+                                                         "cover a save"),
+    (["--launcher", "slurm", "--signal_delay_s", "85"], "pass >= 90"),
+    (["--launcher", "local", "--timeout_min", "1"], "argument --signal_delay_s: a warning 90 s ahead of a 1-minute"),
     (["--arm", "lm_slice"], "argument --arm: NAME=\"FLAGS\""),
     (["--arm", "spatial=--selector lm_mlp_lastk"], "other than baseline and spatial"),
     (["--arm", "lm=--spatial_id_weights 0 10"], "argument --arm lm: gives no train.py flag"),
