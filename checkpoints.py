@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import models
+from run_folder import PREEMPTED_EXIT_CODE, list_checkpoints  # noqa: F401 (the run folder's layout, torch-free)
 
 CHECKPOINT_JSON = "checkpoint.json"
 TRAINABLE = "trainable.safetensors"
@@ -43,10 +44,6 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names it."""
 
 
-# The exit status of a run stopped by a signal after saving its checkpoint: 75 is EX_TEMPFAIL
-# (sysexits.h, "try again later"), apart from 0, from 1 (an error) and from 128 + N (killed by
-# signal N), so that a launcher can tell "resume me" from a failure.
-PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -217,16 +214,6 @@ def read_info(folder):
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{folder}: not a usable checkpoint ({CHECKPOINT_JSON}: {err})") from None
-
-
-def list_checkpoints(out):
-    """[(step, folder)] of the checkpoint-N folders in `out`, oldest first."""
-    found = []
-    for path in Path(out).glob("checkpoint-*"):
-        suffix = path.name.split("-", 1)[1]
-        if path.is_dir() and suffix.isdigit():
-            found.append((int(suffix), path))
-    return sorted(found)
 
 
 def load_training_state(folder):

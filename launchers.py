@@ -13,7 +13,7 @@ trained again from the start when the sweep was asked to (reproduce.py --restart
 the scheduler's warning signal (submitit's USR2, --signal_delay_s before the end, on SLURM and under
 the local launcher alike) the job sends SIGTERM to train.py (the run script execs it, or forwards
 the signal with several seeds), which finishes its step, saves and exits 75
-(checkpoints.PREEMPTED_EXIT_CODE); the job waits for that (up to the delay less REQUEUE_MARGIN_S)
+(run_folder.PREEMPTED_EXIT_CODE); the job waits for that (up to the delay less REQUEUE_MARGIN_S)
 and submitit requeues it. train.py itself ignores USR2 (a cluster signals every process of a job's
 step), and handles the SIGTERM of a preemption on its own. launch_flag_problem refuses a delay too
 short to save in, and sbatch_refusal turns sbatch's refusals into one line naming the flag.
@@ -35,7 +35,6 @@ from pathlib import Path
 
 import submitit
 
-import checkpoints
 import run_folder
 
 LAUNCHERS = ("serial", "local", "slurm")
@@ -68,7 +67,7 @@ def run_state(folder, identity=None):
         events = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         if events and events[-1]["event"] == "end":
             state = "complete"
-    if state == "new" and checkpoints.list_checkpoints(folder):
+    if state == "new" and run_folder.list_checkpoints(folder):
         state = "interrupted"
     if state != "new" and identity is not None and run_changes(folder, identity):
         return "changed"
@@ -172,7 +171,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self._start([*self.run.command, *resume])
         self._ended.wait()
         code = self._process.returncode
-        if code == checkpoints.PREEMPTED_EXIT_CODE:
+        if code == run_folder.PREEMPTED_EXIT_CODE:
             raise RunFailed(f"{self.run.name}: preempted after saving a checkpoint (exit {code}); it resumes when "
                             "requeued or when the same command is run again", code)
         if code != 0:

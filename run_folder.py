@@ -17,6 +17,24 @@ import socket
 import time
 from pathlib import Path
 
+
+# The exit status of a run stopped by a signal after saving its checkpoint: 75 is EX_TEMPFAIL
+# (sysexits.h, "try again later"), apart from 0, from 1 (an error) and from 128 + N (killed by
+# signal N), so that a launcher can tell "resume me" from a failure. Here, with the folder's
+# layout, so that a launcher's job process reads both without importing torch (checkpoints.py
+# re-exports them).
+PREEMPTED_EXIT_CODE = 75
+
+
+def list_checkpoints(out):
+    """[(step, folder)] of the checkpoint-N folders in `out`, oldest first."""
+    found = []
+    for path in Path(out).glob("checkpoint-*"):
+        suffix = path.name.split("-", 1)[1]
+        if path.is_dir() and suffix.isdigit():
+            found.append((int(suffix), path))
+    return sorted(found)
+
 IDENTITY_FILE = "run_identity.json"
 LOCK_FILE = "run.lock"
 NOT_RECORDED = "(not recorded)"
