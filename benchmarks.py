@@ -339,14 +339,27 @@ def mirrored_image(source):
     return ImageOps.mirror(data.load_image(source))
 
 
+def has_mirrored_twin(sample):
+    """What'sUp's questions (MIRROR_KINDS), and a multiple-choice question whose reader says what its
+    gold becomes under a left-right mirror (`mirror_answer`)."""
+    return sample["kind"] in MIRROR_KINDS or (sample["kind"] == "choice" and sample.get("mirror_answer") is not None)
+
+
 def mirrored(sample):
     """The question asked of the image flipped left to right, the gold flipped with it (left<->
     right, other relations unchanged). Its image_path names the flip ("PATH#mirrored"), so a
     batch never takes it for the unflipped image; `image` draws it when the batch is built."""
-    if sample["kind"] not in MIRROR_KINDS:
-        raise ValueError(f"{sample['benchmark']} row {sample['row']}: {sample['kind']} questions have no mirrored twin")
+    if not has_mirrored_twin(sample):
+        raise ValueError(f"{sample['benchmark']} row {sample['row']}: {sample['kind']} questions have no mirrored twin"
+                         + (" (the row does not say how a mirror changes its answer)" if sample["kind"] == "choice"
+                            else ""))
     path = str(sample["image_path"])
     source = sample.get("image", path)  # a reader's in-memory image (bytes, PIL, callable), else the file
+    if sample["kind"] == "choice":  # the gold under a mirror is the reader's `mirror_answer` (a letter)
+        gold, flipped = sample["answer"], sample["mirror_answer"]
+        return dict(sample, image_path=path + "#mirrored", image=functools.partial(mirrored_image, source),
+                    answer=flipped, mirror_answer=gold, order="mirrored",
+                    mirror_map={gold: flipped, flipped: gold} if flipped != gold else {})
     return dict(sample, image_path=path + "#mirrored", image=functools.partial(mirrored_image, source),
                 answer=MIRRORED.get(sample["answer"], sample["answer"]),
                 relation=MIRRORED.get(sample["relation"], sample["relation"]), order="mirrored")
@@ -828,14 +841,15 @@ def load(name, roots, question_style="clean", max_samples=None, unreadable=None,
 
 def with_checks(samples, consistency=True, option_orders=1, mirror=True):
     """The questions to ask: every sample as given, its swapped twin (two-object questions of a
-    symmetric relation, with `consistency`), its mirrored twin (every What'sUp question, with
-    `mirror`), and its options rotated by 1 .. option_orders-1. New benchmarks get the checks by
-    giving their samples a `kind` (TWO_OBJECT_KINDS swap, MIRROR_KINDS mirror) and a `template`."""
+    symmetric relation, with `consistency`), its mirrored twin (every What'sUp question, and a
+    multiple-choice one whose row says its gold under a mirror; with `mirror`), and its options
+    rotated by 1 .. option_orders-1. New benchmarks get the checks by giving their samples a `kind`
+    (TWO_OBJECT_KINDS swap, MIRROR_KINDS mirror, "choice" with `mirror_answer`) and a `template`."""
     out = list(samples)
     if consistency:
         out += [swapped(s) for s in samples if has_swapped_twin(s)]
     if mirror:
-        out += [mirrored(s) for s in samples if s["kind"] in MIRROR_KINDS]
+        out += [mirrored(s) for s in samples if has_mirrored_twin(s)]
     for k in range(1, option_orders):
         out += [rotated(s, k) for s in samples if k < len(s["options"])]
     return out

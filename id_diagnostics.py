@@ -475,6 +475,9 @@ def parse_args(argv=None):
     p.add_argument("--layers", default=None,
                    help="hidden_states indices, e.g. 11, 5-15 (default: the IDs file's layers)")
     p.add_argument("--out", default=None, help="folder for the report (default runs/id_diagnostics/<ids stem>)")
+    p.add_argument("--checkpoints", nargs="+", default=None, metavar="CHECKPOINT",
+                   help="instead of --model: several train.py checkpoint-N folders, diagnosed in this one process "
+                        "(the images and questions prepared once), each report in --out/<checkpoint folder name>")
     protocols.add_protocol_arg(p)
     p.add_argument("--train_question_style", choices=data.QUESTION_STYLES, default=None,
                    help="question wording, as in training (default: --protocol)")
@@ -497,6 +500,8 @@ def parse_args(argv=None):
         p.error(f"argument --loss_batch_size: the loss centres over a batch, so it must be >= 2, not {args.loss_batch_size}")
     if args.max_groups < 0:
         p.error(f"argument --max_groups: must be >= 0 (0 = all), not {args.max_groups}")
+    if args.checkpoints and args.model:
+        p.error("argument --checkpoints: not with --model (each checkpoint names its model)")
     args.out = Path(args.out or Path("runs") / "id_diagnostics" / Path(args.ids).stem)
     problem = output_problem(args.out, kind="folder")
     if problem:
@@ -506,22 +511,27 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """The diagnostics of --model (a dict: stats, projections, best, out), or of each of
+    --checkpoints (a list of such dicts, in their order)."""
     args = parse_args(argv)
     try:
         ids_per_layer = sl.load_all_universal_ids(args.ids)
         provenance = sl.read_provenance(args.ids) or {}
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: --ids {err}")
-    model_name = args.model or provenance.get("model")
+    if args.checkpoints:
+        targets = [(str(c), args.out / Path(c).name) for c in args.checkpoints]
+    else:
+        targets = [(args.model or provenance.get("model"), args.out)]
     images = args.images or provenance.get("images")
-    out = args.out
-    measure = model_name is not None and images is not None
-    samples = []
+    measure = targets[0][0] is not None and images is not None
+    samples, checked = [], {}
     if measure:
-        try:
-            checked_model = checkpoints.check_checkpoint_source(model_name)  # one that cannot be had: before any work
-        except (ModelUnavailableError, checkpoints.CheckpointError) as err:
-            sys.exit(f"error: --model {err}")
+        for model_name, _ in targets:  # one that cannot be had: before any work
+            try:
+                checked[model_name] = checkpoints.check_checkpoint_source(model_name)
+            except (ModelUnavailableError, checkpoints.CheckpointError) as err:
+                sys.exit(f"error: {'--checkpoints' if args.checkpoints else '--model'} {err}")
         try:
             items, layout_kind, _ = data.read_extraction_set(images)
         except (FileNotFoundError, ValueError) as err:
@@ -537,7 +547,14 @@ def main(argv=None):
     # Figure 5 needs only the file.
     axes = read_axes(args.ids, ids_per_layer)
     projections = {layer: plane_projection(ids_per_layer[layer], *axes[layer]) for layer in axes}
+    results = [_diagnose(args, model_name, checked.get(model_name), out, images, samples, ids_per_layer, projections)
+               for model_name, out in targets]
+    return results if args.checkpoints else results[0]
 
+
+def _diagnose(args, model_name, checked_model, out, images, samples, ids_per_layer, projections):
+    """One model's diagnostics (`samples` empty: Figure 5 only) and its report in `out`."""
+    measure = bool(samples)
     stats, info = {}, {"ids": str(args.ids), "model": model_name, "images": str(images) if images else None,
                        "question_style": args.train_question_style if measure else None,
                        "sampler": args.sampler if measure else None, "loss_batch_size": args.loss_batch_size}
@@ -556,6 +573,7 @@ def main(argv=None):
             sys.exit(f"error: --layers {err}")
         started = time.time()
         raw = collect_loss_token_states(model, processor, adapter, samples, layers, args.batch_size)
+        del model
         sampler = data.make_batch_sampler(args.sampler, samples, range(len(samples)), args.loss_batch_size, args.seed)
         stats = diagnose_states(raw, samples, layers, ids_per_layer, list(sampler))
         info.update(questions=len(samples), groups=len({data.group_key(s) for s in samples}),

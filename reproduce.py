@@ -556,13 +556,15 @@ def stage_diagnose(args, runs):
         if r.weight is None or run_state(r.folder, r.identity) != "complete":
             continue
         evals = {e["step"]: e for e in _events(r.folder) if e["event"] == "eval"}
+        undone = [folder for _, folder in checkpoints.list_checkpoints(r.folder)
+                  if not (r.folder / "id_diagnostics" / folder.name / "diagnostics.json").is_file()]
+        if undone:  # one process for the run's checkpoints: the images and questions prepared once
+            log(f"diagnose: {', '.join(str(f) for f in undone)}")
+            run([sys.executable, "id_diagnostics.py", "--ids", args.ids, "--checkpoints", *map(str, undone),
+                 "--images", str(images), "--layers", str(layer), "--out", str(r.folder / "id_diagnostics"),
+                 *(["--max_groups", str(args.id_max_groups)] if args.id_max_groups else [])])
         for step, folder in checkpoints.list_checkpoints(r.folder):
             out = r.folder / "id_diagnostics" / folder.name
-            if not (out / "diagnostics.json").is_file():
-                log(f"diagnose: {folder}")
-                run([sys.executable, "id_diagnostics.py", "--ids", args.ids, "--model", str(folder),
-                     "--images", str(images), "--layers", str(layer), "--out", str(out),
-                     *(["--max_groups", str(args.id_max_groups)] if args.id_max_groups else [])])
             found = json.loads((out / "diagnostics.json").read_text())["layers"][str(layer)]
             accuracy = {name: evals.get(step, {}).get(name, {}).get("accuracy") for name in sets}
             agreement, loss = found.get("id_agreement"), found.get("spatial_loss_step0")

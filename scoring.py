@@ -238,7 +238,8 @@ def controlled_pair_set_accuracy(samples, correct):
 
 def twin_consistency(base_rows, twins, expected):
     """Consistency of a derived question with the one asked: `twins` {row: row of the twin},
-    `expected(prediction)` what the twin's answer must be for the two answers to say the same thing."""
+    `expected(prediction, row)` what the twin's answer must be for the two answers to say the same
+    thing (`row`: the question's row number)."""
     pairs = [(r, twins[r["row"]]) for r in base_rows if r["row"] in twins]
     if not pairs:
         return None
@@ -246,7 +247,7 @@ def twin_consistency(base_rows, twins, expected):
     return {"n_pairs": n,
             "accuracy_asked": sum(a["correct"] for a, _ in pairs) / n,
             "accuracy_twin": sum(b["correct"] for _, b in pairs) / n,
-            "consistent": sum(bool(a["prediction"]) and b["prediction"] == expected(a["prediction"])
+            "consistent": sum(bool(a["prediction"]) and b["prediction"] == expected(a["prediction"], a["row"])
                               for a, b in pairs) / n,
             "both_correct": sum(a["correct"] and b["correct"] for a, b in pairs) / n}
 
@@ -288,8 +289,12 @@ def benchmark_report(questions, rows):
     if base_rows and "parse" in base_rows[0]:
         report["unparseable"] = sum(r["parse"] == "unparseable" for r in base_rows) / len(base_rows)
         report["several_options"] = sum(r["parse"] == "several" for r in base_rows) / len(base_rows)
-    for order, key, expected in (("swapped", "consistency", lambda p: benchmarks.OPPOSITE[p]),
-                                 ("mirrored", "mirror_consistency", lambda p: benchmarks.MIRRORED.get(p, p))):
+    # A multiple-choice question's letters under a mirror: its twin's `mirror_map` (empty: the same letter)
+    letter_maps = {q["row"]: q["mirror_map"] for q in questions if q["order"] == "mirrored" and "mirror_map" in q}
+    for order, key, expected in (("swapped", "consistency", lambda p, row: benchmarks.OPPOSITE[p]),
+                                 ("mirrored", "mirror_consistency",
+                                  lambda p, row: letter_maps[row].get(p, p) if row in letter_maps
+                                  else benchmarks.MIRRORED.get(p, p))):
         twins = {r["row"]: r for r in rows if r["order"] == order and r["rotation"] == 0}
         found = twin_consistency(base_rows, twins, expected)
         if found:

@@ -5,6 +5,7 @@ named in one line, the released row count checked, missing files named with the 
 fetches them, the fetch itself against a stand-in of the hub on 127.0.0.1 (the library's own
 HF_ENDPOINT), and an evaluation whose images never touch the disk."""
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image, ImageOps
 
 import benchmarks
 import data
@@ -106,8 +108,8 @@ def test_rotating_moves_the_choices_and_the_gold_letter(loaded):
         assert r["choices"] == s["choices"][k:] + s["choices"][:k] and r["options"] == s["options"]
         assert r["choices"]["ABCD".index(r["answer"])] == gold_text and r["rotation"] == k
         assert f"(A) {r['choices'][0]}" in r["question"]
-    assert len(benchmarks.with_checks(loaded["embspatial"], option_orders=4)) == 4 * N
-    assert benchmarks.with_checks(loaded["blink_relation"]) == loaded["blink_relation"]  # no swapped twin
+    assert len(benchmarks.with_checks(loaded["embspatial"], option_orders=4, mirror=False)) == 4 * N
+    assert benchmarks.with_checks(loaded["blink_relation"], mirror=False) == loaded["blink_relation"]  # no swapped twin
 
 
 BREAK = {  # benchmark -> (how its row 3 is broken, the message's tail)
@@ -281,7 +283,7 @@ def test_evaluation_keeps_images_in_memory_and_rows_json(loaded, sensitive, tmp_
     monkeypatch.setattr(data, "load_image", lambda source: paths.append(source) or original(source))
     samples = loaded["embspatial"][:6]
     report, rows = eval_coco.evaluate_benchmark(model, processor, adapter, samples, batch_size=8, mode="score",
-                                                option_orders=2, progress=False)
+                                                option_orders=2, progress=False, mirror=False)
     assert paths and all(isinstance(p, bytes) for p in paths)
     assert len(rows) == 12 and report["n"] == 6 and "option_order" in report
     json.dumps(rows)
@@ -290,6 +292,34 @@ def test_evaluation_keeps_images_in_memory_and_rows_json(loaded, sensitive, tmp_
     by_question = {(r["row"], r["rotation"]): r for r in rows}
     for s in samples:
         assert by_question[(s["row"], 1)]["answer"] == benchmarks.rotated(s, 1)["answer"]
+
+
+def test_the_mirrored_twin_of_a_choice_question_expects_its_letter_under_the_mirror(loaded, sensitive):
+    """A hub question whose row says its gold under a left-right mirror is also asked of the
+    mirrored image (its bytes flipped in memory): CV-Bench's left/right questions expect the other
+    choice's letter, the others the same one, and the report's mirror consistency reads the
+    letters that way (computed here by hand); EmbSpatial's left/right rows, which do not say, get
+    no twin."""
+    model, processor, adapter = sensitive
+    samples = loaded["cvbench_relation"][:6]
+    twins = [q for q in benchmarks.with_checks(samples, consistency=False) if q["order"] == "mirrored"]
+    assert [t["row"] for t in twins] == [s["row"] for s in samples]
+    for s, t in zip(samples, twins):
+        assert t["answer"] == s["mirror_answer"] and (t["answer"] != s["answer"]) == (s["relation"] in ("left", "right"))
+        with Image.open(io.BytesIO(s["image"])) as original:
+            assert list(t["image"]().getdata()) == list(ImageOps.mirror(original.convert("RGB")).getdata())
+    assert not any(s["relation"] in ("left", "right") and q["order"] == "mirrored"
+                   for s in loaded["embspatial"] for q in benchmarks.with_checks([s], consistency=False))
+
+    report, rows = eval_coco.evaluate_benchmark(model, processor, adapter, samples, batch_size=8, mode="score",
+                                                progress=False)
+    asked = {r["row"]: r for r in rows if r["order"] == "asked"}
+    mirrored = {r["row"]: r for r in rows if r["order"] == "mirrored"}
+    letters = {s["row"]: {s["answer"]: s["mirror_answer"], s["mirror_answer"]: s["answer"]} for s in samples}
+    by_hand = sum(mirrored[row]["prediction"] == letters[row].get(a["prediction"], a["prediction"])
+                  for row, a in asked.items()) / len(samples)
+    assert report["mirror_consistency"]["n_pairs"] == len(samples)
+    assert report["mirror_consistency"]["consistent"] == pytest.approx(by_hand)
 
 
 @pytest.mark.fast

@@ -220,7 +220,9 @@ def test_bad_inputs_are_one_line_before_any_model_load(tmp_path, monkeypatch, ex
     monkeypatch.setattr(diag.checkpoints, "load_checkpoint_model", no_load)
     cases = [(["--out", str(blocker / "d")], "argument --out", 2),
              (["--model", "no-such-model", "--images", str(extraction)], "--model no-such-model", None),
-             (["--model", "tiny", "--images", str(tmp_path / "nowhere")], "--images", None)]
+             (["--model", "tiny", "--images", str(tmp_path / "nowhere")], "--images", None),
+             (["--checkpoints", str(tmp_path / "no-checkpoint"), "--images", str(extraction)], "--checkpoints", None),
+             (["--checkpoints", "tiny", "--model", "tiny", "--images", str(extraction)], "--checkpoints", 2)]
     for extra, culprit, code in cases:
         with pytest.raises(SystemExit) as exc:
             diag.main(["--ids", str(ids), "--out", str(tmp_path / "d")] + extra if "--out" not in extra
