@@ -43,7 +43,7 @@ from checkpoints import CheckpointError, check_checkpoint_source, load_checkpoin
 from lm_loss import last_position_logits
 from models import ListModelsAction, ModelUnavailableError
 from output_paths import output_problem
-from scoring import accuracy_report, benchmark_report, format_benchmark_report, format_report  # noqa: F401 (train.py)
+from scoring import accuracy_report, benchmark_report, format_benchmark_report, format_report
 
 # The image budget's default: 1,024 visual tokens of Qwen2-VL (28 x 28 pixels each after its
 # 2 x 2 merge), about 0.8 megapixels; COCO's images (at most 640 x 640 = 409,600) fall under it.

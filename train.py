@@ -46,12 +46,11 @@ import scoring
 import spatial_loss as sl
 import speedups
 import train_args
-from eval_coco import (EvaluationInterrupted, benchmark_report, evaluate, evaluate_benchmark,
-                       format_benchmark_report, format_report,
-                       load_benchmarks, parsing_for, write_jsonl)
+from eval_coco import EvaluationInterrupted, evaluate, evaluate_benchmark, load_benchmarks, parsing_for, write_jsonl
 from lm_loss import supervised_lm_loss
 from models import ModelUnavailableError, load_model_and_processor, merge_lora, model_source
 from provenance import run_metadata
+from scoring import benchmark_report, format_benchmark_report, format_report
 
 
 def parse_args(argv=None):

@@ -94,7 +94,7 @@ def test_accuracy_report_counts():
     answers = ["left", "left", "right", "above", "below", "below", "below"]
     predictions = ["left", "right", "right", "", "below", "above", "below"]
     samples = [{"answer": a} for a in answers]
-    report = eval_coco.accuracy_report(samples, predictions)
+    report = scoring.accuracy_report(samples, predictions)
     assert report["correct"] == 4 and report["n"] == 7
     assert report["accuracy"] == pytest.approx(4 / 7)
     assert report["per_relation"] == {
@@ -104,9 +104,9 @@ def test_accuracy_report_counts():
         "right": {"accuracy": 1.0, "correct": 1, "n": 1},
     }
     assert list(report["per_relation"]) == sorted(report["per_relation"])
-    assert "accuracy 0.5714 (4/7)" in eval_coco.format_report(report)
+    assert "accuracy 0.5714 (4/7)" in scoring.format_report(report)
 
-    empty = eval_coco.accuracy_report([], [])
+    empty = scoring.accuracy_report([], [])
     assert empty["n"] == 0 and empty["correct"] == 0 and empty["per_relation"] == {}
     assert empty["accuracy"] != empty["accuracy"]  # nan
 
@@ -124,7 +124,7 @@ def test_rows_follow_the_samples(generated, standin):
             s["row"], s["image_id"], s["question"], s["answer"])
         assert row["prediction"] == scoring.read_original(row["generated"], s["options"])[0]
         assert row["correct"] == (row["prediction"] == s["answer"])
-    assert report == eval_coco.accuracy_report(samples, [r["prediction"] for r in rows]) | {"selection": {
+    assert report == scoring.accuracy_report(samples, [r["prediction"] for r in rows]) | {"selection": {
         "n": N, "of": N, "sampled": False, "seed": None}, "readings": scoring.readings_report(
         samples, [r["generated"] for r in rows])}
     assert report["n"] == N
@@ -194,9 +194,9 @@ def test_known_answers_score_mode(tiny, standin):
     agreement = sum(p == q for p, q in zip(predictions, parsed)) / N
     assert agreement == pytest.approx(0.5)
     assert report["agreement_with_generate"] == pytest.approx(agreement)
-    assert report["generate_accuracy"] == pytest.approx(eval_coco.accuracy_report(samples, parsed)["accuracy"])
+    assert report["generate_accuracy"] == pytest.approx(scoring.accuracy_report(samples, parsed)["accuracy"])
     assert report["generate_accuracy"] == pytest.approx(3 / N)
-    assert "agreement 0.5000" in eval_coco.format_report(report)
+    assert "agreement 0.5000" in scoring.format_report(report)
 
 
 @pytest.mark.fast

@@ -10,6 +10,7 @@ import torch
 import data
 import derive_spatial_ids as dsi
 import eval_coco
+import scoring
 import lm_loss
 import make_grid_data as mg
 import param_selectors
@@ -185,7 +186,7 @@ def test_score_mode_runs_no_generate_unless_asked(tiny_ro, grid_samples, monkeyp
     assert not calls
     assert [r["prediction"] for r in rows] == expected
     assert all(r["generated"] is None for r in rows)
-    assert "agreement_with_generate" not in report and "agreement" not in eval_coco.format_report(report)
+    assert "agreement_with_generate" not in report and "agreement" not in scoring.format_report(report)
 
     report, rows = eval_coco.evaluate(model, processor, adapter, samples, batch_size=3, mode="score",
                                       progress=False, agreement=True)
