@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import models
-from run_folder import PREEMPTED_EXIT_CODE, list_checkpoints  # noqa: F401 (the run folder's layout, torch-free)
+from run_folder import PREEMPTED_EXIT_CODE, STOP_SIGNALS, list_checkpoints  # noqa: F401 (torch-free, in run_folder)
 
 CHECKPOINT_JSON = "checkpoint.json"
 TRAINABLE = "trainable.safetensors"
@@ -43,8 +43,6 @@ SPATIAL_HEAD_PREFIX = "spatial_loss."  # tensors of the spatial loss's head in t
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names it."""
 
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequest:

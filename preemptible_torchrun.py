@@ -7,7 +7,7 @@ signal that reaches every worker and the exit status 75 when they all saved.
 Two things differ from plain torchrun (torch.distributed.run), both about preemption:
 - SIGTERM and SIGUSR1 sent to this process (the agent) go on to its workers, and nothing else
   happens: each train.py finishes its optimizer step or evaluation batch, saves and exits 75
-  (checkpoints.PREEMPTED_EXIT_CODE). Plain torchrun ignores SIGUSR1 unless --signals_to_handle
+  (run_folder.PREEMPTED_EXIT_CODE). Plain torchrun ignores SIGUSR1 unless --signals_to_handle
   names it (the signal then kills it), and on SIGTERM it kills its workers after
   --shutdown_timeout (30 s by default), whatever they are doing, and exits 1.
 - When the first worker to end exited 75, this process exits 75 too, where torchrun reports a
@@ -24,7 +24,7 @@ from pathlib import Path
 from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
-from checkpoints import PREEMPTED_EXIT_CODE, STOP_SIGNALS
+from run_folder import PREEMPTED_EXIT_CODE, STOP_SIGNALS  # torch-free: the agent needs no model code
 
 
 def _children():

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -24,6 +25,9 @@ from pathlib import Path
 # layout, so that a launcher's job process reads both without importing torch (checkpoints.py
 # re-exports them).
 PREEMPTED_EXIT_CODE = 75
+# The signals a run saves and exits on (checkpoints.StopRequest); preemptible_torchrun.py passes
+# them on to its workers.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def list_checkpoints(out):
