@@ -853,6 +853,15 @@ def main(argv=None):
 
 if __name__ == "__main__":
     try:
-        main()
-    except (FileNotFoundError, ModelUnavailableError) as err:  # user-facing: no traceback
-        sys.exit(f"error: {err}")
+        try:
+            main()
+        except (FileNotFoundError, ModelUnavailableError) as err:  # user-facing: no traceback
+            sys.exit(f"error: {err}")
+    except SystemExit as stop:
+        if isinstance(stop.code, str):
+            # One write for the message and its newline: under torchrun every process may refuse
+            # at once, and the interpreter writes the two apart, so the lines would run together.
+            sys.stderr.write(stop.code + "\n")
+            sys.stderr.flush()
+            raise SystemExit(1) from None
+        raise

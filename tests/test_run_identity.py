@@ -220,6 +220,8 @@ def test_under_torchrun_every_process_stops_when_another_job_holds_the_folder(th
                               env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     finally:
         holder.release()
-    refusals = [line for line in done.stderr.splitlines() if f"is in use by pid {os.getpid()}" in line]
-    assert done.returncode != 0 and len(refusals) == 2, done.stderr[-3000:]
+    refusals = [line for line in done.stderr.splitlines()
+                if line.startswith("error: --output_dir") and line.endswith(f"choose another --output_dir")
+                and line.count(f"is in use by pid {os.getpid()}") == 1]
+    assert done.returncode != 0 and len(refusals) == 2, done.stderr[-3000:]  # one whole line per process
     assert not run.exists()  # the holder made the folder; nothing else was written into it
