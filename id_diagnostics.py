@@ -478,6 +478,10 @@ def parse_args(argv=None):
     p.add_argument("--checkpoints", nargs="+", default=None, metavar="CHECKPOINT",
                    help="instead of --model: several train.py checkpoint-N folders, diagnosed in this one process "
                         "(the images and questions prepared once), each report in --out/<checkpoint folder name>")
+    p.add_argument("--out_in_runs", action="store_true",
+                   help="with --checkpoints, for checkpoints of several runs: each report in the run's own "
+                        "RUN/id_diagnostics/<checkpoint folder name> instead of --out (reproduce.py "
+                        "--diagnose_checkpoints: one process for the sweep)")
     protocols.add_protocol_arg(p)
     p.add_argument("--train_question_style", choices=data.QUESTION_STYLES, default=None,
                    help="question wording, as in training (default: --protocol)")
@@ -502,10 +506,16 @@ def parse_args(argv=None):
         p.error(f"argument --max_groups: must be >= 0 (0 = all), not {args.max_groups}")
     if args.checkpoints and args.model:
         p.error("argument --checkpoints: not with --model (each checkpoint names its model)")
+    if args.out_in_runs and not args.checkpoints:
+        p.error("argument --out_in_runs: only with --checkpoints")
+    if args.out_in_runs and args.out:
+        p.error("argument --out_in_runs: not with --out (each report goes into its checkpoint's run folder)")
     args.out = Path(args.out or Path("runs") / "id_diagnostics" / Path(args.ids).stem)
-    problem = output_problem(args.out, kind="folder")
-    if problem:
-        p.error(f"argument --out: {problem}")
+    outs = [Path(c).parent / "id_diagnostics" for c in args.checkpoints] if args.out_in_runs else [args.out]
+    for out in dict.fromkeys(outs):
+        problem = output_problem(out, kind="folder")
+        if problem:
+            p.error(f"argument {'--checkpoints' if args.out_in_runs else '--out'}: {problem}")
     protocols.resolve(args, arm="spatial")
     return args
 
@@ -520,7 +530,8 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: --ids {err}")
     if args.checkpoints:
-        targets = [(str(c), args.out / Path(c).name) for c in args.checkpoints]
+        targets = [(str(c), (Path(c).parent / "id_diagnostics" if args.out_in_runs else args.out) / Path(c).name)
+                   for c in args.checkpoints]
     else:
         targets = [(args.model or provenance.get("model"), args.out)]
     images = args.images or provenance.get("images")

@@ -552,17 +552,16 @@ def stage_diagnose(args, runs):
     images = diagnose_images(args)
     sets = ("coco", "holdout")
     rows, points = [], []
-    for r in runs:
-        if r.weight is None or run_state(r.folder, r.identity) != "complete":
-            continue
+    diagnosed = [r for r in runs if r.weight is not None and run_state(r.folder, r.identity) == "complete"]
+    undone = [folder for r in diagnosed for _, folder in checkpoints.list_checkpoints(r.folder)
+              if not (r.folder / "id_diagnostics" / folder.name / "diagnostics.json").is_file()]
+    if undone:  # one process for the sweep's checkpoints: the images and questions prepared once
+        log(f"diagnose: {', '.join(str(f) for f in undone)}")
+        run([sys.executable, "id_diagnostics.py", "--ids", args.ids, "--checkpoints", *map(str, undone),
+             "--out_in_runs", "--images", str(images), "--layers", str(layer),
+             *(["--max_groups", str(args.id_max_groups)] if args.id_max_groups else [])])
+    for r in diagnosed:
         evals = {e["step"]: e for e in _events(r.folder) if e["event"] == "eval"}
-        undone = [folder for _, folder in checkpoints.list_checkpoints(r.folder)
-                  if not (r.folder / "id_diagnostics" / folder.name / "diagnostics.json").is_file()]
-        if undone:  # one process for the run's checkpoints: the images and questions prepared once
-            log(f"diagnose: {', '.join(str(f) for f in undone)}")
-            run([sys.executable, "id_diagnostics.py", "--ids", args.ids, "--checkpoints", *map(str, undone),
-                 "--images", str(images), "--layers", str(layer), "--out", str(r.folder / "id_diagnostics"),
-                 *(["--max_groups", str(args.id_max_groups)] if args.id_max_groups else [])])
         for step, folder in checkpoints.list_checkpoints(r.folder):
             out = r.folder / "id_diagnostics" / folder.name
             found = json.loads((out / "diagnostics.json").read_text())["layers"][str(layer)]

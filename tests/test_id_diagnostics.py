@@ -145,14 +145,16 @@ def extraction(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def diagnosed(extraction, tmp_path_factory):
-    """{model: diagnostics.json} of the random tiny and of tiny-warm at layers 9 and 11."""
+    """{model: diagnostics.json} of the random tiny and of tiny-warm at layers 9 and 11, over 24 of the
+    48 groups (the margins of the tests below hold at either: tiny-warm's within-pair R² 0.27 at 24
+    and 0.23 at 48 against the 0.2 they ask, the rest further off)."""
     out = {}
     for model in ("tiny", "tiny-warm"):
         folder = tmp_path_factory.mktemp(model)
         ids = folder / "ids.pt"
         derive_spatial_ids.main(["--model", model, "--images", str(extraction), "--out", str(ids),
-                                 "--layers", "9,11", "--max_groups", "48"])
-        result = diag.main(["--ids", str(ids), "--max_groups", "48", "--out", str(folder / "diag")])
+                                 "--layers", "9,11", "--max_groups", "24"])
+        result = diag.main(["--ids", str(ids), "--max_groups", "24", "--out", str(folder / "diag")])
         out[model] = {"json": json.loads((folder / "diag" / "diagnostics.json").read_text()),
                       "md": (folder / "diag" / "diagnostics.md").read_text(), "result": result}
     return out
@@ -222,7 +224,9 @@ def test_bad_inputs_are_one_line_before_any_model_load(tmp_path, monkeypatch, ex
              (["--model", "no-such-model", "--images", str(extraction)], "--model no-such-model", None),
              (["--model", "tiny", "--images", str(tmp_path / "nowhere")], "--images", None),
              (["--checkpoints", str(tmp_path / "no-checkpoint"), "--images", str(extraction)], "--checkpoints", None),
-             (["--checkpoints", "tiny", "--model", "tiny", "--images", str(extraction)], "--checkpoints", 2)]
+             (["--checkpoints", "tiny", "--model", "tiny", "--images", str(extraction)], "--checkpoints", 2),
+             (["--out_in_runs", "--model", "tiny", "--images", str(extraction)], "--out_in_runs", 2),  # no --checkpoints
+             (["--checkpoints", "tiny", "--out_in_runs", "--images", str(extraction)], "--out_in_runs", 2)]  # and --out
     for extra, culprit, code in cases:
         with pytest.raises(SystemExit) as exc:
             diag.main(["--ids", str(ids), "--out", str(tmp_path / "d")] + extra if "--out" not in extra

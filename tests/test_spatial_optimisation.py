@@ -31,7 +31,7 @@ def setup(tmp_path_factory):
                                     cell=28, sizes=(124,), progress=False, file_layout="extraction")
     ids = root / "tiny_ids.pt"
     derive_spatial_ids.main(["--model", "tiny", "--images", str(extraction), "--out", str(ids), "--layers", "11",
-                             "--max_groups", "48"])
+                             "--max_groups", "24"])
     standin = root / "standin"
     make_grid_data.make_coco_standin(standin, renders, n=4, seed=0)
     return {"grid": grid, "ids": ids, "json": standin / "coco_qa_two_obj_standin.json", "coco": standin,

@@ -1,6 +1,6 @@
 """reproduce.py's sweeps (seeds x arms x spatial weights) and launchers (launchers.py, submitit), on
-tiny-warm and the demo's inputs drawn on the fly: the local launcher runs 4 runs 2 at a time and
-reports all 4, one of them warned as a job nearing its time limit is (saved, requeued, resumed);
+tiny-warm and the demo's inputs drawn on the fly: the local launcher runs 3 runs 2 at a time and
+reports all 3, one of them warned as a job nearing its time limit is (saved, requeued, resumed);
 a killed sweep, rerun, skips what finished; the SLURM launcher hands a stand-in
 `sbatch` one job array with the partition, the warning signal and requeue, after the ID job and
 before the report job (tests/test_slurm.py runs sweeps on a real one-node SLURM); a job warned by
@@ -78,12 +78,13 @@ def _most_at_once(launches):
     return most
 
 
-def test_local_launcher_runs_four_two_at_a_time_and_reports_all(shared, tmp_path, reproduce_here, trained_steps,
+def test_local_launcher_runs_three_two_at_a_time_and_reports_all(shared, tmp_path, reproduce_here, trained_steps,
                                                                 preempted_then_resumed):
     """...and one run, warned as the launcher warns a job --signal_delay_s before its --timeout_min,
     saves, is requeued, resumes and finishes; the sweep completes."""
     runs_dir = tmp_path / "runs"
-    cmd = _command(shared, runs_dir, "--seeds", "0 1", "--launcher", "local", "--max_parallel", "2")
+    # Three runs (the baseline, the spatial arm at weights 0 and 1), two at a time: the third waits.
+    cmd = _command(shared, runs_dir, "--spatial_id_weights", "0", "1", "--launcher", "local", "--max_parallel", "2")
     cmd[cmd.index("--max_steps") + 1] = "12"  # long enough to be warned while it trains
     cmd += ["--log_every", "1"]  # the warning comes once a step is logged
     warned = runs_dir / "baseline_seed0"
@@ -105,7 +106,7 @@ def test_local_launcher_runs_four_two_at_a_time_and_reports_all(shared, tmp_path
     code, out, err = reproduce_here(*cmd[2:])
     watcher.join()
     assert code == 0, out[-3000:] + err[-3000:]
-    names = ["baseline_seed0", "spatial_w1_seed0", "baseline_seed1", "spatial_w1_seed1"]
+    names = ["baseline_seed0", "spatial_w0_seed0", "spatial_w1_seed0"]
     launches = _launches(runs_dir)
     assert sorted(e["run"] for e in launches if e["event"] == "start") == sorted(names + [warned.name])
     assert [e.get("exit_code") for e in launches if e["run"] == warned.name] == [None, 75, None, 0]
@@ -119,7 +120,7 @@ def test_local_launcher_runs_four_two_at_a_time_and_reports_all(shared, tmp_path
     for name in names:
         assert launchers.run_state(runs_dir / name) == "complete"
         assert str(runs_dir / name) in report
-    assert "| ours: tiny-warm, --protocol paper, seeds 0 1 |" in (runs_dir / "summary.md").read_text()
+    assert "| ours: tiny-warm, --protocol paper, seeds 0 |" in (runs_dir / "summary.md").read_text()
 
 
 def test_a_killed_sweep_rerun_skips_what_finished(shared, tmp_path, reproduce_here, kill_at_line):

@@ -29,10 +29,12 @@ def id_images(tmp_path_factory):
 
 
 def sandbox_numbers(model_name, images, tmp_path):
+    # 16 groups of the 48 (the CLI default is all): tiny-spatial clears every target as far at 16 as at 48
+    # (ID agreement 0.99 either way), and tiny-warm misses them as far.
     ids = tmp_path / f"{model_name}.pt"
     derive_spatial_ids.main(["--model", model_name, "--images", str(images), "--out", str(ids), "--layers", "11",
-                             "--max_groups", "48"])
-    result = id_diagnostics.main(["--ids", str(ids), "--max_groups", "48", "--out", str(tmp_path / "diag")])
+                             "--max_groups", "16"])
+    result = id_diagnostics.main(["--ids", str(ids), "--max_groups", "16", "--out", str(tmp_path / "diag")])
     numbers = dict(result["stats"][11])
     model, processor, adapter = models.load_model_and_processor(model_name)
     numbers["held_out_accuracy"] = tiny_spatial.relation_accuracy(model, processor, adapter, tiny_spatial.HELD_OUT,
