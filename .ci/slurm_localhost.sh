@@ -66,8 +66,8 @@ ClusterName=localhost
 SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
-# A requeued job's credential would otherwise be refused for 120 s.
-AuthInfo=cred_expire=10
+# A requeued job waits this long before it starts again (default 120 s).
+AuthInfo=cred_expire=5
 # No cgroups in a container: processes tracked by their parent ids, tasks unconfined.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
