@@ -15,7 +15,8 @@ the local launcher alike) the job sends SIGTERM to train.py (the run script exec
 the signal with several seeds), which finishes its step, saves and exits 75
 (run_folder.PREEMPTED_EXIT_CODE); the job waits for that (up to the delay less REQUEUE_MARGIN_S)
 and submitit requeues it. train.py itself ignores USR2 (a cluster signals every process of a job's
-step), and handles the SIGTERM of a preemption on its own. launch_flag_problem refuses a delay too
+step), and handles the SIGTERM of a preemption on its own. The ID and report jobs (CommandJob),
+warned, stop their command the same way and are requeued to run it again. launch_flag_problem refuses a delay too
 short to save in, and sbatch_refusal turns sbatch's refusals into one line naming the flag.
 """
 import contextlib
@@ -100,38 +101,85 @@ class Run:
     restart_changed: bool = False  # a folder holding this run with another identity is trained again from the start
 
 
-class CommandJob:
-    """A command run in `cwd`; raises RunFailed with its exit status when it fails."""
+class ChildProcessJob(submitit.helpers.Checkpointable):
+    """A job whose work is one child process. The child is waited for by a thread of the job's own,
+    never by the main thread: submitit calls `checkpoint` from a signal handler on the main thread,
+    and had that thread been inside Popen.wait(), the handler could neither poll nor wait (Popen's
+    lock is held by the frame it interrupted) and would sit out its whole grace. The main thread
+    waits on an Event instead, which a signal interrupts; the handler waits on the same Event, after
+    sending the child SIGTERM, so that no child outlives its job when the job is requeued."""
 
-    def __init__(self, name, command, cwd):
-        self.name, self.command, self.cwd = name, list(command), str(cwd)
-
-    def __call__(self):
-        code = subprocess.call(self.command, cwd=self.cwd)
-        if code != 0:
-            raise RunFailed(f"{self.name}: `{' '.join(self.command)}` exited with {code}", code)
-        return "done"
-
-
-class TrainJob(submitit.helpers.Checkpointable):
-    """One run as a job (see the module docstring); returns "skipped" or "done".
-
-    train.py is waited for by a thread of the job's own, never by the main thread: submitit calls
-    `checkpoint` from a signal handler on the main thread, and had that thread been inside
-    Popen.wait(), the handler could neither poll nor wait (Popen's lock is held by the frame it
-    interrupted) and would sit out its whole grace. The main thread waits on an Event instead,
-    which a signal interrupts; the handler waits on the same Event."""
-
-    def __init__(self, run, cwd, log_dir, grace_s=STOP_GRACE_S):
-        self.run, self.cwd, self.log_dir = run, str(cwd), str(log_dir)
-        self.grace_s = grace_s  # how long the warning handler waits for train.py to save and exit
-        self._process, self._ended = None, None
+    grace_s = STOP_GRACE_S  # how long the warning handler waits for the child to exit
 
     def __getstate__(self):  # what submitit pickles: never the live process or its waiter
         return {k: v for k, v in self.__dict__.items() if k not in ("_process", "_ended")}
 
     def __setstate__(self, state):
         self.__dict__.update(state, _process=None, _ended=None)
+
+    def _start(self, command, cwd, on_end=None, **popen):
+        """Start `command` and a thread that reaps it, calls on_end(exit status) and then sets the
+        Event the job waits on (no zombie stays; on_end runs even when submitit exits from its
+        handler)."""
+        self._ended = threading.Event()
+        # Same process group as this one: a terminal's Ctrl-C (serial launcher) still reaches the child.
+        self._process = subprocess.Popen(command, cwd=cwd, **popen)
+        process, ended = self._process, self._ended
+
+        def reap():
+            code = process.wait()
+            if on_end is not None:
+                on_end(code)
+            ended.set()
+
+        threading.Thread(target=reap, name=f"wait for {command[0]}", daemon=True).start()
+
+    def _wait(self):
+        """The child's exit status, once it has exited."""
+        self._ended.wait()
+        return self._process.returncode
+
+    def _stop_child(self, what):
+        """SIGTERM to the child, then wait for it to exit (at most grace_s); False if it did not."""
+        if getattr(self, "_process", None) is None or self._ended.is_set():
+            return True
+        with contextlib.suppress(ProcessLookupError):  # it ended since: nothing to stop
+            os.kill(self._process.pid, signal.SIGTERM)
+        if self._ended.wait(timeout=self.grace_s):
+            return True
+        print(f"[reproduce] {what} did not stop within {self.grace_s} s of SIGTERM", flush=True)
+        return False
+
+
+class CommandJob(ChildProcessJob):
+    """A command run in `cwd` (the sweep's ID and report jobs); raises RunFailed with its exit
+    status when it fails. Warned by the scheduler, it stops the command and is requeued, which
+    runs the command again from the start (neither stage keeps half its work)."""
+
+    def __init__(self, name, command, cwd, grace_s=STOP_GRACE_S):
+        self.name, self.command, self.cwd, self.grace_s = name, list(command), str(cwd), grace_s
+        self._process, self._ended = None, None
+
+    def __call__(self):
+        self._start(self.command, self.cwd)
+        code = self._wait()
+        if code != 0:
+            raise RunFailed(f"{self.name}: `{' '.join(self.command)}` exited with {code}", code)
+        return "done"
+
+    def checkpoint(self, *args, **kwargs):
+        self._stop_child(f"the {self.name} job's command")
+        return super().checkpoint(*args, **kwargs)
+
+
+class TrainJob(ChildProcessJob):
+    """One run as a job (see the module docstring); returns "skipped" or "done". Its train.py is
+    waited for as ChildProcessJob says."""
+
+    def __init__(self, run, cwd, log_dir, grace_s=STOP_GRACE_S):
+        self.run, self.cwd, self.log_dir = run, str(cwd), str(log_dir)
+        self.grace_s = grace_s  # how long the warning handler waits for train.py to save and exit
+        self._process, self._ended = None, None
 
     def _record(self, **event):
         Path(self.log_dir).mkdir(parents=True, exist_ok=True)
@@ -140,20 +188,6 @@ class TrainJob(submitit.helpers.Checkpointable):
                 **{k: os.environ[k] for k in SLURM_RECORDED if k in os.environ}, **event}
         with open(Path(self.log_dir) / LAUNCHES, "a") as f:
             f.write(json.dumps(line) + "\n")
-
-    def _start(self, command):
-        """Start `command` and a thread that reaps it, records its end and then sets self._ended (no
-        zombie stays; the end is recorded even when submitit exits from its handler)."""
-        self._ended = threading.Event()
-        # Same process group as this one: a terminal's Ctrl-C (serial launcher) still reaches train.py.
-        self._process = subprocess.Popen(command, cwd=self.cwd, preexec_fn=_ignore_warning_signal)
-        process, ended = self._process, self._ended
-
-        def reap():
-            self._record(event="end", exit_code=process.wait())
-            ended.set()
-
-        threading.Thread(target=reap, name=f"wait for {self.run.name}", daemon=True).start()
 
     def __call__(self):
         state = run_state(self.run.folder, self.run.identity)
@@ -168,9 +202,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         resume = ["--resume_from_checkpoint", "latest"] if state == "interrupted" else ["--overwrite_output_dir"]
         self._record(event="start", state=state)
         print("[reproduce] $ " + shlex.join([*self.run.command, *resume]), flush=True)
-        self._start([*self.run.command, *resume])
-        self._ended.wait()
-        code = self._process.returncode
+        self._start([*self.run.command, *resume], self.cwd, on_end=lambda code: self._record(event="end", exit_code=code),
+                    preexec_fn=_ignore_warning_signal)
+        code = self._wait()
         if code == run_folder.PREEMPTED_EXIT_CODE:
             raise RunFailed(f"{self.run.name}: preempted after saving a checkpoint (exit {code}); it resumes when "
                             "requeued or when the same command is run again", code)
@@ -182,12 +216,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         """submitit calls this on the warning signal, from its handler: stop train.py at a saved
         step (SIGTERM; the run scripts hand it over or forward it), wait for it to exit (at most
         grace_s), then be requeued as the same job, which resumes from that checkpoint."""
-        if self._process is not None and not self._ended.is_set():
-            with contextlib.suppress(ProcessLookupError):  # it ended since: nothing to stop
-                os.kill(self._process.pid, signal.SIGTERM)
-            if not self._ended.wait(timeout=self.grace_s):
-                print(f"[reproduce] {self.run.name}: train.py did not stop within {self.grace_s} s of SIGTERM; "
-                      "its previous checkpoint stays", flush=True)
+        if not self._stop_child(f"{self.run.name}: train.py"):
+            print(f"[reproduce] {self.run.name}: its previous checkpoint stays", flush=True)
         return super().checkpoint(*args, **kwargs)
 
 

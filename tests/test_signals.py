@@ -146,6 +146,39 @@ def test_the_warning_handler_on_the_main_thread_returns_once_train_py_has_exited
 
 
 @pytest.mark.fast
+def test_a_warned_id_or_report_job_stops_its_command_and_is_requeued_to_run_it_again(tmp_path):
+    """The sweep's ID and report jobs (CommandJob) get the same warning: their command is stopped
+    (before, it ran on, orphaned, beside the requeued job's own) and the job is requeued whole."""
+    ready = tmp_path / "ready"
+    command = [sys.executable, "-c", STAND_IN, str(ready)]
+    job = launchers.CommandJob("ids", command, tmp_path, grace_s=10)
+    seen = {}
+
+    def handler(signum, frame):
+        start = time.monotonic()
+        seen["resubmission"] = job.checkpoint()
+        seen["seconds"] = time.monotonic() - start
+        seen["pid"] = job._process.pid
+
+    def warn_when_ready():
+        while not ready.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    previous = signal.signal(signal.SIGUSR2, handler)
+    try:
+        threading.Thread(target=warn_when_ready, daemon=True).start()
+        with pytest.raises(launchers.RunFailed):
+            job()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert seen["seconds"] < 5, f"the handler took {seen['seconds']:.1f} s"
+    assert not Path(f"/proc/{seen['pid']}").exists()  # stopped and reaped: neither running on nor a zombie
+    requeued = pickle.loads(pickle.dumps(seen["resubmission"].function))
+    assert isinstance(requeued, launchers.CommandJob) and requeued.command == command and requeued._process is None
+
+
+@pytest.mark.fast
 def test_launcher_flags_with_room_to_save_parse():
     # Their refusals are among test_sweeps.py's bad sweep flags.
     args = reproduce.parse_args(["--model", "tiny-warm", "--launcher", "local", "--timeout_min", "3",
