@@ -1,7 +1,9 @@
 """reproduce.sh end to end on tiny-warm and the demo's inputs (its objects drawn on the fly, the
-COCO-Spatial stand-in): killed after its first finished stage and rerun, it skips that stage; a
-missing input stops it with one line per input before any model loads; every run's final/ holds a
-model card."""
+COCO-Spatial stand-in): a sweep with a control, an arm of its own and --diagnose_checkpoints, killed
+after its finished stages (the IDs, the baseline) and rerun, skips them and finishes; rerun with a
+flag that defines the runs changed, it is refused; a missing input stops it with one line per
+input before any model loads; every run's final/ holds a model card."""
+import json
 import os
 import sys
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import launchers
 import make_grid_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,43 +52,74 @@ def test_missing_inputs_stop_before_any_model_with_one_line_each(tmp_path, stand
     assert not (tmp_path / "runs").exists() and not (tmp_path / "ids").exists()
 
 
-def test_killed_after_first_stage_resumes_and_skips_it(tmp_path, standin, reproduce_here, kill_at_line):
-    cmd = _command(standin, tmp_path)
-    ids = tmp_path / "ids" / "tiny-warm.pt"
-    # First try: killed (the whole process group, SIGKILL) as soon as its first stage has finished.
-    code, seen = kill_at_line(cmd, "[reproduce] ids: done", REPO, ENV)
+def test_a_killed_sweep_rerun_skips_what_finished_and_a_changed_one_is_refused(tmp_path, standin, reproduce_here,
+                                                                               kill_at_line):
+    """One seed: the baseline, the spatial arm at weight 0 (the control) and an arm of its own on the
+    LM's MLPs, with --diagnose_checkpoints. Killed (the whole process group, SIGKILL) once the IDs
+    are derived and the baseline has trained, then rerun: both are skipped, the rest follow."""
+    cmd = _command(standin, tmp_path, "--spatial_id_weights", "0",
+                   "--arm", "lm_slice=--selector lm_mlp_lastk --spatial_id_weights 1", "--diagnose_checkpoints")
+    runs, ids = tmp_path / "runs", tmp_path / "ids" / "tiny-warm.pt"
+    code, seen = kill_at_line(cmd, "[reproduce] run baseline_seed0: done", REPO, ENV)
     assert code != 0 and any("ids: deriving" in line for line in seen), "".join(seen)
     assert ids.is_file() and ids.with_suffix(".json").is_file()
     ids_time = ids.stat().st_mtime_ns
-    assert not (tmp_path / "runs" / "summary.md").exists()
+    finished = runs / "baseline_seed0" / "metrics.jsonl"
+    finished_time = finished.stat().st_mtime_ns
+    assert launchers.run_state(runs / "lm_slice_w1_seed0") == "new" and not (runs / "summary.md").exists()
 
-    # The same command again (in this process: the killed one was reproduce.sh): the IDs are reused
-    # (not rewritten), the runs and the report follow.
+    # The same command again (in this process: the killed one was reproduce.sh).
     code, out, err = reproduce_here(*cmd[2:])
-    assert code == 0, err[-3000:]
+    assert code == 0, out[-3000:] + err[-3000:]
     stages = _stage_lines(out)
     assert any(line.startswith("[reproduce] ids: skipped") for line in stages), stages
     assert not any("ids: deriving" in line for line in stages)
-    assert ids.stat().st_mtime_ns == ids_time
-    summary = (tmp_path / "runs" / "summary.md").read_text()
+    assert "[reproduce] run baseline_seed0: skipped" in out
+    assert "[reproduce] run spatial_w0_seed0: training" in out and "[reproduce] run lm_slice_w1_seed0: training" in out
+    assert ids.stat().st_mtime_ns == ids_time and finished.stat().st_mtime_ns == finished_time  # neither redone
+    config = json.loads((runs / "lm_slice_w1_seed0" / "config.json").read_text())["args"]
+    assert (config["selector"], config["spatial_id_weight"], config["seed"]) == ("lm_mlp_lastk", 1.0, 0)
+    control = json.loads((runs / "spatial_w0_seed0" / "config.json").read_text())["args"]
+    assert (control["selector"], control["spatial_id_weight"]) == ("vision_mlp_lastk", 0.0)
+    summary = (runs / "summary.md").read_text()
     assert "| the paper's published figures (Kang et al., ICLR 2026; Qwen2-VL-2B-Instruct) | 0.77 | 0.85 | 0.91 |" in summary
     assert "| ours: tiny-warm, --protocol paper, seeds 0 |" in summary
     assert "Rows evaluated: coco all " in summary  # every row by default, and summary.md says so
-    for kind in ("baseline", "spatial_w1"):
-        card = (tmp_path / "runs" / f"{kind}_seed0" / "final" / "README.md").read_text()
+    for kind in ("baseline", "spatial_w0"):
+        card = (runs / f"{kind}_seed0" / "final" / "README.md").read_text()
         front = yaml.safe_load(card.split("---\n")[1])
         assert front["base_model"] == "tiny-warm" and "protocol-paper" in front["tags"]
         assert "At step 2: COCO-Spatial " in card and "12 tensors" in card
 
+    # --diagnose_checkpoints: every checkpoint of the spatial runs (steps 0 and 2), the baseline's none,
+    # in one id_diagnostics.py process for the sweep.
+    assert sum("[reproduce] diagnose: " in line for line in out.splitlines()) == 1
+    strength = (runs / "compare" / "id_strength.md").read_text()
+    rows = [line.split(" | ") for line in strength.splitlines() if line.startswith("| ") and "_seed0" in line]
+    assert [(r[0], r[1]) for r in rows] == [("| spatial_w0_seed0", "0"), ("| spatial_w0_seed0", "2"),
+                                            ("| lm_slice_w1_seed0", "0"), ("| lm_slice_w1_seed0", "2")]
+    # Step 0 is the same model in both runs: the same agreement and loss. The diagnostics read each
+    # checkpoint's own trained tensors: the LM slice's step 2 gives another loss than its step 0.
+    assert rows[0][2:4] == rows[2][2:4]
+
+    def diagnosed(step):
+        return json.loads((runs / "lm_slice_w1_seed0" / "id_diagnostics" / f"checkpoint-{step}" /
+                           "diagnostics.json").read_text())
+
+    assert diagnosed(2)["info"]["model"] == str(runs / "lm_slice_w1_seed0" / "checkpoint-2")
+    assert diagnosed(2)["layers"]["11"]["spatial_loss_step0"] != diagnosed(0)["layers"]["11"]["spatial_loss_step0"]
+    holdout = [e for e in map(json.loads, (runs / "lm_slice_w1_seed0" / "metrics.jsonl").read_text().splitlines())
+               if e["event"] == "eval" and e["step"] == 2][0]["holdout"]["accuracy"]
+    assert rows[3][5].strip(" |") == f"{holdout:.3f}"  # beside that checkpoint's own accuracy
+
     # And once more: every stage is complete, nothing runs again.
-    metrics_time = (tmp_path / "runs" / "baseline_seed0" / "metrics.jsonl").stat().st_mtime_ns
     code, out, err = reproduce_here(*cmd[2:])
     assert code == 0, err[-3000:]
     assert [line.split(":")[0] for line in _stage_lines(out)] == [
-        "[reproduce] inputs", "[reproduce] ids", "[reproduce] run baseline_seed0", "[reproduce] run spatial_w1_seed0",
-        "[reproduce] report"]
+        "[reproduce] inputs", "[reproduce] ids", "[reproduce] run baseline_seed0", "[reproduce] run spatial_w0_seed0",
+        "[reproduce] run lm_slice_w1_seed0", "[reproduce] report"]
     assert all("skipped" in line for line in _stage_lines(out)[1:])
-    assert (tmp_path / "runs" / "baseline_seed0" / "metrics.jsonl").stat().st_mtime_ns == metrics_time
+    assert finished.stat().st_mtime_ns == finished_time
 
     # With a flag that defines the runs changed, the finished runs are not passed off as this
     # sweep's: refused before any work, one line per run naming it and the flag (then -> now).
@@ -95,6 +129,7 @@ def test_killed_after_first_stage_resumes_and_skips_it(tmp_path, standin, reprod
     assert code == 2, out[-3000:] + err[-3000:]
     assert not any("skipped" in line and "is complete" in line for line in _stage_lines(out))
     refusals = [line for line in err.splitlines() if line.startswith("error: run ")]
-    assert [line.split(":")[1].strip() for line in refusals] == ["run baseline_seed0", "run spatial_w1_seed0"], err
+    assert [line.split(":")[1].strip() for line in refusals] == [
+        "run baseline_seed0", "run spatial_w0_seed0", "run lm_slice_w1_seed0"], err
     assert all("--max_steps 2 → 3" in line and "--restart_changed_runs" in line for line in refusals), refusals
-    assert (tmp_path / "runs" / "baseline_seed0" / "metrics.jsonl").stat().st_mtime_ns == metrics_time
+    assert finished.stat().st_mtime_ns == finished_time

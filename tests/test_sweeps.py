@@ -1,7 +1,7 @@
 """reproduce.py's sweeps (seeds x arms x spatial weights) and launchers (launchers.py, submitit), on
 tiny-warm and the demo's inputs drawn on the fly: the local launcher runs 3 runs 2 at a time and
-reports all 3, one of them warned as a job nearing its time limit is (saved, requeued, resumed);
-a killed sweep, rerun, skips what finished; the SLURM launcher hands a stand-in
+reports all 3, one of them warned as a job nearing its time limit is (saved, requeued, resumed)
+(test_reproduce.py kills a sweep and reruns it); the SLURM launcher hands a stand-in
 `sbatch` one job array with the partition, the warning signal and requeue, after the ID job and
 before the report job (tests/test_slurm.py runs sweeps on a real one-node SLURM); a job warned by
 the scheduler stops train.py at a saved step and asks to be requeued."""
@@ -121,48 +121,6 @@ def test_local_launcher_runs_three_two_at_a_time_and_reports_all(shared, tmp_pat
         assert launchers.run_state(runs_dir / name) == "complete"
         assert str(runs_dir / name) in report
     assert "| ours: tiny-warm, --protocol paper, seeds 0 |" in (runs_dir / "summary.md").read_text()
-
-
-def test_a_killed_sweep_rerun_skips_what_finished(shared, tmp_path, reproduce_here, kill_at_line):
-    runs_dir = tmp_path / "runs"
-    # One seed: the baseline, the spatial arm at weight 0 (the control), an arm of its own on the LM's MLPs.
-    cmd = _command(shared, runs_dir, "--spatial_id_weights", "0",
-                   "--arm", "lm_slice=--selector lm_mlp_lastk --spatial_id_weights 1", "--diagnose_checkpoints")
-    # the whole sweep is killed, its next run included
-    code, seen = kill_at_line(cmd, "[reproduce] run baseline_seed0: done", REPO, ENV)
-    assert code != 0, "".join(seen)
-    finished = runs_dir / "baseline_seed0" / "metrics.jsonl"
-    finished_time = finished.stat().st_mtime_ns
-    assert launchers.run_state(runs_dir / "lm_slice_w1_seed0") == "new"
-
-    code, out, err = reproduce_here(*cmd[2:])  # the same command (in this process: the killed one was reproduce.sh)
-    assert code == 0, out[-3000:] + err[-3000:]
-    assert "[reproduce] run baseline_seed0: skipped" in out
-    assert "[reproduce] run spatial_w0_seed0: training" in out and "[reproduce] run lm_slice_w1_seed0: training" in out
-    assert finished.stat().st_mtime_ns == finished_time  # not trained again
-    config = json.loads((runs_dir / "lm_slice_w1_seed0" / "config.json").read_text())["args"]
-    assert (config["selector"], config["spatial_id_weight"], config["seed"]) == ("lm_mlp_lastk", 1.0, 0)
-    control = json.loads((runs_dir / "spatial_w0_seed0" / "config.json").read_text())["args"]
-    assert (control["selector"], control["spatial_id_weight"]) == ("vision_mlp_lastk", 0.0)
-
-    # --diagnose_checkpoints: every checkpoint of the spatial runs (steps 0 and 2), the baseline's none.
-    strength = (runs_dir / "compare" / "id_strength.md").read_text()
-    rows = [line.split(" | ") for line in strength.splitlines() if line.startswith("| ") and "_seed0" in line]
-    assert [(r[0], r[1]) for r in rows] == [("| spatial_w0_seed0", "0"), ("| spatial_w0_seed0", "2"),
-                                            ("| lm_slice_w1_seed0", "0"), ("| lm_slice_w1_seed0", "2")]
-    # Step 0 is the same model in both runs: the same agreement and loss. The diagnostics read each
-    # checkpoint's own trained tensors: the LM slice's step 2 gives another loss than its step 0.
-    assert rows[0][2:4] == rows[2][2:4]
-
-    def diagnosed(step):
-        return json.loads((runs_dir / "lm_slice_w1_seed0" / "id_diagnostics" / f"checkpoint-{step}" /
-                           "diagnostics.json").read_text())
-
-    assert diagnosed(2)["info"]["model"] == str(runs_dir / "lm_slice_w1_seed0" / "checkpoint-2")
-    assert diagnosed(2)["layers"]["11"]["spatial_loss_step0"] != diagnosed(0)["layers"]["11"]["spatial_loss_step0"]
-    holdout = [e for e in map(json.loads, (runs_dir / "lm_slice_w1_seed0" / "metrics.jsonl").read_text().splitlines())
-               if e["event"] == "eval" and e["step"] == 2][0]["holdout"]["accuracy"]
-    assert rows[3][5].strip(" |") == f"{holdout:.3f}"  # beside that checkpoint's own accuracy
 
 
 FAKE_SBATCH = """#!/usr/bin/env python3
