@@ -112,19 +112,17 @@ def _zombie(pid):
         return False
 
 
-@pytest.mark.fast
-def test_the_warning_handler_on_the_main_thread_returns_once_train_py_has_exited(tmp_path):
-    ready = tmp_path / "ready"
-    run = launchers.Run("baseline_seed0", "baseline", None, 0, tmp_path / "run",
-                        [sys.executable, "-c", STAND_IN, str(ready)])
-    job = launchers.TrainJob(run, tmp_path, tmp_path / "logs", grace_s=10)  # a blocked handler sits out all 10 s
+def _warned_while_it_waits(job, ready):
+    """Run `job` on the main thread and, once its child has written `ready`, send this process the
+    warning (USR2), handled as submitit's SignalHandler does: job.checkpoint() on the main thread.
+    Returns (what the handler saw, the RunFailed the job ended with)."""
     seen = {}
 
-    def handler(signum, frame):  # what submitit's SignalHandler does with the job on its warning signal
+    def handler(signum, frame):
         start = time.monotonic()
         seen["resubmission"] = job.checkpoint()
         seen["seconds"] = time.monotonic() - start
-        seen["zombie"] = _zombie(job._process.pid)
+        seen["pid"], seen["zombie"] = job._process.pid, _zombie(job._process.pid)
 
     def warn_when_ready():
         while not ready.exists():
@@ -135,12 +133,22 @@ def test_the_warning_handler_on_the_main_thread_returns_once_train_py_has_exited
     try:
         threading.Thread(target=warn_when_ready, daemon=True).start()
         with pytest.raises(launchers.RunFailed) as stopped:
-            job()  # the main thread waits for train.py here when the warning comes
+            job()  # the main thread waits for its child here when the warning comes
     finally:
         signal.signal(signal.SIGUSR2, previous)
+    return seen, stopped.value
+
+
+@pytest.mark.fast
+def test_the_warning_handler_on_the_main_thread_returns_once_train_py_has_exited(tmp_path):
+    ready = tmp_path / "ready"
+    run = launchers.Run("baseline_seed0", "baseline", None, 0, tmp_path / "run",
+                        [sys.executable, "-c", STAND_IN, str(ready)])
+    job = launchers.TrainJob(run, tmp_path, tmp_path / "logs", grace_s=10)  # a blocked handler sits out all 10 s
+    seen, stopped = _warned_while_it_waits(job, ready)
     assert seen["seconds"] < 5, f"the handler took {seen['seconds']:.1f} s (train.py exits 0.5 s after SIGTERM)"
     assert not seen["zombie"]
-    assert stopped.value.code == 75 and "preempted" in str(stopped.value)
+    assert stopped.code == 75 and "preempted" in str(stopped)
     requeued = pickle.loads(pickle.dumps(seen["resubmission"].function))  # submitit pickles it for the requeue
     assert isinstance(requeued, launchers.TrainJob) and requeued.run == run and requeued._process is None
 
@@ -152,28 +160,10 @@ def test_a_warned_id_or_report_job_stops_its_command_and_is_requeued_to_run_it_a
     ready = tmp_path / "ready"
     command = [sys.executable, "-c", STAND_IN, str(ready)]
     job = launchers.CommandJob("ids", command, tmp_path, grace_s=10)
-    seen = {}
-
-    def handler(signum, frame):
-        start = time.monotonic()
-        seen["resubmission"] = job.checkpoint()
-        seen["seconds"] = time.monotonic() - start
-        seen["pid"] = job._process.pid
-
-    def warn_when_ready():
-        while not ready.exists():
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGUSR2)
-
-    previous = signal.signal(signal.SIGUSR2, handler)
-    try:
-        threading.Thread(target=warn_when_ready, daemon=True).start()
-        with pytest.raises(launchers.RunFailed):
-            job()
-    finally:
-        signal.signal(signal.SIGUSR2, previous)
+    seen, stopped = _warned_while_it_waits(job, ready)
     assert seen["seconds"] < 5, f"the handler took {seen['seconds']:.1f} s"
     assert not Path(f"/proc/{seen['pid']}").exists()  # stopped and reaped: neither running on nor a zombie
+    assert stopped.code == 75  # the stand-in's exit on SIGTERM
     requeued = pickle.loads(pickle.dumps(seen["resubmission"].function))
     assert isinstance(requeued, launchers.CommandJob) and requeued.command == command and requeued._process is None
 
