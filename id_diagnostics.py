@@ -511,13 +511,20 @@ def parse_args(argv=None):
     if args.out_in_runs and args.out:
         p.error("argument --out_in_runs: not with --out (each report goes into its checkpoint's run folder)")
     args.out = Path(args.out or Path("runs") / "id_diagnostics" / Path(args.ids).stem)
-    outs = [Path(c).parent / "id_diagnostics" for c in args.checkpoints] if args.out_in_runs else [args.out]
+    outs = [_report_folder(args, c).parent for c in args.checkpoints] if args.out_in_runs else [args.out]
     for out in dict.fromkeys(outs):
         problem = output_problem(out, kind="folder")
         if problem:
             p.error(f"argument {'--checkpoints' if args.out_in_runs else '--out'}: {problem}")
     protocols.resolve(args, arm="spatial")
     return args
+
+
+def _report_folder(args, checkpoint):
+    """Where one of --checkpoints gets its report: --out/<its name>, or with --out_in_runs its own
+    run's RUN/id_diagnostics/<its name>."""
+    checkpoint = Path(checkpoint)
+    return (checkpoint.parent / "id_diagnostics" if args.out_in_runs else args.out) / checkpoint.name
 
 
 def main(argv=None):
@@ -530,8 +537,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: --ids {err}")
     if args.checkpoints:
-        targets = [(str(c), (Path(c).parent / "id_diagnostics" if args.out_in_runs else args.out) / Path(c).name)
-                   for c in args.checkpoints]
+        targets = [(str(c), _report_folder(args, c)) for c in args.checkpoints]
     else:
         targets = [(args.model or provenance.get("model"), args.out)]
     images = args.images or provenance.get("images")

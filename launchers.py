@@ -16,8 +16,9 @@ the signal with several seeds), which finishes its step, saves and exits 75
 (run_folder.PREEMPTED_EXIT_CODE); the job waits for that (up to the delay less REQUEUE_MARGIN_S)
 and submitit requeues it. train.py itself ignores USR2 (a cluster signals every process of a job's
 step), and handles the SIGTERM of a preemption on its own. The ID and report jobs (CommandJob),
-warned, stop their command the same way and are requeued to run it again. launch_flag_problem refuses a delay too
-short to save in, and sbatch_refusal turns sbatch's refusals into one line naming the flag.
+warned, stop their command the same way and are requeued to run it again. launch_flag_problem
+refuses a delay too short to save in, and sbatch_refusal turns sbatch's refusals into one line
+naming the flag.
 """
 import contextlib
 import io
@@ -139,16 +140,15 @@ class ChildProcessJob(submitit.helpers.Checkpointable):
         self._ended.wait()
         return self._process.returncode
 
-    def _stop_child(self, what):
-        """SIGTERM to the child, then wait for it to exit (at most grace_s); False if it did not."""
-        if getattr(self, "_process", None) is None or self._ended.is_set():
-            return True
+    def _stop_child(self, what, otherwise=""):
+        """SIGTERM to the child, then wait for it to exit (at most grace_s); if it does not, one line
+        says so: "{what} did not stop ...{otherwise}"."""
+        if self._process is None or self._ended.is_set():
+            return
         with contextlib.suppress(ProcessLookupError):  # it ended since: nothing to stop
             os.kill(self._process.pid, signal.SIGTERM)
-        if self._ended.wait(timeout=self.grace_s):
-            return True
-        print(f"[reproduce] {what} did not stop within {self.grace_s} s of SIGTERM", flush=True)
-        return False
+        if not self._ended.wait(timeout=self.grace_s):
+            print(f"[reproduce] {what} did not stop within {self.grace_s} s of SIGTERM{otherwise}", flush=True)
 
 
 class CommandJob(ChildProcessJob):
@@ -216,8 +216,7 @@ class TrainJob(ChildProcessJob):
         """submitit calls this on the warning signal, from its handler: stop train.py at a saved
         step (SIGTERM; the run scripts hand it over or forward it), wait for it to exit (at most
         grace_s), then be requeued as the same job, which resumes from that checkpoint."""
-        if not self._stop_child(f"{self.run.name}: train.py"):
-            print(f"[reproduce] {self.run.name}: its previous checkpoint stays", flush=True)
+        self._stop_child(f"{self.run.name}: train.py", "; its previous checkpoint stays")
         return super().checkpoint(*args, **kwargs)
 
 
